@@ -1,0 +1,267 @@
+"""Dual encoders from open_clip: model specs, loading, batched encoding.
+
+A model spec is one of
+
+* ``ARCH:TAG`` -- an open_clip architecture and pretrained tag
+  (``ViT-B-32:laion2b_s34b_b79k``), weights from the open_clip cache or the hub;
+* ``ARCH:/path/to/checkpoint.safetensors`` -- an architecture and a local checkpoint;
+* ``hf-hub:org/repo`` -- an open_clip model on the Hugging Face hub;
+* ``local-dir:/path`` -- a folder with ``open_clip_config.json`` and weights;
+* ``shapes-tiny`` (or any folder name under ``retrieval/models/``) -- a bundled model.
+
+Everything is built by open_clip's own factory; nothing falls back silently to
+another model when weights are missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import ModelNotAvailable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+LOG = logging.getLogger(__name__)
+
+#: The model used when none is named and the library has no default yet.
+DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
+#: Folder of models bundled with the package (``local-dir:`` folders).
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+
+FeatureVector = np.ndarray  # float32, L2-normalised, shape (dim,) or (n, dim)
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped inside the package."""
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "open_clip_config.json").is_file())
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec: what open_clip is asked to build."""
+
+    spec: str  # the spec as the user wrote it (normalised for bundled models)
+    model_name: str  # first argument to open_clip.create_model_and_transforms
+    pretrained: str | None  # pretrained tag or checkpoint path, None for schema specs
+    local_dir: Path | None  # folder of a local-dir: or bundled model
+
+    @property
+    def slug(self) -> str:
+        """A filesystem-safe name for per-model files."""
+        keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.spec)
+        return keep.strip("_")[:120] or "model"
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    """Parse a model spec string; see the module docstring for the forms."""
+    spec = spec.strip()
+    if not spec:
+        raise ModelNotAvailable("empty model spec")
+    if spec in bundled_models():
+        path = BUNDLED_DIR / spec
+        return ModelSpec(spec, f"local-dir:{path}", None, path)
+    if spec.startswith("local-dir:"):
+        path = Path(os.path.expanduser(spec[len("local-dir:") :])).resolve()
+        return ModelSpec(f"local-dir:{path}", f"local-dir:{path}", None, path)
+    if spec.startswith("hf-hub:"):
+        return ModelSpec(spec, spec, None, None)
+    arch, sep, tag = spec.partition(":")
+    if not sep or not tag:
+        choices = ", ".join(bundled_models() + [DEFAULT_MODEL, "hf-hub:ORG/REPO", "local-dir:PATH", "ARCH:/path/ckpt"])
+        raise ModelNotAvailable(f"model spec {spec!r} names no weights; use one of: {choices}")
+    if "/" in tag or tag.endswith((".safetensors", ".bin", ".pt", ".pth")):
+        tag = str(Path(os.path.expanduser(tag)).resolve())
+        return ModelSpec(f"{arch}:{tag}", arch, tag, None)
+    return ModelSpec(spec, arch, tag, None)
+
+
+def pick_device(device: str | None = None) -> str:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_available(ms: ModelSpec) -> None:
+    """Fail early, with one clear line, when the weights are not at hand."""
+    hint = f"pass a local checkpoint with --model ARCH:/path/to/weights.safetensors or --model local-dir:/path, or try the bundled model: {', '.join(bundled_models()) or 'shapes-tiny'}"
+    if ms.local_dir is not None:
+        if not (ms.local_dir / "open_clip_config.json").is_file():
+            raise ModelNotAvailable(f"no open_clip_config.json in {ms.local_dir}; {hint}")
+        if not any(ms.local_dir.glob(p) for p in ("*.safetensors", "*.bin", "*.pth")):
+            raise ModelNotAvailable(f"no weights (*.safetensors, *.bin, *.pth) in {ms.local_dir}; {hint}")
+        return
+    import open_clip
+
+    if ms.pretrained is not None and os.path.sep in ms.pretrained:
+        if ms.model_name not in open_clip.list_models():
+            raise ModelNotAvailable(f"unknown architecture {ms.model_name!r}; available: {', '.join(open_clip.list_models())}")
+        if not Path(ms.pretrained).is_file():
+            raise ModelNotAvailable(f"checkpoint {ms.pretrained} does not exist; {hint}")
+        return
+    if ms.pretrained is not None:
+        if ms.model_name not in open_clip.list_models():
+            raise ModelNotAvailable(f"unknown architecture {ms.model_name!r}; available: {', '.join(open_clip.list_models())}")
+        tags = open_clip.list_pretrained_tags_by_model(ms.model_name)
+        if ms.pretrained not in tags:
+            raise ModelNotAvailable(f"no pretrained tag {ms.pretrained!r} for {ms.model_name}; available: {', '.join(tags) or 'none'}")
+
+
+class Encoder:
+    """A loaded open_clip dual encoder.
+
+    ``encode_images`` and ``encode_texts`` return L2-normalised float32
+    vectors; ``image_tokens``/``text_tokens`` expose the towers' token outputs
+    for the cross-attention reranker. Build one with :func:`load_encoder`.
+    """
+
+    def __init__(self, spec: ModelSpec, model: Any, preprocess: Callable, tokenizer: Any, device: str) -> None:
+        import torch
+
+        self.spec = spec
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self.model.to(device=device, dtype=self.dtype)
+        visual = self.model.visual
+        size = getattr(visual, "image_size", 224)
+        self.image_size: int = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.dim: int = int(self.model.text_projection.shape[1] if not isinstance(self.model.text_projection, torch.nn.Linear) else self.model.text_projection.out_features)
+
+    @property
+    def name(self) -> str:
+        return self.spec.spec
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the vision tower can return patch tokens (ViT models)."""
+        return hasattr(self.model.visual, "output_tokens")
+
+    # ----------------------------------------------------------------- images
+    def image_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Preprocess PIL images into one input tensor."""
+        import torch
+
+        return torch.stack([self.preprocess(im) for im in images])
+
+    def encode_images(self, pixels: torch.Tensor, with_tokens: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Encode a preprocessed batch: (normalised vectors, patch tokens or None).
+
+        Patch tokens are the vision tower's output tokens before pooling,
+        shape ``(n, patches, width)``, float16.
+        """
+        import torch
+
+        with torch.inference_mode():
+            x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
+            visual = self.model.visual
+            tokens = None
+            if with_tokens and self.has_tokens:
+                visual.output_tokens = True
+                try:
+                    pooled, tokens = visual(x)
+                finally:
+                    visual.output_tokens = False
+            else:
+                pooled = visual(x)
+            vec = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+            tok = tokens.to(torch.float16).cpu().numpy() if tokens is not None else None
+        return np.ascontiguousarray(vec, dtype=np.float32), tok
+
+    def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Encode PIL images to normalised vectors."""
+        return self.encode_images(self.image_batch(images))[0]
+
+    # ------------------------------------------------------------------ texts
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Encode texts to normalised float32 vectors, in batches."""
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                ids = self.tokenize(texts[start : start + batch_size]).to(self.device)
+                feats = self.model.encode_text(ids)
+                out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
+        if not out:
+            return np.empty((0, self.dim), np.float32)
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token features of the text tower (after ``ln_final``) and a padding mask.
+
+        Returns ``(tokens, mask)``: ``(n, context, width)`` float and ``(n, context)``
+        bool, True where a real token (including start/end) sits.
+        """
+        ids = self.tokenize(texts).to(self.device)
+        m = self.model
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(ids).to(cast) + m.positional_embedding.to(cast)
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)
+        return x, ids != 0
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch tokens of the vision tower for a preprocessed batch (n, patches, width)."""
+        visual = self.model.visual
+        visual.output_tokens = True
+        try:
+            _, tokens = visual(pixels.to(self.device, dtype=self.dtype))
+        finally:
+            visual.output_tokens = False
+        return tokens
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.ln_final.normalized_shape[0])
+
+    @property
+    def image_width(self) -> int:
+        visual = self.model.visual
+        return int(visual.ln_post.normalized_shape[0]) if hasattr(visual, "ln_post") else self.dim
+
+
+def load_encoder(spec: str | ModelSpec, device: str | None = None) -> Encoder:
+    """Build the encoder for ``spec`` through open_clip's factory.
+
+    Raises :class:`ModelNotAvailable` with one clear line when the weights are
+    neither cached nor downloadable.
+    """
+    ms = parse_spec(spec) if isinstance(spec, str) else spec
+    _check_available(ms)
+    import open_clip
+
+    dev = pick_device(device)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(ms.model_name, pretrained=ms.pretrained, device="cpu")
+        tokenizer = open_clip.get_tokenizer(ms.model_name)
+    except (RuntimeError, OSError, ValueError) as exc:
+        where = ms.pretrained or ms.model_name
+        raise ModelNotAvailable(
+            f"cannot load model {ms.spec!r}: weights for {where} are neither cached nor downloadable ({_first_line(exc)}); "
+            f"pass a local checkpoint with --model ARCH:/path/to/weights.safetensors or --model local-dir:/path, "
+            f"or use the bundled model: {', '.join(bundled_models()) or 'shapes-tiny'}"
+        ) from exc
+    return Encoder(ms, model, preprocess, tokenizer, dev)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
