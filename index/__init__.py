@@ -107,7 +107,7 @@ class VectorIndex:
     def _set_nprobe(self) -> None:
         ivf = self._ivf()
         if ivf is not None:
-            self.nprobe = max(8, int(math.ceil(ivf.nlist * IVF_PROBE_FRACTION)))
+            self.nprobe = min(ivf.nlist, max(16, int(math.ceil(ivf.nlist * IVF_PROBE_FRACTION))))
             ivf.nprobe = self.nprobe
 
     def ids(self) -> np.ndarray:

@@ -1,0 +1,433 @@
+"""The ``crossfind`` command line: a thin layer over :class:`retrieval.Engine`.
+
+Human output goes to stdout, progress bars and diagnostics to stderr. Every
+expected failure is a one-line message and exit status 1. Nothing heavy is
+imported until a command runs (``crossfind --help`` does not import torch).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import click
+
+from .errors import CrossfindError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import Engine
+    from .types import SearchResult, Term
+
+DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
+
+
+class Ctx:
+    def __init__(self, library: str | None) -> None:
+        self.library = library
+
+    def engine(self, model: str | None = None) -> Engine:
+        from .engine import Engine
+
+        return Engine.open(self.library, model=model)
+
+
+def _engine(ctx: click.Context, model: str | None = None) -> Engine:
+    return ctx.find_object(Ctx).engine(model)
+
+
+def _stderr(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--library",
+    metavar="DIR",
+    envvar="CROSSFIND_LIBRARY",
+    help="Library folder (database, vector indexes). Default: $CROSSFIND_LIBRARY, else $XDG_DATA_HOME/crossfind.",
+)
+@click.version_option(package_name="crossfind")
+@click.pass_context
+def cli(ctx: click.Context, library: str | None) -> None:
+    """crossfind: search images and texts across modalities.
+
+    \b
+    Index a folder, then search it by text or by example image:
+      crossfind index ~/Pictures
+      crossfind search "a dog on a beach"
+      crossfind search --image ~/Pictures/dog.jpg -k 5
+    \b
+    Add captions or product texts and match images to them:
+      crossfind add-texts captions.jsonl --corpus captions
+      crossfind search --image photo.jpg --target texts
+    \b
+    See it all work offline with the bundled model:
+      crossfind demo
+    """
+    ctx.obj = Ctx(library)
+
+
+model_option = click.option(
+    "--model",
+    metavar="SPEC",
+    help="Model: ARCH:TAG (ViT-B-32:laion2b_s34b_b79k), ARCH:/path/ckpt.safetensors, hf-hub:ORG/REPO, "
+    "local-dir:PATH, or a bundled model (shapes-tiny). Default: the library's default model.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+
+
+@cli.command("index")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=True))
+@model_option
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files or folders matching GLOB (repeatable), e.g. --exclude '*/thumbnails/*'.")
+@click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders (names starting with '.').")
+@click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per encoder batch (default 32 on CPU, 128 on GPU).")
+@click.option("--workers", type=click.IntRange(1, 64), help="Image decoding threads (default: number of cores, 2 to 8).")
+@click.option("--checkpoint-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="Make progress durable this often.")
+@json_option
+@click.pass_context
+def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exclude: tuple[str, ...], include_hidden: bool,
+              batch_size: int | None, workers: int | None, checkpoint_seconds: float, as_json: bool) -> None:
+    """Index image files under PATHS (incremental: only new or changed files are encoded).
+
+    \b
+    Example:
+      crossfind index ~/Pictures --exclude '*/.thumbnails/*'
+      crossfind index ~/Pictures --model shapes-tiny --json
+    """
+    with _engine(ctx, model) as eng:
+        rep = eng.index_folder(paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
+                               workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json)
+    if as_json:
+        _print_json(rep.to_json())
+        return
+    click.echo(f"scanned {rep.scanned}: {rep.added} added, {rep.updated} updated, {rep.unchanged} unchanged, "
+               f"{rep.removed} removed, {rep.failed} failed; {rep.encoded} encoded in {rep.seconds:.1f}s")
+    if rep.failed:
+        _stderr("see the failures with: crossfind status")
+
+
+@cli.command("add-texts")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--corpus", metavar="NAME", help="Corpus name (default: the file name without extension).")
+@click.option("--replace", is_flag=True, help="Remove texts of the corpus that are no longer in FILE.")
+@model_option
+@json_option
+@click.pass_context
+def add_texts_cmd(ctx: click.Context, file: str, corpus: str | None, replace: bool, model: str | None, as_json: bool) -> None:
+    """Add a text corpus: .txt (a text per line), .jsonl ({"text", "id", ...}) or .csv (a 'text' column).
+
+    \b
+    Example:
+      crossfind add-texts captions.jsonl --corpus captions
+      crossfind add-texts labels.txt --replace
+    """
+    with _engine(ctx, model) as eng:
+        rep = eng.add_texts(file, corpus=corpus, replace=replace, progress=not as_json)
+    for err in rep.errors:
+        _stderr(f"{file}: {err}")
+    if as_json:
+        _print_json(rep.to_json())
+        return
+    click.echo(f"read {rep.scanned}: {rep.added} added, {rep.updated} updated, {rep.unchanged} unchanged, "
+               f"{rep.removed} removed, {rep.failed} malformed in {rep.seconds:.1f}s")
+
+
+def _parse_term(raw: str, sign: float) -> Term:
+    from .imageio import IMAGE_EXTENSIONS
+    from .types import Term
+
+    weight, body = 1.0, raw
+    head, sep, rest = raw.partition(":")
+    if sep and rest:
+        try:
+            weight, body = float(head), rest
+        except ValueError:
+            pass
+    p = Path(os.path.expanduser(body))
+    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+        return Term(sign * weight, image=str(p.absolute()))
+    return Term(sign * weight, text=body)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _print_result(res: SearchResult, fmt: str) -> None:
+    if fmt == "json":
+        _print_json(res.to_json())
+        return
+    if fmt == "paths":
+        for h in res.hits:
+            click.echo(h.path if h.kind == "image" else h.text)
+        return
+    if not res.hits:
+        click.echo("no results")
+        return
+    rr = res.reranked
+    header = f"{'rank':>4}  {'score':>6}" + (f"  {'match':>6}" if rr else "") + "  item"
+    click.echo(header)
+    for h in res.hits:
+        item = h.path if h.kind == "image" else h.text
+        click.echo(f"{h.rank:>4}  {_fmt(h.score):>6}" + (f"  {_fmt(h.rerank_score):>6}" if rr else "") + f"  {item}")
+
+
+def _output_format(as_json: bool, paths: bool) -> str:
+    if as_json and paths:
+        raise click.UsageError("choose one of --json and --paths")
+    return "json" if as_json else "paths" if paths else "table"
+
+
+@cli.command("search")
+@click.argument("query", required=False)
+@click.option("--image", metavar="PATH", help="Query by example image (alone, or with QUERY text).")
+@click.option("--target", type=click.Choice(["images", "texts"]), default="images", show_default=True, help="What to return.")
+@click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Number of hits.")
+@click.option("--candidates", type=click.IntRange(1, 10000), default=50, show_default=True, help="Candidates the reranker re-scores.")
+@click.option("--no-rerank", is_flag=True, help="Rank by the dual encoder alone.")
+@click.option("--threshold", type=click.FloatRange(0, 1), metavar="P", help="Keep hits whose match probability is at least P.")
+@click.option("--add", "adds", multiple=True, metavar="[W:]Q", help="Add a text or image path to the query, weight W (repeatable), e.g. --add 2:sunset.")
+@click.option("--subtract", "subs", multiple=True, metavar="[W:]Q", help="Subtract a text or image path from the query (repeatable).")
+@click.option("--path", "path_glob", metavar="GLOB", help="Images: only paths matching GLOB, e.g. --path '*/2024/*'.")
+@click.option("--corpus", metavar="NAME", help="Texts: only this corpus.")
+@click.option("--since", type=click.DateTime(DATE_FORMATS), help="Images: taken on or after this date (EXIF date, else file time).")
+@click.option("--until", type=click.DateTime(DATE_FORMATS), help="Images: taken on or before this date.")
+@model_option
+@json_option
+@click.option("--paths", "paths_only", is_flag=True, help="Print one path (or text) per line, for xargs.")
+@click.pass_context
+def search_cmd(ctx: click.Context, query: str | None, image: str | None, target: str, k: int, candidates: int,
+               no_rerank: bool, threshold: float | None, adds: tuple[str, ...], subs: tuple[str, ...],
+               path_glob: str | None, corpus: str | None, since: dt.datetime | None, until: dt.datetime | None,
+               model: str | None, as_json: bool, paths_only: bool) -> None:
+    """Search the library by text and/or example image.
+
+    \b
+    Examples:
+      crossfind search "a red circle left of a blue square"
+      crossfind search --image holiday.jpg -k 5                # similar images
+      crossfind search --image photo.jpg --target texts        # best captions
+      crossfind search "beach" --add 2:sunset --subtract people --paths | xargs open
+      crossfind search "dog" --path '*/2024/*' --since 2024-06-01 --json
+    """
+    from .types import SearchQuery
+
+    fmt = _output_format(as_json, paths_only)
+    if query is None and image is None and not adds:
+        raise click.UsageError("give a QUERY text, --image PATH, or --add terms")
+    if until is not None and until.time() == dt.time(0):
+        until = until + dt.timedelta(days=1) - dt.timedelta(microseconds=1)
+    terms = tuple(_parse_term(a, 1.0) for a in adds) + tuple(_parse_term(s, -1.0) for s in subs)
+    q = SearchQuery(text=query, image=image, target=target, terms=terms, k=k, candidates=candidates,
+                    rerank=not no_rerank, threshold=threshold, path_glob=path_glob, corpus=corpus, since=since, until=until)
+    with _engine(ctx, model) as eng:
+        res = eng.search(q)
+    for note in res.notes:
+        _stderr(f"note: {note}")
+    _print_result(res, fmt)
+
+
+@cli.command("history")
+@click.option("-n", "limit", type=click.IntRange(1, 10000), default=20, show_default=True, help="How many searches.")
+@json_option
+@click.pass_context
+def history_cmd(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """List recent searches, newest first.
+
+    \b
+    Example:
+      crossfind history -n 5
+      crossfind show 12          # print search 12's results again
+    """
+    with _engine(ctx) as eng:
+        rows = eng.history(limit)
+        items = [{
+            "id": q.id, "when": q.created_at.isoformat(timespec="seconds"), "text": q.text, "image": q.image_path,
+            "target": q.target, "model": q.model, "k": q.k, "terms": q.terms, "filters": q.filters,
+            "reranked": q.reranked, "seconds": round(q.seconds, 4)} for q in rows]
+    if as_json:
+        _print_json({"searches": items})
+        return
+    for it in items:
+        what = it["text"] if it["text"] is not None else ""
+        if it["image"]:
+            what = (what + " " if what else "") + f"[image {it['image']}]"
+        extra = f" terms={json.dumps(it['terms'])}" if it["terms"] else ""
+        extra += f" filters={json.dumps(it['filters'])}" if it["filters"] else ""
+        click.echo(f"{it['id']:>5}  {it['when']}  -> {it['target']:<6} k={it['k']:<3} {it['seconds'] * 1000:7.1f} ms  {what}{extra}")
+
+
+@cli.command("show")
+@click.argument("query_id", type=int)
+@json_option
+@click.option("--paths", "paths_only", is_flag=True, help="Print one path (or text) per line.")
+@click.pass_context
+def show_cmd(ctx: click.Context, query_id: int, as_json: bool, paths_only: bool) -> None:
+    """Print a stored search's results again, without recomputing.
+
+    \b
+    Example:
+      crossfind show 12 --json
+    """
+    fmt = _output_format(as_json, paths_only)
+    with _engine(ctx) as eng:
+        res = eng.show(query_id)
+    _print_result(res, fmt)
+
+
+@cli.command("status")
+@json_option
+@click.pass_context
+def status_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Show items, failures and vectors per model.
+
+    \b
+    Example:
+      crossfind status --json
+    """
+    with _engine(ctx) as eng:
+        st = eng.status()
+    if as_json:
+        _print_json(st)
+        return
+    click.echo(f"library: {st['library']}")
+    click.echo(f"default model: {st['default_model'] or '(none yet)'}")
+    click.echo(f"images: {st['images']} ({st['images_ok']} ok, {st['images_failed']} failed, {st['images_pending']} pending)")
+    corp = ", ".join(f"{k}: {v}" for k, v in st["corpora"].items())
+    click.echo(f"texts: {st['texts']}" + (f" ({corp})" if corp else ""))
+    for m in st["models"]:
+        click.echo(f"model {m['spec']}: {m['image_vectors']} image vectors, {m['text_vectors']} text vectors, "
+                   f"{m['image_tokens']} with reranker tokens (dim {m['dim']})")
+    click.echo(f"searches recorded: {st['queries']}")
+    if st["failures"]:
+        click.echo("failed files:")
+        for f in st["failures"]:
+            click.echo(f"  {f['path']}: {f['error']}")
+
+
+@cli.command("set-default-model")
+@click.argument("spec")
+@click.pass_context
+def set_default_model_cmd(ctx: click.Context, spec: str) -> None:
+    """Make SPEC the model used when --model is not given.
+
+    \b
+    Example:
+      crossfind set-default-model shapes-tiny
+    """
+    with _engine(ctx) as eng:
+        name = eng.set_default_model(spec)
+    click.echo(f"default model: {name}")
+
+
+@cli.command("remove")
+@click.argument("paths", nargs=-1, required=True)
+@click.pass_context
+def remove_cmd(ctx: click.Context, paths: tuple[str, ...]) -> None:
+    """Remove images (files, or everything under folders) from the library.
+
+    \b
+    Example:
+      crossfind remove ~/Pictures/old
+    """
+    with _engine(ctx) as eng:
+        n = eng.remove_images(paths)
+    click.echo(f"removed {n} images")
+
+
+@cli.command("remove-texts")
+@click.option("--corpus", metavar="NAME", required=True, help="The corpus to remove.")
+@click.pass_context
+def remove_texts_cmd(ctx: click.Context, corpus: str) -> None:
+    """Remove a text corpus from the library and every model's index.
+
+    \b
+    Example:
+      crossfind remove-texts --corpus captions
+    """
+    with _engine(ctx) as eng:
+        n = eng.remove_texts(corpus)
+    click.echo(f"removed {n} texts")
+
+
+@cli.command("eval")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@model_option
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False), help="Karpathy-style COCO/Flickr30k JSON (default: FOLDER/captions.jsonl).")
+@click.option("--candidates", type=click.IntRange(1, 10000), default=50, show_default=True, help="Candidates the reranker re-scores.")
+@click.option("--no-rerank", is_flag=True, help="Report the dual encoder alone.")
+@json_option
+def eval_cmd(folder: str, model: str | None, annotations: str | None, candidates: int, no_rerank: bool, as_json: bool) -> None:
+    """Measure Recall@1/5/10 (text->image, image->text) on a captioned folder.
+
+    \b
+    Example:
+      python scripts/make_shapes.py --out /tmp/heldout --n 1000 --seed 7
+      crossfind eval /tmp/heldout --model shapes-tiny --json
+    """
+    from .evaluate import evaluate
+
+    rep = evaluate(folder, model=model or "shapes-tiny", annotations=annotations, candidates=candidates,
+                   rerank=not no_rerank, progress=not as_json)
+    if as_json:
+        _print_json(rep)
+        return
+    click.echo(f"queries: {rep['queries']} ({rep.get('images', '?')} images)")
+    for key in ("t2i", "i2t", "t2i_reranked", "i2t_reranked"):
+        if key in rep:
+            r = rep[key]
+            click.echo(f"{key:<13} R@1 {r['R@1']:.3f}  R@5 {r['R@5']:.3f}  R@10 {r['R@10']:.3f}")
+    if "note" in rep:
+        _stderr(f"note: {rep['note']}")
+
+
+@cli.command("demo")
+@click.option("--n", "n", type=click.IntRange(8, 100000), default=300, show_default=True, help="Scenes to generate.")
+@click.option("--dir", "demo_dir", type=click.Path(file_okay=False), help="Demo folder (default: a folder under the system temp dir).")
+def demo_cmd(n: int, demo_dir: str | None) -> None:
+    """Run the whole engine offline on generated scenes with the bundled shapes-tiny model.
+
+    Generates scenes into a demo library of its own (never your default
+    library), indexes them, adds their captions as a text corpus and runs
+    text->image, image->text and image->image searches.
+
+    \b
+    Example:
+      crossfind demo
+    """
+    from .demo import run_demo
+
+    run_demo(n=n, demo_dir=demo_dir, echo=click.echo)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: expected failures become one line and exit 1."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="crossfind", standalone_mode=False)
+    except CrossfindError as exc:
+        click.echo(f"crossfind: error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted; work up to the last checkpoint is kept", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

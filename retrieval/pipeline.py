@@ -1,0 +1,78 @@
+"""Decoding that overlaps encoding: a bounded pool of loader threads.
+
+Pillow releases the GIL while it decodes and resizes, so a thread pool keeps
+the next batches decoding while the encoder runs on the current one. Results
+come back in input order; a failure is returned in place, never raised.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Generic, Iterable, Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_workers() -> int:
+    """Loader threads: the cores, at least 2, at most 8."""
+    return max(2, min(8, os.cpu_count() or 2))
+
+
+class Outcome(Generic[T, R]):
+    """The result of loading one item: ``value`` or ``error`` (a reason)."""
+
+    __slots__ = ("item", "value", "error")
+
+    def __init__(self, item: T, value: R | None, error: str | None) -> None:
+        self.item = item
+        self.value = value
+        self.error = error
+
+
+def _call(fn: Callable[[T], R], item: T, errors: tuple[type[BaseException], ...]) -> Outcome[T, R]:
+    try:
+        return Outcome(item, fn(item), None)
+    except errors as exc:
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        return Outcome(item, None, reason)
+
+
+def load_batches(
+    items: Sequence[T] | Iterable[T],
+    load: Callable[[T], R],
+    batch_size: int,
+    workers: int | None = None,
+    errors: tuple[type[BaseException], ...] = (Exception,),
+) -> Iterator[list[Outcome[T, R]]]:
+    """Yield lists of ``batch_size`` outcomes, loading ahead in ``workers`` threads.
+
+    At most two batches are in flight beyond the one being consumed, so memory
+    stays bounded whatever the number of items.
+    """
+    workers = workers or default_workers()
+    ahead = batch_size * 2 + workers
+    pending: deque[Future[Outcome[T, R]]] = deque()
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crossfind-load") as pool:
+        exhausted = False
+
+        def fill() -> None:
+            nonlocal exhausted
+            while not exhausted and len(pending) < ahead:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    exhausted = True
+                    return
+                pending.append(pool.submit(_call, load, item, errors))
+
+        fill()
+        while pending:
+            batch = []
+            while pending and len(batch) < batch_size:
+                batch.append(pending.popleft().result())
+                fill()
+            yield batch

@@ -1,0 +1,71 @@
+"""Per-model store of image patch tokens for the reranker, keyed by image id.
+
+One raw float16 file of fixed-size rows, row ``id`` at offset ``id * row_bytes``
+and memory-mapped for reading: re-scoring candidates reads their rows instead
+of decoding images again. The file is sparse where ids are missing. A row is
+valid only when the store's ``image_vectors.has_tokens`` says so, and that is
+committed after :meth:`TokenStore.flush`, so a crash leaves at most unused rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+class TokenStore:
+    """Fixed-shape float16 token rows in one file, addressed by integer id."""
+
+    def __init__(self, path: str | os.PathLike[str], shape: tuple[int, int]) -> None:
+        self.path = Path(path)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.row_bytes = self.shape[0] * self.shape[1] * 2
+        meta = self.path.with_suffix(".json")
+        if meta.exists():
+            saved = tuple(json.loads(meta.read_text())["shape"])
+            if saved != self.shape:
+                # Another model build with other token shapes: start over.
+                self.path.unlink(missing_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps({"shape": list(self.shape), "dtype": "float16"}))
+        self.path.touch(exist_ok=True)
+        self._fh = open(self.path, "r+b")
+
+    @property
+    def bytes_per_item(self) -> int:
+        return self.row_bytes
+
+    def write(self, ids: Sequence[int], tokens: np.ndarray) -> None:
+        """Write rows for ``ids`` (tokens shaped ``(n, *shape)``)."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.float16)
+        if tokens.shape[1:] != self.shape:
+            raise ValueError(f"token rows of shape {tokens.shape[1:]}, store holds {self.shape}")
+        for i, row in zip(ids, tokens):
+            self._fh.seek(int(i) * self.row_bytes)
+            self._fh.write(row.tobytes())
+
+    def flush(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def read(self, ids: Sequence[int]) -> np.ndarray:
+        """Rows for ``ids`` as ``(n, *shape)`` float16 (zeros past the end)."""
+        self._fh.flush()
+        size = os.fstat(self._fh.fileno()).st_size
+        n_rows = size // self.row_bytes
+        out = np.zeros((len(ids), *self.shape), np.float16)
+        if n_rows == 0:
+            return out
+        mm = np.memmap(self.path, dtype=np.float16, mode="r", shape=(n_rows, *self.shape))
+        for j, i in enumerate(ids):
+            if 0 <= i < n_rows:
+                out[j] = mm[int(i)]
+        del mm
+        return out
+
+    def close(self) -> None:
+        self._fh.close()

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny random-weight open_clip model saved as a local-dir:
+model (the loading path real models use), real image files in many formats,
+and CLI helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_CFG = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    },
+    "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+}
+
+
+def write_tiny_model(folder: Path, seed: int = 0) -> Path:
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CFG))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{folder}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Spec of a tiny random-weight ViT CLIP saved as a local-dir: model."""
+    return f"local-dir:{write_tiny_model(tmp_path_factory.mktemp('tiny-model'))}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(tmp_path_factory) -> str:
+    """A second tiny model (other weights), for models-side-by-side tests."""
+    return f"local-dir:{write_tiny_model(tmp_path_factory.mktemp('tiny-model-b'), seed=1)}"
+
+
+def noise_image(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """A distinct image per seed: blocky colour noise so encodings differ clearly."""
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(low).resize(size, Image.Resampling.NEAREST)
+
+
+@pytest.fixture
+def photo_dir(tmp_path) -> Path:
+    """12 distinct JPEG/PNG images in a small tree."""
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for i in range(12):
+        sub = "a" if i % 2 == 0 else "b"
+        ext = "jpg" if i % 3 else "png"
+        noise_image(i).save(root / sub / f"img{i:02d}.{ext}")
+    return root
