@@ -419,8 +419,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "crossfind"
+        click.echo(f"crossfind: error: {exc.format_message()} (see '{where} --help')", err=True)
+        sys.exit(1)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"crossfind: error: {exc.format_message()}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted; work up to the last checkpoint is kept", err=True)

@@ -105,6 +105,13 @@ def _check_available(ms: ModelSpec) -> None:
         return
     import open_clip
 
+    if ms.spec.startswith("hf-hub:"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = ms.spec[len("hf-hub:") :]
+        if not isinstance(try_to_load_from_cache(repo, "open_clip_config.json"), str) and not _hub_reachable():
+            raise ModelNotAvailable(f"{ms.spec} is neither cached nor downloadable (no network); {hint}")
+        return
     if ms.pretrained is not None and os.path.sep in ms.pretrained:
         if ms.model_name not in open_clip.list_models():
             raise ModelNotAvailable(f"unknown architecture {ms.model_name!r}; available: {', '.join(open_clip.list_models())}")
@@ -117,6 +124,41 @@ def _check_available(ms: ModelSpec) -> None:
         tags = open_clip.list_pretrained_tags_by_model(ms.model_name)
         if ms.pretrained not in tags:
             raise ModelNotAvailable(f"no pretrained tag {ms.pretrained!r} for {ms.model_name}; available: {', '.join(tags) or 'none'}")
+        cfg = open_clip.get_pretrained_cfg(ms.model_name, ms.pretrained)
+        if not _cached(cfg) and not _hub_reachable():
+            raise ModelNotAvailable(
+                f"weights for {ms.spec} are neither cached nor downloadable (no network); {hint}"
+            )
+
+
+def _cached(cfg: dict[str, Any]) -> bool:
+    """Whether open_clip would find this pretrained config's weights without a download."""
+    if cfg.get("file"):
+        return Path(cfg["file"]).is_file()
+    hub = cfg.get("hf_hub", "")
+    if not hub:
+        return False  # URL-only weights: let open_clip decide
+    from huggingface_hub import try_to_load_from_cache
+
+    # "org/repo/file.bin", or "org/repo/" meaning open_clip's default file names
+    repo, filename = (hub[:-1], "") if hub.endswith("/") else os.path.split(hub)
+    names = [filename] if filename else ["open_clip_pytorch_model.bin"]
+    names += [n.rsplit(".", 1)[0] + ".safetensors" for n in names] + ["open_clip_model.safetensors"]
+    return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or the Hugging Face hub cannot be reached quickly."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    import socket
+
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 class Encoder:
