@@ -16,12 +16,9 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    import faiss
 
 LOG = logging.getLogger(__name__)
 
@@ -78,13 +75,13 @@ class VectorIndex:
     index from its own stored vectors (vectors are never kept elsewhere).
     """
 
-    def __init__(self, dim: int, index: faiss.Index | None = None) -> None:
+    def __init__(self, dim: int, index: Any = None) -> None:
         faiss = _faiss()
         self.dim = int(dim)
         self._index = index if index is not None else faiss.index_factory(self.dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
         if self._index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError("crossfind indexes use the inner-product metric")
-        self._gpu: faiss.Index | None = None
+        self._gpu: Any = None
         self.nprobe = 1
         self._set_nprobe()
 

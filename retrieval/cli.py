@@ -36,7 +36,9 @@ class Ctx:
 
 
 def _engine(ctx: click.Context, model: str | None = None) -> Engine:
-    return ctx.find_object(Ctx).engine(model)
+    obj = ctx.find_object(Ctx)
+    assert obj is not None
+    return obj.engine(model)
 
 
 def _stderr(msg: str) -> None:
@@ -257,13 +259,14 @@ def history_cmd(ctx: click.Context, limit: int, as_json: bool) -> None:
     if as_json:
         _print_json({"searches": items})
         return
-    for it in items:
-        what = it["text"] if it["text"] is not None else ""
-        if it["image"]:
-            what = (what + " " if what else "") + f"[image {it['image']}]"
-        extra = f" terms={json.dumps(it['terms'])}" if it["terms"] else ""
-        extra += f" filters={json.dumps(it['filters'])}" if it["filters"] else ""
-        click.echo(f"{it['id']:>5}  {it['when']}  -> {it['target']:<6} k={it['k']:<3} {it['seconds'] * 1000:7.1f} ms  {what}{extra}")
+    for q in rows:
+        what = q.text or ""
+        if q.image_path:
+            what = (what + " " if what else "") + f"[image {q.image_path}]"
+        extra = f" terms={json.dumps(q.terms)}" if q.terms else ""
+        extra += f" filters={json.dumps(q.filters)}" if q.filters else ""
+        when = q.created_at.isoformat(timespec="seconds")
+        click.echo(f"{q.id:>5}  {when}  -> {q.target:<6} k={q.k:<3} {q.seconds * 1000:7.1f} ms  {what}{extra}")
 
 
 @cli.command("show")

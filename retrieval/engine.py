@@ -466,6 +466,7 @@ class Engine:
                     if out.error is not None:
                         row.status, row.error = "failed", out.error
                         continue
+                    assert out.value is not None
                     loaded, pixels = out.value
                     row.status, row.error = "ok", None
                     row.width, row.height = loaded.width, loaded.height

@@ -71,7 +71,7 @@ def load_batches(
 
         fill()
         while pending:
-            batch = []
+            batch: list[Outcome[T, R]] = []
             while pending and len(batch) < batch_size:
                 batch.append(pending.popleft().result())
                 fill()

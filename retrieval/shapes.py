@@ -449,9 +449,9 @@ class Sample:
 def _minimal_group(g: np.random.Generator) -> list[Scene]:
     while True:
         base = Scene.random(g, n_objects=2)
-        group = [base, swap_colors(base), swap_shapes(base), reverse_relation(base)]
-        if all(s is not None for s in group) and len({s.key() for s in group}) == 4:  # type: ignore[union-attr]
-            return group  # type: ignore[return-value]
+        group = [s for s in (base, swap_colors(base), swap_shapes(base), reverse_relation(base)) if s is not None]
+        if len({s.key() for s in group}) == 4:
+            return group
 
 
 def samples(n: int, seed: int, size: int = 64, minimal_pairs: bool = False) -> Iterator[Sample]:
