@@ -64,6 +64,15 @@ def _progress(total: int | None, desc: str, enabled: bool, unit: str = "img") ->
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 class ModelState:
     """What one model needs in this library, loaded lazily."""
 
@@ -103,14 +112,16 @@ class ModelState:
     def images(self) -> VectorIndex:
         if self._images is None:
             self._images = VectorIndex.open(self.dir / "images.faiss", self.dim)
-            self._reconcile_images()
+            if not self._in_step("images"):
+                self._reconcile_images()
         return self._images
 
     @property
     def texts(self) -> VectorIndex:
         if self._texts is None:
             self._texts = VectorIndex.open(self.dir / "texts.faiss", self.dim)
-            self._reconcile_texts()
+            if not self._in_step("texts"):
+                self._reconcile_texts()
         return self._texts
 
     @property
@@ -151,8 +162,7 @@ class ModelState:
         rows = store.image_vector_map(model_id)
         missing = [i for i in rows if i not in in_index]  # row says vector, index lacks it
         orphans = [i for i in in_index if i not in rows]  # vector without a row
-        if not missing and not orphans:
-            return
+        drop: list[int] = []
         if missing:
             store.delete_image_vectors(model_id, missing)
         if orphans:
@@ -163,11 +173,14 @@ class ModelState:
             drop = [i for i in orphans if i not in live or live[i].status != "ok"]
             if keep:
                 store.set_image_vectors(model_id, keep)
-            if drop:
-                self._images.remove(drop)
-                self._images.save(self.dir / "images.faiss")
+        if drop:
+            self._images.remove(drop)
+            self._save("images", self._images)
+        else:
+            self._mark_in_step("images")
         store.commit()
-        LOG.info("reconciled %s image index: %d rows dropped, %d orphans", self.spec.spec, len(missing), len(orphans))
+        if missing or orphans:
+            LOG.info("reconciled %s image index: %d rows dropped, %d orphans", self.spec.spec, len(missing), len(orphans))
 
     def _reconcile_texts(self) -> None:
         store = self.engine.store
@@ -177,8 +190,7 @@ class ModelState:
         rows = store.text_vector_map(model_id)
         missing = [i for i in rows if i not in in_index]
         orphans = [i for i in in_index if i not in rows]
-        if not missing and not orphans:
-            return
+        drop: list[int] = []
         if missing:
             store.delete_text_vectors(model_id, missing)
         if orphans:
@@ -187,21 +199,44 @@ class ModelState:
             drop = [i for i in orphans if i not in live]
             if keep:
                 store.set_text_vectors(model_id, keep)
-            if drop:
-                self._texts.remove(drop)
-                self._texts.save(self.dir / "texts.faiss")
+        if drop:
+            self._texts.remove(drop)
+            self._save("texts", self._texts)
+        else:
+            self._mark_in_step("texts")
         store.commit()
 
-    # ------------------------------------------------------------ checkpoint
-    def save_images(self) -> None:
+    # A generation number ties each saved index to the commit that follows it:
+    # the sidecar file and the store agree only when both writes completed, so
+    # a clean library opens without the full reconciliation scan.
+    def _generation_key(self, kind: str) -> str:
+        return f"generation:{self.spec.spec}:{kind}"
+
+    def _in_step(self, kind: str) -> bool:
+        sidecar = self.dir / f"{kind}.generation"
+        saved = self.engine.store.get_setting(self._generation_key(kind))
+        return saved is not None and sidecar.is_file() and sidecar.read_text().strip() == saved
+
+    def _save(self, kind: str, index: VectorIndex) -> None:
+        """Save an index atomically; the caller commits the store right after."""
         self._write_config()
+        _write_atomic(self.dir / f"{kind}.generation", "dirty")  # a crash before the commit forces reconciliation
+        index.save(self.dir / f"{kind}.faiss")
+        self._mark_in_step(kind)
+
+    def _mark_in_step(self, kind: str) -> None:
+        generation = str(time.time_ns())
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.dir / f"{kind}.generation", generation)
+        self.engine.store.set_setting(self._generation_key(kind), generation)  # committed by the caller
+
+    def save_images(self) -> None:
         if self._tokens is not None:
             self._tokens.flush()
-        self.images.save(self.dir / "images.faiss")
+        self._save("images", self.images)
 
     def save_texts(self) -> None:
-        self._write_config()
-        self.texts.save(self.dir / "texts.faiss")
+        self._save("texts", self.texts)
 
     def close(self) -> None:
         if self._tokens is not None:
@@ -595,19 +630,10 @@ class Engine:
 
     def _remove_from_all(self, ids: list[int], kind: str) -> None:
         for model in self.store.models():
-            ms = parse_spec(model.spec)
-            path = self.library_dir / "models" / ms.slug / f"{kind}.faiss"
-            state = self._models.get(ms.spec)
-            loaded = state is not None and (state._images if kind == "images" else state._texts) is not None
-            if loaded:
-                assert state is not None
-                index = state.images if kind == "images" else state.texts
-            elif path.exists():
-                index = VectorIndex.load(path)
-            else:
-                continue
+            state = self.state(model.spec)
+            index = state.images if kind == "images" else state.texts
             if index.remove(ids):
-                index.save(path)
+                state._save(kind, index)
 
     # --------------------------------------------------------------- search
     def search_text(self, query: str, k: int = 10, target: str = "images", **options: Any) -> list[Hit]:

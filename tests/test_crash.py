@@ -73,7 +73,9 @@ def test_orphan_vectors_are_reconciled(tmp_path, tiny_model, photo_dir):
         eng.store.delete_image_vectors(model_id, some)  # as if the commit never happened
         vec = state.images.reconstruct([some[0]])
         state.images.add([99999], vec)  # a vector whose image row does not exist
-        state.save_images()
+        # the index is saved, then the process dies before its commit
+        (state.dir / "images.generation").write_text("dirty")
+        state.images.save(state.dir / "images.faiss")
         eng.store.commit()
     with Engine.open(lib, model=tiny_model) as eng:
         state = eng.state()
@@ -81,3 +83,18 @@ def test_orphan_vectors_are_reconciled(tmp_path, tiny_model, photo_dir):
         assert 99999 not in ids
         assert set(eng.store.image_vector_map(state.row.id)) == ids and len(ids) == 12
         assert eng.index_folder(photo_dir).encoded == 0
+
+
+def test_clean_library_opens_without_reconciliation(tmp_path, tiny_model, photo_dir, monkeypatch):
+    from retrieval.engine import ModelState
+
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model=tiny_model) as eng:
+        eng.index_folder(photo_dir)
+
+    def boom(self):
+        raise AssertionError("a cleanly closed library was reconciled")
+
+    monkeypatch.setattr(ModelState, "_reconcile_images", boom)
+    with Engine.open(lib, model=tiny_model) as eng:
+        assert len(eng.search_text("x", k=12)) == 12
