@@ -15,11 +15,12 @@ another model when weights are missing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -100,7 +101,7 @@ def _check_available(ms: ModelSpec) -> None:
     if ms.local_dir is not None:
         if not (ms.local_dir / "open_clip_config.json").is_file():
             raise ModelNotAvailable(f"no open_clip_config.json in {ms.local_dir}; {hint}")
-        if not any(ms.local_dir.glob(p) for p in ("*.safetensors", "*.bin", "*.pth")):
+        if not any(any(ms.local_dir.glob(p)) for p in ("open_clip*.safetensors", "open_clip*.bin", "*model*.safetensors", "*.bin", "*.pth")):
             raise ModelNotAvailable(f"no weights (*.safetensors, *.bin, *.pth) in {ms.local_dir}; {hint}")
         return
     import open_clip
@@ -291,8 +292,13 @@ def load_encoder(spec: str | ModelSpec, device: str | None = None) -> Encoder:
     import open_clip
 
     dev = pick_device(device)
+    # Every parameter is overwritten by the checkpoint (open_clip loads it
+    # strictly), so random initialisation is wasted start-up time -- except for
+    # hf-hub models, whose weights open_clip may fail to fetch and skip.
+    skip = _skip_weight_init() if not ms.spec.startswith("hf-hub:") else contextlib.nullcontext()
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(ms.model_name, pretrained=ms.pretrained, device="cpu")
+        with skip:
+            model, _, preprocess = open_clip.create_model_and_transforms(ms.model_name, pretrained=ms.pretrained, device="cpu")
         tokenizer = open_clip.get_tokenizer(ms.model_name)
     except (RuntimeError, OSError, ValueError) as exc:
         where = ms.pretrained or ms.model_name
@@ -302,6 +308,23 @@ def load_encoder(spec: str | ModelSpec, device: str | None = None) -> Encoder:
             f"or use the bundled model: {', '.join(bundled_models()) or 'shapes-tiny'}"
         ) from exc
     return Encoder(ms, model, preprocess, tokenizer, dev)
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Make torch's parameter initialisers no-ops while a model is built."""
+    import torch
+
+    names = ["normal_", "trunc_normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+             "xavier_normal_", "constant_", "zeros_", "ones_", "orthogonal_"]
+    saved = {n: getattr(torch.nn.init, n) for n in names if hasattr(torch.nn.init, n)}
+    try:
+        for n in saved:
+            setattr(torch.nn.init, n, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def _first_line(exc: BaseException) -> str:
