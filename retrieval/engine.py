@@ -438,9 +438,8 @@ class Engine:
             for row in store.images_under(abs_roots)
             if row.status != "failed" and vec_map.get(row.id) != row.content_hash
         ]
-        failed_before = {row.id for row in store.images_under(abs_roots) if row.status == "failed"}
         self._encode_images(state, todo, report, batch_size, workers, checkpoint_seconds, progress)
-        report.failed = len([r for r in todo if r.status == "failed" and r.id not in failed_before])
+        report.failed = sum(row.status == "failed" for row in todo)
         report.seconds = time.perf_counter() - t0
         return report
 

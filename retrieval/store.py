@@ -27,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     select,
     update,
 )
@@ -244,7 +245,9 @@ class Store:
         out: dict[int, Image] = {}
         for root in roots:
             prefix = root.rstrip("/") + "/"
-            q = select(Image).where((Image.path == root) | (Image.path.startswith(prefix, autoescape=True)))
+            # substr, not LIKE: SQLite's LIKE ignores case, paths must not
+            in_root = func.substr(Image.path, 1, len(prefix)) == prefix
+            q = select(Image).where((Image.path == root) | in_root)
             for row in self.session.scalars(q):
                 out[row.id] = row
         return list(out.values())
