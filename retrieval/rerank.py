@@ -1,0 +1,348 @@
+"""Cross-attention reranker in the ALBEF/BLIP image-text-matching style.
+
+The query's text tokens (from the frozen dual encoder's text tower) attend to a
+candidate image's patch tokens (from its vision tower, as stored at indexing
+time), through a few pre-LN blocks of text self-attention, text-to-image
+cross-attention and MLP. A learned [ITM] token pooled at the end goes through a
+head to one logit; the match probability is ``sigmoid(logit / temperature)``,
+the temperature fitted on held-out pairs so the probability is calibrated.
+
+A reranker belongs to one dual-encoder model. Its weights live in
+``reranker.safetensors`` beside ``reranker.json`` (a :class:`RerankerConfig`),
+either inside a bundled or ``local-dir:`` model folder or under
+``$CROSSFIND_RERANKERS/<slug>/`` or ``~/.cache/crossfind/rerankers/<slug>/``;
+:func:`find_reranker` looks there. Train one with ``scripts/train_reranker.py``.
+
+This module imports torch; the engine imports it only when it reranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ModelNotAvailable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .encoders import Encoder, ModelSpec
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "RerankerConfig",
+    "CrossAttentionITM",
+    "RankedCandidate",
+    "Reranker",
+    "find_reranker",
+    "reranker_dirs",
+]
+
+LOG = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "reranker.safetensors"
+CONFIG_NAME = "reranker.json"
+
+
+@dataclass
+class RerankerConfig:
+    """Shape of a :class:`CrossAttentionITM` and the dual encoder it belongs to."""
+
+    model: str  # slug of the dual-encoder spec whose tokens it was trained on
+    text_width: int  # width of the encoder's text tokens (after ln_final)
+    image_width: int  # width of the encoder's patch tokens (after ln_post)
+    image_tokens: int  # patch tokens per image; one learned position each
+    max_text_tokens: int  # text context of the encoder; longer inputs are cut
+    width: int = 128  # width of the reranker's residual stream
+    depth: int = 3  # blocks of [self-attention, cross-attention, MLP]
+    heads: int = 4  # attention heads in every attention layer
+    mlp_ratio: float = 4.0  # MLP hidden width as a multiple of ``width``
+    dropout: float = 0.1  # dropout in attention, MLP and residual branches (training only)
+    temperature: float = 1.0  # calibration: probability = sigmoid(logit / temperature)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> RerankerConfig:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def for_encoder(cls, encoder: Encoder, **overrides: object) -> RerankerConfig:
+        """A config sized for ``encoder``'s token widths; ``overrides`` set the rest."""
+        return cls(
+            model=encoder.spec.slug,
+            text_width=encoder.text_width,
+            image_width=encoder.image_width,
+            image_tokens=_patch_count(encoder),
+            max_text_tokens=_context_length(encoder),
+            **overrides,  # type: ignore[arg-type]
+        )
+
+
+def _patch_count(encoder: Encoder) -> int:
+    grid = getattr(encoder.model.visual, "grid_size", None)
+    if grid is None or not encoder.has_tokens:
+        raise ModelNotAvailable(f"model {encoder.name!r} has no ViT patch tokens; the reranker needs an open_clip ViT model")
+    return int(grid[0]) * int(grid[1])
+
+
+def _context_length(encoder: Encoder) -> int:
+    return int(encoder.model.positional_embedding.shape[0])
+
+
+class _Block(nn.Module):
+    """Pre-LN block: text self-attention, cross-attention to image patches, MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.ln_self = nn.LayerNorm(width)
+        self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.ln_cross = nn.LayerNorm(width)
+        self.cross_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.ln_mlp = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        h = self.ln_self(x)
+        x = x + self.drop(self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
+        h = self.ln_cross(x)
+        x = x + self.drop(self.cross_attn(h, image, image, need_weights=False)[0])
+        return x + self.drop(self.mlp(self.ln_mlp(x)))
+
+
+class CrossAttentionITM(nn.Module):
+    """Image-text matching head over frozen dual-encoder tokens.
+
+    ``forward(text, mask, image)`` takes text tokens ``(n, L, text_width)``, their
+    padding mask ``(n, L)`` (True on real tokens) and patch tokens ``(n, P,
+    image_width)``; either side may have batch size 1 and is then shared by all
+    ``n`` pairs (one query against many candidates). Returns raw logits ``(n,)``.
+    """
+
+    def __init__(self, config: RerankerConfig) -> None:
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.text_in = nn.Sequential(nn.LayerNorm(config.text_width), nn.Linear(config.text_width, w))
+        self.image_in = nn.Sequential(nn.LayerNorm(config.image_width), nn.Linear(config.image_width, w))
+        self.itm_token = nn.Parameter(torch.randn(w) * 0.02)
+        self.text_pos = nn.Parameter(torch.randn(config.max_text_tokens + 1, w) * 0.02)
+        self.image_pos = nn.Parameter(torch.randn(config.image_tokens, w) * 0.02)
+        self.ln_image = nn.LayerNorm(w)
+        self.blocks = nn.ModuleList(
+            _Block(w, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.depth)
+        )
+        self.ln_out = nn.LayerNorm(w)
+        self.head = nn.Linear(w, 1)
+
+    def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[1] != self.config.image_tokens:
+            raise ValueError(f"expected {self.config.image_tokens} patch tokens per image, got {image.shape[1]}")
+        # Causal text towers leave padding after the last real token, so cutting
+        # the batch to its longest text changes nothing but the cost.
+        length = min(int(mask.sum(1).max()), self.config.max_text_tokens)
+        text, mask = text[:, :length], mask[:, :length]
+        dtype = self.head.weight.dtype
+        t = self.text_in(text.to(dtype))
+        itm = self.itm_token.expand(t.shape[0], 1, -1)
+        x = torch.cat([itm, t], dim=1) + self.text_pos[: length + 1]
+        keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        img = self.ln_image(self.image_in(image.to(dtype)) + self.image_pos)
+        n = max(x.shape[0], img.shape[0])
+        x, img = x.expand(n, -1, -1), img.expand(n, -1, -1)
+        pad = (~keep).expand(n, -1)
+        for block in self.blocks:
+            x = block(x, pad, img)
+        return self.head(self.ln_out(x[:, 0])).squeeze(-1).float()
+
+    def probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated match probability of raw logits."""
+        return torch.sigmoid(logits / self.config.temperature)
+
+
+@dataclass(frozen=True)
+class RankedCandidate:
+    """One candidate of :meth:`Reranker.rank`: its position in the input and its probability."""
+
+    index: int  # position in the ``candidates`` passed to ``rank``
+    score: float  # calibrated match probability in [0, 1]
+
+
+class Reranker:
+    """A trained :class:`CrossAttentionITM` bound to the dual encoder it belongs to.
+
+    Candidate images are given by their stored patch tokens (float16, as
+    :meth:`Encoder.encode_images` returns them with ``with_tokens=True``), so
+    reranking never needs the image files. Build one with :meth:`load` or
+    :func:`find_reranker`.
+    """
+
+    def __init__(self, module: CrossAttentionITM, encoder: Encoder, batch_size: int = 256) -> None:
+        _check_compatible(module.config, encoder, where="this reranker")
+        self.module = module.to(device=encoder.device, dtype=encoder.dtype).eval()
+        self.encoder = encoder
+        self.batch_size = batch_size
+
+    @property
+    def config(self) -> RerankerConfig:
+        return self.module.config
+
+    # ---------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def score_images(self, text: str, image_tokens: np.ndarray) -> np.ndarray:
+        """Match probabilities of one text query against candidate images.
+
+        ``image_tokens`` is ``(n, patches, image_width)``, typically float16 rows
+        read from the index's token store. Returns ``(n,)`` float32 in [0, 1].
+        """
+        tokens = self._check_tokens(image_tokens, ndim=3)
+        text_tok, mask = self.encoder.text_tokens([text])  # once per query
+        out = [
+            self._probabilities(text_tok, mask, self._tensor(tokens[start : start + self.batch_size]))
+            for start in range(0, len(tokens), self.batch_size)
+        ]
+        return np.concatenate(out) if out else np.empty(0, np.float32)
+
+    @torch.inference_mode()
+    def score_texts(self, image_tokens: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """Match probabilities of one image query (its patch tokens ``(patches,
+        image_width)``) against candidate texts. Returns ``(n,)`` float32 in [0, 1]."""
+        image = self._tensor(self._check_tokens(image_tokens, ndim=2)[None])
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            text_tok, mask = self.encoder.text_tokens(list(texts[start : start + self.batch_size]))
+            out.append(self._probabilities(text_tok, mask, image))
+        return np.concatenate(out) if out else np.empty(0, np.float32)
+
+    def rank(
+        self, query: str | np.ndarray, candidates: Sequence[str] | np.ndarray, top_k: int | None = None
+    ) -> list[RankedCandidate]:
+        """Score every candidate against ``query`` and return them best first.
+
+        A text query ranks candidate images given as patch tokens ``(n, patches,
+        width)``; an image query given as patch tokens ``(patches, width)`` ranks
+        candidate texts. Ties keep the input order; ``top_k`` keeps the first k.
+        """
+        if isinstance(query, str):
+            scores = self.score_images(query, np.asarray(candidates))
+        else:
+            scores = self.score_texts(np.asarray(query), list(candidates))
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        return [RankedCandidate(int(i), float(scores[i])) for i in order]
+
+    def _probabilities(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> np.ndarray:
+        probs = self.module.probability(self.module(text, mask, image))
+        return probs.cpu().numpy().astype(np.float32)
+
+    def _tensor(self, tokens: np.ndarray) -> torch.Tensor:
+        # Stored tokens are float16; casting fresh ones the same way keeps both paths identical.
+        # Always a copy: rows may come from a read-only memmap.
+        return torch.from_numpy(np.array(tokens, dtype=np.float16, order="C")).to(self.encoder.device)
+
+    def _check_tokens(self, tokens: np.ndarray, ndim: int) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        want = (self.config.image_tokens, self.config.image_width)
+        if tokens.ndim != ndim or (tokens.size and tuple(tokens.shape[-2:]) != want):
+            lead = "(n, " if ndim == 3 else "("
+            raise ValueError(f"patch tokens must have shape {lead}{want[0]}, {want[1]}), got {tokens.shape}")
+        return tokens
+
+    # ------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``reranker.safetensors`` (float16) and ``reranker.json`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.module.state_dict().items()}
+        tmp = out / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / WEIGHTS_NAME)
+        (out / CONFIG_NAME).write_text(self.config.to_json())
+        return out
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], encoder: Encoder) -> Reranker:
+        """Load the reranker saved in ``directory`` for ``encoder``.
+
+        Raises :class:`ModelNotAvailable` when the files are missing or the
+        reranker was trained for a model with other token shapes.
+        """
+        from safetensors.torch import load_file
+
+        where = Path(directory)
+        weights, cfg_path = where / WEIGHTS_NAME, where / CONFIG_NAME
+        if not (weights.is_file() and cfg_path.is_file()):
+            raise ModelNotAvailable(
+                f"no reranker in {where} (needs {WEIGHTS_NAME} and {CONFIG_NAME}); "
+                f"train one with scripts/train_reranker.py --model {encoder.name}"
+            )
+        config = RerankerConfig.from_json(cfg_path.read_text())
+        _check_compatible(config, encoder, where=str(where))
+        module = CrossAttentionITM(config)
+        module.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+        return cls(module, encoder)
+
+
+def reranker_dirs(spec: ModelSpec) -> list[Path]:
+    """Folders searched for a reranker of ``spec``, in order.
+
+    The model's own folder (bundled and ``local-dir:`` models), then
+    ``$CROSSFIND_RERANKERS/<slug>/`` when set, then
+    ``$XDG_CACHE_HOME/crossfind/rerankers/<slug>/`` (``~/.cache`` by default).
+    """
+    dirs = [spec.local_dir] if spec.local_dir is not None else []
+    env = os.environ.get("CROSSFIND_RERANKERS")
+    if env:
+        dirs.append(Path(env).expanduser() / spec.slug)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+    dirs.append(cache / "crossfind" / "rerankers" / spec.slug)
+    return dirs
+
+
+def find_reranker(encoder: Encoder) -> Reranker | None:
+    """The reranker trained for ``encoder``'s model, or None when there is none.
+
+    Looks in :func:`reranker_dirs`; a reranker found there but trained for
+    other token shapes raises :class:`ModelNotAvailable` rather than being
+    skipped, since that is a mistake to fix, not a missing file.
+    """
+    for where in reranker_dirs(encoder.spec):
+        if (where / WEIGHTS_NAME).is_file() and (where / CONFIG_NAME).is_file():
+            LOG.info("reranker for %s: %s", encoder.name, where)
+            return Reranker.load(where, encoder)
+    return None
+
+
+def _check_compatible(config: RerankerConfig, encoder: Encoder, where: str) -> None:
+    have = {
+        "text width": encoder.text_width,
+        "image width": encoder.image_width,
+        "patch tokens": _patch_count(encoder),
+        "text context": _context_length(encoder),
+    }
+    want = {
+        "text width": config.text_width,
+        "image width": config.image_width,
+        "patch tokens": config.image_tokens,
+        "text context": config.max_text_tokens,
+    }
+    diff = [f"{k} {want[k]} vs {have[k]}" for k in want if want[k] != have[k]]
+    if diff:
+        raise ModelNotAvailable(
+            f"{where} was trained for model {config.model!r} and does not fit model {encoder.name!r} "
+            f"({'; '.join(diff)}); train one with scripts/train_reranker.py --model {encoder.name}, "
+            f"or search with --no-rerank"
+        )

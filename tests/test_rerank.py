@@ -1,0 +1,186 @@
+"""The cross-attention reranker on a tiny random open_clip model (offline, CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from retrieval.encoders import load_encoder  # noqa: E402
+from retrieval.errors import ModelNotAvailable  # noqa: E402
+from retrieval.rerank import (  # noqa: E402
+    CONFIG_NAME,
+    CrossAttentionITM,
+    RankedCandidate,
+    Reranker,
+    RerankerConfig,
+    find_reranker,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 48, "head_width": 24, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _tiny_model(folder: Path, model_cfg: dict) -> Path:
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{folder}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def encoder(tmp_path_factory):
+    return load_encoder(f"local-dir:{_tiny_model(tmp_path_factory.mktemp('tiny-clip'), TINY)}", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def reranker(encoder):
+    torch.manual_seed(1)
+    return Reranker(CrossAttentionITM(RerankerConfig.for_encoder(encoder, width=32, depth=2, heads=2)), encoder)
+
+
+def _images(n: int):
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i in range(n):
+        im = Image.new("RGB", (40, 40), (30 * i % 255, 90, 160))
+        ImageDraw.Draw(im).ellipse((4 + i, 6, 20 + i, 22), fill=(250, 20 * i % 255, 10))
+        out.append(im)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stored_tokens(encoder):
+    return encoder.encode_images(encoder.image_batch(_images(6)), with_tokens=True)[1]
+
+
+def test_scores_are_probabilities_of_the_right_shape(reranker, stored_tokens):
+    p = reranker.score_images("a red circle", stored_tokens)
+    assert p.shape == (6,) and p.dtype == np.float32
+    assert np.all((p >= 0) & (p <= 1))
+    q = reranker.score_texts(stored_tokens[0], ["a red circle", "a blue square above a green star", "x"])
+    assert q.shape == (3,) and q.dtype == np.float32
+    assert np.all((q >= 0) & (q <= 1))
+    assert reranker.score_images("a red circle", stored_tokens[:0]).shape == (0,)
+    assert reranker.score_texts(stored_tokens[0], []).shape == (0,)
+
+
+def test_batching_does_not_change_scores(reranker, stored_tokens):
+    whole = reranker.score_images("a red circle", stored_tokens)
+    reranker.batch_size = 4
+    try:
+        assert np.allclose(reranker.score_images("a red circle", stored_tokens), whole, atol=1e-6)
+    finally:
+        reranker.batch_size = 256
+    singles = np.concatenate([reranker.score_images("a red circle", stored_tokens[i : i + 1]) for i in range(6)])
+    assert np.allclose(singles, whole, atol=1e-5)
+
+
+def test_stored_tokens_score_like_freshly_encoded_images(reranker, encoder, stored_tokens, tmp_path):
+    # What the engine does: write float16 rows at indexing time, memory-map them at search time.
+    mm = np.memmap(tmp_path / "tokens.f16", dtype=np.float16, mode="w+", shape=stored_tokens.shape)
+    mm[:] = stored_tokens
+    mm.flush()
+    del mm
+    stored = np.memmap(tmp_path / "tokens.f16", dtype=np.float16, mode="r", shape=stored_tokens.shape)
+    with torch.inference_mode():
+        fresh = encoder.image_tokens(encoder.image_batch(_images(6))).numpy()
+    assert fresh.dtype == np.float32
+    from_store = reranker.score_images("a red circle", stored[[4, 1, 5]])
+    from_fresh = reranker.score_images("a red circle", fresh[[4, 1, 5]])
+    assert np.array_equal(from_store, from_fresh)
+    assert np.array_equal(reranker.score_texts(stored[2], ["a", "b"]), reranker.score_texts(fresh[2], ["a", "b"]))
+
+
+def test_rank_orders_by_score_and_keeps_every_candidate(reranker, stored_tokens):
+    ranked = reranker.rank("a red circle", stored_tokens)
+    scores = reranker.score_images("a red circle", stored_tokens)
+    assert all(isinstance(r, RankedCandidate) for r in ranked)
+    assert sorted(r.index for r in ranked) == list(range(6))
+    assert [r.score for r in ranked] == sorted(scores.tolist(), reverse=True)
+    assert [r.score for r in ranked] == [float(scores[r.index]) for r in ranked]
+    top = reranker.rank("a red circle", stored_tokens, top_k=2)
+    assert top == ranked[:2]
+    texts = ["a red circle", "a blue square", "two stars", "nothing at all"]
+    by_image = reranker.rank(stored_tokens[3], texts)
+    assert sorted(r.index for r in by_image) == [0, 1, 2, 3]
+    assert [r.score for r in by_image] == sorted((r.score for r in by_image), reverse=True)
+
+
+def test_wrong_token_shape_is_a_clear_error(reranker):
+    with pytest.raises(ValueError, match="patch tokens must have shape"):
+        reranker.score_images("x", np.zeros((2, 9, 48), np.float16))
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_reranker", ROOT / "scripts" / "train_reranker.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_short_training_run_saves_weights_that_load_back(encoder, stored_tokens, tmp_path, monkeypatch):
+    from retrieval.shapes import generate
+
+    generate(tmp_path / "data", 24, seed=5000, size=32)
+    out = tmp_path / "rerankers" / encoder.spec.slug
+    trained = _train_script().main(
+        ["--model", encoder.spec.spec, "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "3",
+         "--batch-size", "16", "--width", "32", "--depth", "1", "--heads", "2", "--calib-fraction", "0.25", "--no-eval"]
+    )
+    assert (out / "reranker.safetensors").is_file() and (out / CONFIG_NAME).is_file()
+    config = json.loads((out / CONFIG_NAME).read_text())
+    assert config["model"] == encoder.spec.slug and config["temperature"] > 0
+    loaded = Reranker.load(out, encoder)
+    monkeypatch.setenv("CROSSFIND_RERANKERS", str(tmp_path / "rerankers"))
+    found = find_reranker(encoder)
+    assert found is not None
+    want = trained.score_images("a small red circle", stored_tokens)
+    assert np.array_equal(loaded.score_images("a small red circle", stored_tokens), want)
+    assert np.array_equal(found.score_images("a small red circle", stored_tokens), want)
+
+
+def test_no_reranker_found_is_none(encoder, tmp_path, monkeypatch):
+    monkeypatch.setenv("CROSSFIND_RERANKERS", str(tmp_path / "none"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert find_reranker(encoder) is None
+    with pytest.raises(ModelNotAvailable, match="train one with"):
+        Reranker.load(tmp_path / "none", encoder)
+
+
+def test_reranker_for_another_model_is_a_clear_error(reranker, encoder, tmp_path, monkeypatch):
+    other_cfg = {**TINY, "text_cfg": {**TINY["text_cfg"], "width": 64}}
+    other = load_encoder(f"local-dir:{_tiny_model(tmp_path / 'other-clip', other_cfg)}", device="cpu")
+    reranker.save(tmp_path / "rr" / other.spec.slug)
+    with pytest.raises(ModelNotAvailable, match=r"text width 32 vs 64.*train_reranker\.py --model"):
+        Reranker.load(tmp_path / "rr" / other.spec.slug, other)
+    monkeypatch.setenv("CROSSFIND_RERANKERS", str(tmp_path / "rr"))
+    with pytest.raises(ModelNotAvailable, match="does not fit model"):
+        find_reranker(other)
+
+
+def test_config_round_trips_through_json(reranker):
+    assert RerankerConfig.from_json(reranker.config.to_json()) == reranker.config
+
+
+def test_library_import_does_not_load_the_reranker():
+    code = "import sys, retrieval; assert 'retrieval.rerank' not in sys.modules; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
