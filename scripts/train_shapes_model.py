@@ -83,8 +83,9 @@ class TrainConfig:
     text_heads: int = 4  # text attention heads
     text_layers: int = 3  # text transformer depth
     embed_dim: int = 128  # joint embedding size
+    init: Path | None = None  # folder of a saved model (same config) to continue training from
     command: str = ""  # the command line, recorded in the model card
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes for the model card
+    notes: list[str] = field(default_factory=list)  # free-form lines for the model card
 
     def open_clip_config(self) -> dict:
         """The ``open_clip_config.json`` content for this model."""
@@ -240,6 +241,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         (stage / "open_clip_config.json").write_text(json.dumps(cfg.open_clip_config()))
         model = open_clip.create_model(f"local-dir:{stage}", output_dict=True)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{stage}")
+        if cfg.init is not None:
+            open_clip.load_checkpoint(model, str(Path(cfg.init) / "open_clip_model.safetensors"))
+            model.float()
+            LOG.info("continuing from the weights in %s", cfg.init)
         loss_fn = open_clip.ClipLoss()
         n_params = sum(p.numel() for p in model.parameters())
 
@@ -338,6 +343,8 @@ def write_model_card(cfg: TrainConfig, summary: dict[str, Any]) -> None:
         f"| {h['step']} | {h['t2i_R@1']:.3f} | {h['t2i_R@5']:.3f} | {h['i2t_R@1']:.3f} | {h['i2t_R@5']:.3f} |" for h in summary["history"]
     )
     mc = cfg.open_clip_config()["model_cfg"]
+    init_line = f"- initialised from the weights in `{cfg.init}` (continued training), not from scratch\n" if cfg.init else ""
+    notes = "".join(f"- {line}\n" for line in cfg.notes)
     text = f"""# shapes-tiny
 
 A small CLIP-style dual encoder (open_clip `CLIP`) trained from scratch by
@@ -376,7 +383,7 @@ Config: `{json.dumps(mc)}`
 - wall time: {summary['train_seconds'] / 60:.1f} min training, {summary['total_seconds'] / 60:.1f} min in all (rendering, evaluation)
 - machine: {machine}; the CPU was shared with other work
 - command: `{cfg.command or 'train(TrainConfig(...))'}`
-
+{init_line}{notes}
 ## Held-out evaluation
 
 Measured after saving, through `retrieval.encoders.load_encoder` (`Encoder.encode_texts`,
@@ -427,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--text-width", type=int, default=TrainConfig.text_width, help="at most 64 keeps the token table small")
     p.add_argument("--text-layers", type=int, default=TrainConfig.text_layers)
     p.add_argument("--eval-n", type=int, default=TrainConfig.eval_n, help="held-out images per evaluation set")
-    p.add_argument("--threads", type=int, default=TrainConfig.threads)
+    p.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch CPU threads (1 is faster on a busy machine)")
+    p.add_argument("--init", type=Path, default=None, help="continue training from the model in this folder (same config)")
+    p.add_argument("--note", action="append", default=[], help="a line for the model card (repeatable)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     LOG.setLevel(logging.INFO)
@@ -446,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         text_layers=args.text_layers,
         eval_n=args.eval_n,
         threads=args.threads,
+        init=args.init,
+        notes=args.note,
         command="python scripts/train_shapes_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
     )
     summary = train(cfg)

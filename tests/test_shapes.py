@@ -203,6 +203,11 @@ def test_tiny_training_run_loads_through_encoders(tmp_path):
     assert np.allclose(np.linalg.norm(txt, axis=1), 1.0, atol=1e-4)
     assert "Held-out evaluation" in (out / "README.md").read_text()
 
+    # continuing from the saved weights loads them instead of starting afresh
+    again = train.TrainConfig(**{**cfg.__dict__, "out": tmp_path / "again", "init": out, "steps": 1, "monitor_every": 0})
+    assert train.train(again)["steps"] == 1
+    assert "initialised from" in (tmp_path / "again" / "README.md").read_text()
+
 
 def test_shapes_module_does_not_import_torch():
     import subprocess
