@@ -18,7 +18,6 @@ from .types import Hit, SearchQuery
 
 DEMO_SEED = 20261129
 DEMO_MODEL = "shapes-tiny"
-TEXT_QUERIES = ("a large red circle left of a small blue square", "a small blue square left of a large red circle", "a green star")
 
 
 def default_demo_dir() -> Path:
@@ -30,14 +29,40 @@ def _caption_of(records: dict[str, dict], path: str | None) -> str:
     return rec["caption"] if rec else "?"
 
 
-def _show(echo: Callable[[str], None], title: str, hits: list[Hit], records: dict[str, dict], reranked: bool) -> None:
+def _show(echo: Callable[[str], None], title: str, hits: list[Hit], records: dict[str, dict], reranked: bool, want: str | None = None) -> None:
+    """Print hits; ``want`` is the scene key a correct hit has (marked with a check)."""
     echo(f"\n{title}")
     for h in hits:
         score = f"score {h.score:.3f}" + (f"  match {h.rerank_score:.3f}" if reranked and h.rerank_score is not None else "")
         if h.kind == "image":
-            echo(f"  {h.rank}. {score}  {h.path}\n       (its caption: {_caption_of(records, h.path)})")
+            rec = records.get(h.path or "")
+            ok = " [same scene]" if want is not None and rec is not None and rec["scene"] == want else ""
+            echo(f"  {h.rank}. {score}  {h.path}{ok}\n       (its caption: {_caption_of(records, h.path)})")
         else:
             echo(f"  {h.rank}. {score}  {h.text}")
+
+
+def _pick_queries(records: dict[str, dict]) -> list[tuple[str, str]]:
+    """(query text, scene key): scenes of one, two and three objects from the demo
+    set, described in a fresh phrasing; for the two-object scene also its
+    colour-swapped twin, the case a dual encoder confuses."""
+    import numpy as np
+
+    from .shapes import Scene, swap_colors
+
+    rng = np.random.default_rng(DEMO_SEED)
+    out: list[tuple[str, str]] = []
+    for n_obj in (2, 1, 3):
+        scenes = (Scene.from_key(r["scene"]) for r in records.values())
+        fits = (sc for sc in scenes if len(sc.objects) == n_obj and (n_obj != 2 or swap_colors(sc) is not None))
+        scene = next(fits, None)
+        if scene is None:
+            continue
+        out.append((scene.caption(rng), scene.key()))
+        twin = swap_colors(scene) if n_obj == 2 else None
+        if twin is not None:
+            out.append((twin.caption(rng), twin.key()))
+    return out
 
 
 def run_demo(n: int = 300, demo_dir: str | Path | None = None, echo: Callable[[str], None] = print) -> Path:
@@ -69,9 +94,9 @@ def run_demo(n: int = 300, demo_dir: str | Path | None = None, echo: Callable[[s
         reranker = eng.state().reranker
         echo("reranker: " + ("cross-attention reranker re-scores the top 50" if reranker is not None else "none for this model"))
 
-        for q in TEXT_QUERIES:
+        for q, key in _pick_queries(records):
             res = eng.search(SearchQuery(text=q, k=3))
-            _show(echo, f'text -> image: "{q}"', res.hits, records, res.reranked)
+            _show(echo, f'text -> image: "{q}"', res.hits, records, res.reranked, want=key)
         first = sorted(records)[0]
         res = eng.search(SearchQuery(image=first, target="texts", k=3))
         _show(echo, f"image -> text: {first}\n  (its own caption: {_caption_of(records, first)})", res.hits, records, res.reranked)
