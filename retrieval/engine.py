@@ -128,11 +128,13 @@ class ModelState:
     def reranker(self) -> Any:
         """The reranker trained for this model, or None."""
         if self._reranker is False:
-            try:
-                from .rerank import find_reranker
-            except ImportError:  # pragma: no cover - reranker module missing
+            from .rerank_files import reranker_dir
+
+            if reranker_dir(self.spec) is None:  # decided without loading torch
                 self._reranker = None
             else:
+                from .rerank import find_reranker
+
                 self._reranker = find_reranker(self.encoder)
         return self._reranker
 
@@ -267,6 +269,7 @@ class Engine:
         self.library_dir = Path(library_dir)
         self.device = device
         self._models: dict[str, ModelState] = {}
+        self._text_vectors: dict[tuple[str, str], np.ndarray] = {}
         self._model_spec = model
         if encoder is not None:
             self._models[encoder.spec.spec] = ModelState(self, encoder.spec, encoder)
@@ -645,15 +648,14 @@ class Engine:
 
     def query_vector(self, query: SearchQuery) -> np.ndarray:
         """The normalised query vector: the main query plus weighted terms."""
-        enc = self.encoder
         parts: list[tuple[float, np.ndarray]] = []
         if query.text is not None:
-            parts.append((1.0, enc.encode_texts([query.text])[0]))
+            parts.append((1.0, self.text_vector(query.text)))
         if query.image is not None:
             parts.append((1.0, self._encode_query_image(query.image)[0]))
         for t in query.terms:
             if t.text is not None:
-                parts.append((t.weight, enc.encode_texts([t.text])[0]))
+                parts.append((t.weight, self.text_vector(t.text)))
             elif t.image is not None:
                 parts.append((t.weight, self._encode_query_image(t.image)[0]))
         if not parts:
@@ -663,6 +665,21 @@ class Engine:
         if norm < 1e-8:
             raise QueryError("the weighted query terms cancel out; change their weights")
         return v / norm
+
+    def text_vector(self, text: str) -> np.ndarray:
+        """The embedding of ``text``: from this session or the search history
+        when it was asked before with this model (no encoder load), else encoded."""
+        state = self.state()
+        key = (state.spec.spec, text)
+        vec = self._text_vectors.get(key)
+        if vec is None:
+            raw = self.store.text_vector(state.spec.spec, text)
+            if raw is not None and len(raw) == 4 * state.dim:
+                vec = np.frombuffer(raw, dtype=np.float32).copy()
+            else:
+                vec = state.encoder.encode_texts([text])[0]
+            self._text_vectors[key] = vec
+        return vec
 
     def _open_query_image(self, image: ImageInput) -> LoadedImage:
         from PIL import Image as PILImage
@@ -810,6 +827,7 @@ class Engine:
             reranked=reranker is not None,
             seconds=seconds,
             created_at=utcnow(),
+            text_vector=self._text_vectors[(state.spec.spec, query.text)].tobytes() if query.text is not None else None,
         )
         results = [Result(rank=h.rank, kind=h.kind, item_id=h.id, path=h.path, text=h.text, score=h.score, rerank_score=h.rerank_score) for h in hits]
         qid = self.store.add_query(qrow, results)

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from .errors import ModelNotAvailable
+from .rerank_files import CONFIG_NAME, WEIGHTS_NAME, reranker_dir, reranker_dirs
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .encoders import Encoder, ModelSpec
+    from .encoders import Encoder
 
 __all__ = [
     "CONFIG_NAME",
@@ -47,8 +48,6 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "reranker.safetensors"
-CONFIG_NAME = "reranker.json"
 
 
 @dataclass
@@ -296,22 +295,6 @@ class Reranker:
         return cls(module, encoder)
 
 
-def reranker_dirs(spec: ModelSpec) -> list[Path]:
-    """Folders searched for a reranker of ``spec``, in order.
-
-    The model's own folder (bundled and ``local-dir:`` models), then
-    ``$CROSSFIND_RERANKERS/<slug>/`` when set, then
-    ``$XDG_CACHE_HOME/crossfind/rerankers/<slug>/`` (``~/.cache`` by default).
-    """
-    dirs = [spec.local_dir] if spec.local_dir is not None else []
-    env = os.environ.get("CROSSFIND_RERANKERS")
-    if env:
-        dirs.append(Path(env).expanduser() / spec.slug)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
-    dirs.append(cache / "crossfind" / "rerankers" / spec.slug)
-    return dirs
-
-
 def find_reranker(encoder: Encoder) -> Reranker | None:
     """The reranker trained for ``encoder``'s model, or None when there is none.
 
@@ -319,11 +302,11 @@ def find_reranker(encoder: Encoder) -> Reranker | None:
     other token shapes raises :class:`ModelNotAvailable` rather than being
     skipped, since that is a mistake to fix, not a missing file.
     """
-    for where in reranker_dirs(encoder.spec):
-        if (where / WEIGHTS_NAME).is_file() and (where / CONFIG_NAME).is_file():
-            LOG.info("reranker for %s: %s", encoder.name, where)
-            return Reranker.load(where, encoder)
-    return None
+    where = reranker_dir(encoder.spec)
+    if where is None:
+        return None
+    LOG.info("reranker for %s: %s", encoder.name, where)
+    return Reranker.load(where, encoder)
 
 
 def _check_compatible(config: RerankerConfig, encoder: Encoder, where: str) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -128,6 +129,7 @@ class Query(Base):
     candidates: Mapped[int] = mapped_column(Integer)
     reranked: Mapped[bool] = mapped_column(Boolean, default=False)
     seconds: Mapped[float] = mapped_column(Float)
+    text_vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32 embedding of ``text``
 
 
 class Result(Base):
@@ -352,6 +354,16 @@ class Store:
         self.session.add_all(results)
         self.session.commit()
         return query.id
+
+    def text_vector(self, model: str, text: str) -> bytes | None:
+        """The stored embedding of a text asked before with this model, if any."""
+        q = (
+            select(Query.text_vector)
+            .where(Query.model == model, Query.text == text, Query.text_vector.is_not(None))
+            .order_by(Query.id.desc())
+            .limit(1)
+        )
+        return self.session.scalar(q)
 
     def queries(self, limit: int = 20) -> list[Query]:
         return list(self.session.scalars(select(Query).order_by(Query.id.desc()).limit(limit)))

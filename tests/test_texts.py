@@ -191,4 +191,17 @@ def test_library_from_revision_0001_upgrades_with_rows_intact(tmp_path, tiny_mod
         eng.index_folder(photo_dir)
         assert eng.status()["images"] == 13
     con = sqlite3.connect(lib / "library.db")
-    assert con.execute("select version_num from alembic_version").fetchone()[0] == "0002"
+    assert con.execute("select version_num from alembic_version").fetchone()[0] == "0003"
+
+
+def test_repeated_text_query_needs_no_encoder(tmp_path, tiny_model, photo_dir):
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model=tiny_model) as eng:
+        eng.index_folder(photo_dir)
+        first = eng.search_text("a cat on a mat", k=4)
+    with Engine.open(lib, model=tiny_model) as eng:
+        again = eng.search(SearchQuery(text="a cat on a mat", k=4, path_glob="*"))
+        assert eng.state()._encoder is None  # the vector came from the history
+        assert [h.id for h in again.hits] == [h.id for h in first]
+        eng.search_text("a new query", k=1)
+        assert eng.state()._encoder is not None
