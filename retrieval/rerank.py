@@ -63,7 +63,7 @@ class RerankerConfig:
     depth: int = 3  # blocks of [self-attention, cross-attention, MLP]
     heads: int = 4  # attention heads in every attention layer
     mlp_ratio: float = 4.0  # MLP hidden width as a multiple of ``width``
-    dropout: float = 0.1  # dropout in attention, MLP and residual branches (training only)
+    dropout: float = 0.0  # dropout in attention, MLP and residual branches (training only)
     temperature: float = 1.0  # calibration: probability = sigmoid(logit / temperature)
 
     def to_json(self) -> str:
@@ -135,7 +135,10 @@ class CrossAttentionITM(nn.Module):
         self.config = config
         w = config.width
         self.text_in = nn.Sequential(nn.LayerNorm(config.text_width), nn.Linear(config.text_width, w))
-        self.image_in = nn.Sequential(nn.LayerNorm(config.image_width), nn.Linear(config.image_width, w))
+        # Patch tokens of CLS-pooled ViTs share a large image-wide component; the
+        # reranker sees each token both as is and centred on the image's mean
+        # token, which brings out what is local (colour and shape at a place).
+        self.image_in = nn.Sequential(nn.LayerNorm(2 * config.image_width), nn.Linear(2 * config.image_width, w))
         self.itm_token = nn.Parameter(torch.randn(w) * 0.02)
         self.text_pos = nn.Parameter(torch.randn(config.max_text_tokens + 1, w) * 0.02)
         self.image_pos = nn.Parameter(torch.randn(config.image_tokens, w) * 0.02)
@@ -158,7 +161,9 @@ class CrossAttentionITM(nn.Module):
         itm = self.itm_token.expand(t.shape[0], 1, -1)
         x = torch.cat([itm, t], dim=1) + self.text_pos[: length + 1]
         keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
-        img = self.ln_image(self.image_in(image.to(dtype)) + self.image_pos)
+        image = image.to(dtype)
+        image = torch.cat([image, image - image.mean(dim=1, keepdim=True)], dim=-1)
+        img = self.ln_image(self.image_in(image) + self.image_pos)
         n = max(x.shape[0], img.shape[0])
         x, img = x.expand(n, -1, -1), img.expand(n, -1, -1)
         pad = (~keep).expand(n, -1)
