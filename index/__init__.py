@@ -3,7 +3,10 @@
 Numpy in, numpy out. The metric is always inner product over L2-normalised
 float32 vectors (cosine similarity). Small collections are searched exactly
 (``IDMap2,Flat``); past :data:`IVF_THRESHOLD` vectors the index is rebuilt as an
-inverted file (``IVF{nlist},Flat``) whose probe count is chosen for high recall.
+inverted file (``IVF{nlist},Flat``) whose probe count is chosen for high recall,
+and rebuilt again with more lists each time the collection outgrows them
+(``nlist`` follows ``4*sqrt(n)``), so a library grown one batch at a time ends
+up with the same index as one built in one go.
 Persistence is atomic (temp file, fsync, rename) and always of the CPU index;
 a GPU copy is made for search when ``faiss.get_num_gpus() > 0``.
 """
@@ -25,7 +28,12 @@ LOG = logging.getLogger(__name__)
 #: Below this many vectors search is exact; at or above it an IVF index is used.
 IVF_THRESHOLD = 50_000
 #: Inverted lists are probed until at least this fraction of them is visited.
-IVF_PROBE_FRACTION = 1 / 32
+IVF_PROBE_FRACTION = 1 / 64
+#: ... and never fewer than this many lists.
+IVF_MIN_PROBE = 16
+#: An IVF index is rebuilt when the list count suited to its size reaches this
+#: multiple of the lists it has (lists grow with sqrt(n): every ~4x in size).
+IVF_REGROW = 2
 #: Vectors sampled to train the IVF coarse quantizer.
 IVF_TRAIN_SAMPLE = 131_072
 
@@ -46,12 +54,16 @@ class SearchResult:
     ids: np.ndarray  # (nq, k) int64 SQLite primary keys, -1 where fewer than k exist
 
 
+def ivf_lists(n: int) -> int:
+    """Inverted lists for ``n`` vectors: the power of two nearest ``4*sqrt(n)``."""
+    return int(2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))
+
+
 def factory_string(n: int, dim: int) -> str:
     """The FAISS factory string used for a collection of ``n`` vectors."""
     if n < IVF_THRESHOLD:
         return "IDMap2,Flat"
-    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
-    return f"IVF{nlist},Flat"
+    return f"IVF{ivf_lists(n)},Flat"
 
 
 def _as_matrix(x: np.ndarray, dim: int) -> np.ndarray:
@@ -104,7 +116,7 @@ class VectorIndex:
     def _set_nprobe(self) -> None:
         ivf = self._ivf()
         if ivf is not None:
-            self.nprobe = min(ivf.nlist, max(16, int(math.ceil(ivf.nlist * IVF_PROBE_FRACTION))))
+            self.nprobe = min(ivf.nlist, max(IVF_MIN_PROBE, int(math.ceil(ivf.nlist * IVF_PROBE_FRACTION))))
             ivf.nprobe = self.nprobe
 
     def ids(self) -> np.ndarray:
@@ -144,8 +156,10 @@ class VectorIndex:
         if len(ids) == 0:
             return
         self.remove(ids)
-        if self.kind == "flat" and len(self) + len(ids) >= IVF_THRESHOLD:
-            self._rebuild(len(self) + len(ids), extra=(ids, vectors))
+        n = len(self) + len(ids)
+        ivf = self._ivf()
+        if (ivf is None and n >= IVF_THRESHOLD) or (ivf is not None and ivf_lists(n) >= IVF_REGROW * ivf.nlist):
+            self._rebuild(n, extra=(ids, vectors))
         else:
             self._index.add_with_ids(vectors, ids)
         self._gpu = None
@@ -161,11 +175,34 @@ class VectorIndex:
             self._gpu = None
         return removed
 
+    def _dump(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (id, vector) held, read straight from the index's storage."""
+        faiss = _faiss()
+        ivf = self._ivf()
+        if ivf is None:
+            ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            flat = faiss.downcast_index(self._index.index)
+            vecs = flat.reconstruct_n(0, flat.ntotal) if flat.ntotal else np.empty((0, self.dim), np.float32)
+            return ids, np.ascontiguousarray(vecs, dtype=np.float32)
+        if not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat):
+            ids = self.ids()
+            return ids, (self.reconstruct(ids) if len(ids) else np.empty((0, self.dim), np.float32))
+        out_ids, out_vecs = [], []
+        invlists = ivf.invlists
+        for lst in range(ivf.nlist):
+            size = invlists.list_size(lst)
+            if size:
+                out_ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
+                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * ivf.code_size).copy()
+                out_vecs.append(codes.view(np.float32).reshape(size, self.dim))
+        if not out_ids:
+            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
+        return np.concatenate(out_ids).astype(np.int64), np.concatenate(out_vecs)
+
     def _rebuild(self, n: int, extra: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Rebuild as the index type suited to ``n`` vectors, keeping every vector."""
         faiss = _faiss()
-        ids = self.ids()
-        vecs = self.reconstruct(ids) if len(ids) else np.empty((0, self.dim), np.float32)
+        ids, vecs = self._dump()
         if extra is not None:
             ids = np.concatenate([ids, extra[0]])
             vecs = np.concatenate([vecs, extra[1]])

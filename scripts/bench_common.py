@@ -62,7 +62,12 @@ def machine() -> dict[str, Any]:
         threads = torch.get_num_threads()
     except ImportError:  # pragma: no cover
         threads = None
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, check=False).stdout.rstrip()
+
     return {
+        "commit": git("rev-parse", "--short", "HEAD").strip(),
+        "modified": [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()],
         "cpu": cpu,
         "cores": os.cpu_count(),
         "ram_gb": round(ram_gb, 1),

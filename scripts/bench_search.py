@@ -55,9 +55,9 @@ def time_search(lib: Path, spec: str, target: str, queries: int, image: str | No
         t = time.perf_counter()
         first = eng.search(q)
         cold_wall = time.perf_counter() - t
-        n = len(eng.state().images if target == "images" else eng.state().texts)
-        kind = (eng.state().images if target == "images" else eng.state().texts).kind
-        nprobe = (eng.state().images if target == "images" else eng.state().texts).nprobe
+        vi = eng.state().images if target == "images" else eng.state().texts
+        n, kind, nprobe = len(vi), vi.kind, vi.nprobe
+        nlist = int(vi._ivf().nlist) if kind == "ivf" else None
         runs = []
         for i in range(queries):
             qi = SearchQuery(text=None if image else f"{QUERY} {i}", image=image, k=10, target=target, rerank=False)
@@ -70,6 +70,7 @@ def time_search(lib: Path, spec: str, target: str, queries: int, image: str | No
     return {
         "n": n,
         "index_kind": kind,
+        "nlist": nlist,
         "nprobe": nprobe,
         "model_load_s": load_model,
         "cold_first_search_s": cold_wall,
@@ -145,6 +146,8 @@ def add_texts(spec: str, n: int) -> dict:
 def child(args: argparse.Namespace, fn: str, *extra: str) -> dict:
     """Run ``fn`` of this script in a fresh process; its JSON result."""
     cmd = [sys.executable, __file__, fn, "--arch", args.arch, *extra]
+    if args.probe_fraction:
+        cmd += ["--probe-fraction", str(args.probe_fraction)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     sys.stderr.write(out.stderr[-2000:] if out.returncode else "")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -166,10 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=0)
     p.add_argument("--target", default="images")
     p.add_argument("--image", default=None)
+    p.add_argument("--probe-fraction", type=float, default=None, help="override index.IVF_PROBE_FRACTION (before/after comparisons)")
     args = p.parse_args(argv)
     spec = random_model(args.arch)
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
 
+    if args.probe_fraction:
+        import index
+
+        index.IVF_PROBE_FRACTION = args.probe_fraction
     if args.cmd == "time-search":
         print(json.dumps(time_search(Path(args.lib), spec, args.target, args.queries, args.image)))
         return
@@ -214,9 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     out["busy_after"] = machine()["busy"]
 
     print(f"{args.arch} random weights, CPU; k=10, median of {args.queries} searches after 1 warm-up, fresh process per library")
-    print(f"{'library':<16} {'kind':>5} {'nprobe':>6} {'encode ms':>10} {'index+meta ms':>14} {'search ms':>10} {'cold first s':>13}")
+    print(f"{'library':<16} {'kind':>5} {'nlist':>6} {'nprobe':>6} {'encode ms':>10} {'index+meta ms':>14} {'search ms':>10} {'cold first s':>13}")
     for key, r in out["search"].items():
-        print(f"{key:<16} {r['index_kind']:>5} {r['nprobe']:>6} {r['encode_ms']:>10.1f} {r['index_ms']:>14.2f} {r['search_ms']:>10.1f} {r['cold_first_search_s']:>13.2f}")
+        print(f"{key:<16} {r['index_kind']:>5} {str(r['nlist'] or '-'):>6} {r['nprobe']:>6} {r['encode_ms']:>10.1f} {r['index_ms']:>14.2f} {r['search_ms']:>10.1f} {r['cold_first_search_s']:>13.2f}")
     if "recall" in out:
         r = out["recall"]
         print(f"recall@10 at {r['n']}: {r['recall_at_10']:.3f} ({r['kind']}, nlist {r['nlist']}, nprobe {r['nprobe']}; {r['queries']} queries)")

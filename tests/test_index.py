@@ -88,6 +88,26 @@ def test_ivf_past_threshold_has_high_recall(monkeypatch):
     assert sorted(res.ids[0].tolist()) == [5, 17, 4000]
 
 
+def test_ivf_grows_its_lists_with_the_collection(monkeypatch):
+    monkeypatch.setattr(vindex, "IVF_THRESHOLD", 3_000)
+    rng = np.random.default_rng(5)
+    db = clustered(rng, 9_000, 32)
+    q = clustered(rng, 50, 32)
+    idx = VectorIndex(32)
+    idx.add(np.arange(3_000), db[:3_000])
+    first = idx._ivf().nlist
+    assert idx.kind == "ivf" and first == vindex.ivf_lists(3_000)
+    for start in range(3_000, 9_000, 500):  # grown a batch at a time, as indexing does
+        idx.add(np.arange(start, start + 500), db[start : start + 500])
+    assert idx._ivf().nlist == vindex.ivf_lists(9_000) == 2 * first
+    assert sorted(idx.ids().tolist()) == list(range(9_000))
+    np.testing.assert_array_equal(idx.reconstruct([0, 4_321, 8_999]), db[[0, 4_321, 8_999]])
+    truth = exact(db, np.arange(9_000), q, 10)
+    res = idx.search(q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.ids.tolist(), truth.tolist())])
+    assert recall >= 0.95
+
+
 def test_save_is_atomic_and_loads_back(tmp_path):
     rng = np.random.default_rng(4)
     db = unit(rng, 50, 8)
