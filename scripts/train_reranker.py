@@ -467,6 +467,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--init", type=Path, help="continue training the reranker saved in this folder")
     p.add_argument("--hard-k", type=int, default=10, help="mined negatives kept per query")
     p.add_argument("--calib-fraction", type=float, default=0.1, help="share of keys held out to fit the temperature")
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the held-out evaluation and model card")
@@ -512,8 +513,13 @@ def main(argv: list[str] | None = None) -> Reranker:
     calib = build_pool(encoder, root, calib_recs, perturb=True, seed=args.seed + 7, hard_k=args.hard_k)
     log(f"features ready after {time.monotonic() - t_start:.0f}s")
 
-    cfg = RerankerConfig.for_encoder(encoder, width=args.width, depth=args.depth, heads=args.heads, dropout=args.dropout)
-    module = CrossAttentionITM(cfg)
+    if args.init is not None:  # continue from a saved reranker (its shape wins over --width/--depth/--heads)
+        module = Reranker.load(args.init, encoder).module.float()
+        cfg = module.config
+        log(f"continuing from {args.init}")
+    else:
+        cfg = RerankerConfig.for_encoder(encoder, width=args.width, depth=args.depth, heads=args.heads, dropout=args.dropout)
+        module = CrossAttentionITM(cfg)
     info.update(train_module(module, pool, args))
     log(f"trained {info['steps']} steps in {info['seconds']:.0f}s")
     # Round to the float16 that gets saved, so this reranker scores exactly like the loaded one.
