@@ -274,6 +274,7 @@ class Reranker:
         tmp = out / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, out / WEIGHTS_NAME)
+        os.chmod(out / WEIGHTS_NAME, 0o644)  # package data: readable like the config beside it
         (out / CONFIG_NAME).write_text(self.config.to_json())
         return out
 

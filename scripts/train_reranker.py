@@ -538,6 +538,8 @@ def main(argv: list[str] | None = None) -> Reranker:
         info["total_minutes"] = (time.monotonic() - t_start) / 60
         for k, v in metrics.items():
             print(f"{k} = {v:.4f}" if isinstance(v, float) else f"{k} = {v}", flush=True)
+        if metrics["ord_t2i_r1_rerank"] < metrics["ord_t2i_r1_dual"] or metrics["mp_t2i_r1_rerank"] < metrics["mp_t2i_r1_dual"]:
+            log(f"WARNING: re-ranking lowers held-out R@1; {out} holds a reranker that makes search worse, do not ship it")
         card = args.card or (out / "README.md" if encoder.spec.local_dir is not None and Path(out).resolve() == encoder.spec.local_dir else None)
         if card is not None:
             write_card(card, card_section(args, cfg, info, metrics, Path(out)))
