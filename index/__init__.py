@@ -30,7 +30,7 @@ IVF_THRESHOLD = 50_000
 #: Inverted lists are probed until at least this fraction of them is visited.
 IVF_PROBE_FRACTION = 1 / 64
 #: ... and never fewer than this many lists.
-IVF_MIN_PROBE = 16
+IVF_MIN_PROBE = 32
 #: An IVF index is rebuilt when the list count suited to its size reaches this
 #: multiple of the lists it has (lists grow with sqrt(n): every ~4x in size).
 IVF_REGROW = 2
