@@ -87,7 +87,8 @@ def busy(pattern: str = "train_shapes_model|train_reranker") -> list[str]:
     return [line for line in out.splitlines() if line and not line.startswith(me + " ") and "pgrep" not in line]
 
 
-def _cpu_ticks() -> dict[int, tuple[int, str]]:
+def _cpu_ticks() -> dict[int, tuple[int, str, int]]:
+    """pid -> (user+system ticks, command line, parent pid) for every process."""
     out = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -100,30 +101,90 @@ def _cpu_ticks() -> dict[int, tuple[int, str]]:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        out[int(d)] = (int(fields[11]) + int(fields[12]), cmd or stat[stat.find("(") + 1 : stat.rfind(")")])
+        out[int(d)] = (int(fields[11]) + int(fields[12]), cmd or stat[stat.find("(") + 1 : stat.rfind(")")], int(fields[1]))
     return out
 
 
-def others_cpu(seconds: float = 2.0) -> list[tuple[float, str]]:
-    """Processes other than this one and its children using over 10% of a core, sampled over ``seconds``."""
+def _mine(procs: dict[int, tuple[int, str, int]]) -> set[int]:
+    """This process and all its descendants."""
     mine = {os.getpid()}
-    try:
-        out = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True, check=False).stdout
-        mine.update(int(x) for x in out.split())
-    except OSError:
-        pass
+    grew = True
+    while grew:
+        grew = False
+        for pid, (_, _, ppid) in procs.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                grew = True
+    return mine
+
+
+def others_cpu(seconds: float = 2.0) -> list[tuple[float, str]]:
+    """Processes outside this one's tree using over 10% of a core, sampled over ``seconds``."""
     a = _cpu_ticks()
     time.sleep(seconds)
     b = _cpu_ticks()
+    mine = _mine(b) | _mine(a)
     hz = os.sysconf("SC_CLK_TCK")
     busy_procs = []
-    for pid, (ticks, cmd) in b.items():
+    for pid, (ticks, cmd, _) in b.items():
         if pid in mine or pid not in a:
             continue
         pct = 100.0 * (ticks - a[pid][0]) / hz / seconds
         if pct > 10:
             busy_procs.append((round(pct), cmd[:100]))
     return sorted(busy_procs, reverse=True)
+
+
+class Monitor:
+    """Samples, once a second in a thread, the CPU that processes outside this
+    one's tree use; ``report()`` gives the average in cores and the worst ones.
+
+    Use it around a measurement to show (or rule out) interference::
+
+        with Monitor() as mon:
+            ...
+        print(mon.report())
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        import threading
+
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.samples: list[float] = []  # cores used by others in each interval
+        self.top: dict[str, float] = {}  # command -> CPU seconds
+
+    def _run(self) -> None:
+        hz = os.sysconf("SC_CLK_TCK")
+        prev, t_prev = _cpu_ticks(), time.monotonic()
+        while not self._stop.wait(self.interval):
+            cur, t = _cpu_ticks(), time.monotonic()
+            mine = _mine(cur) | _mine(prev)
+            used = 0.0
+            for pid, (ticks, cmd, _) in cur.items():
+                if pid in mine or pid not in prev:
+                    continue
+                sec = (ticks - prev[pid][0]) / hz
+                if sec > 0:
+                    used += sec
+                    self.top[cmd[:80]] = self.top.get(cmd[:80], 0.0) + sec
+            self.samples.append(used / max(t - t_prev, 1e-6))
+            prev, t_prev = cur, t
+
+    def __enter__(self) -> "Monitor":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict[str, Any]:
+        """``others_cores_avg``/``max`` and the commands that used over 1 CPU-second."""
+        s = self.samples or [0.0]
+        top = sorted(((round(v, 1), k) for k, v in self.top.items() if v > 1.0), reverse=True)[:5]
+        return {"others_cores_avg": round(sum(s) / len(s), 3), "others_cores_max": round(max(s), 2), "others_top": top}
 
 
 def wait_quiet(max_minutes: float, poll_s: float = 60.0, others: bool = True) -> bool:
