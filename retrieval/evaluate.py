@@ -124,6 +124,7 @@ def _measure(eng: Any, pairs: list[Pair], candidates: int, rerank: bool) -> dict
     t_vecs = state.texts.reconstruct(t_ids)
     res = state.images.search(t_vecs, n_cand)
     t2i_ranked = [[int(i) for i in row if i >= 0] for row in res.ids]
+    t2i_scores = [[float(s) for i, s in zip(row, srow) if i >= 0] for row, srow in zip(res.ids, res.scores)]
     t_keys = [text_key[i] for i in t_ids]
     report: dict[str, Any] = {
         "t2i": recall_at([[img_key.get(i, "") for i in r] for r in t2i_ranked], t_keys),
@@ -133,6 +134,7 @@ def _measure(eng: Any, pairs: list[Pair], candidates: int, rerank: bool) -> dict
     i_vecs = state.images.reconstruct(i_ids)
     res = state.texts.search(i_vecs, n_cand)
     i2t_ranked = [[int(i) for i in row if i >= 0] for row in res.ids]
+    i2t_scores = [[float(s) for i, s in zip(row, srow) if i >= 0] for row, srow in zip(res.ids, res.scores)]
     i_keys = [img_key[i] for i in i_ids]
     report["i2t"] = recall_at([[text_key.get(i, "") for i in r] for r in i2t_ranked], i_keys)
     report["queries"] = len(t_ids)
@@ -145,16 +147,18 @@ def _measure(eng: Any, pairs: list[Pair], candidates: int, rerank: bool) -> dict
     if reranker is not None:
         rows = store.images_by_id(list(img_key))
         reordered = []
-        for tid, cand in zip(t_ids, t2i_ranked):
+        for tid, cand, dual in zip(t_ids, t2i_ranked, t2i_scores):
             cand = cand[:candidates]
-            probs = reranker.score_images(text_of[tid], eng._candidate_tokens(state, cand, rows))
+            probs = reranker.score_images(
+                text_of[tid], eng._candidate_tokens(state, cand, rows), dual_scores=np.asarray(dual[: len(cand)], np.float32)
+            )
             reordered.append([cand[j] for j in np.argsort(-np.asarray(probs), kind="stable")])
         report["t2i_reranked"] = recall_at([[img_key.get(i, "") for i in r] for r in reordered], t_keys)
         reordered = []
-        for iid, cand in zip(i_ids, i2t_ranked):
+        for iid, cand, dual in zip(i_ids, i2t_ranked, i2t_scores):
             cand = cand[:candidates]
             tok = eng._candidate_tokens(state, [iid], rows)[0]
-            probs = reranker.score_texts(tok, [text_of[i] for i in cand])
+            probs = reranker.score_texts(tok, [text_of[i] for i in cand], dual_scores=np.asarray(dual[: len(cand)], np.float32))
             reordered.append([cand[j] for j in np.argsort(-np.asarray(probs), kind="stable")])
         report["i2t_reranked"] = recall_at([[text_key.get(i, "") for i in r] for r in reordered], i_keys)
     return report

@@ -64,7 +64,9 @@ class RerankerConfig:
     heads: int = 4  # attention heads in every attention layer
     mlp_ratio: float = 4.0  # MLP hidden width as a multiple of ``width``
     dropout: float = 0.0  # dropout in attention, MLP and residual branches (training only)
-    temperature: float = 1.0  # calibration: probability = sigmoid(logit / temperature)
+    temperature: float = 1.0  # calibration: probability = sigmoid((logit - shift) / temperature)
+    shift: float = 0.0  # calibration offset (Platt scaling together with ``temperature``)
+    residual: bool = False  # logit = dual_scale * dual cosine + dual_bias + cross-attention correction
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -127,7 +129,10 @@ class CrossAttentionITM(nn.Module):
     ``forward(text, mask, image)`` takes text tokens ``(n, L, text_width)``, their
     padding mask ``(n, L)`` (True on real tokens) and patch tokens ``(n, P,
     image_width)``; either side may have batch size 1 and is then shared by all
-    ``n`` pairs (one query against many candidates). Returns raw logits ``(n,)``.
+    ``n`` pairs (one query against many candidates). ``dual`` (optional, ``(n,)``)
+    holds the dual encoder's cosine of each pair; a residual reranker
+    (``config.residual``) adds ``dual_scale * dual + dual_bias`` to its logit
+    (``dual`` None counts as cosine 0). Returns raw logits ``(n,)``.
     """
 
     def __init__(self, config: RerankerConfig) -> None:
@@ -148,8 +153,17 @@ class CrossAttentionITM(nn.Module):
         )
         self.ln_out = nn.LayerNorm(w)
         self.head = nn.Linear(w, 1)
+        if config.residual:
+            # Residual on the dual encoder: with the head at zero the reranker ranks
+            # exactly like the dual encoder; training learns corrections only.
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+            self.dual_scale = nn.Parameter(torch.tensor(1.0))
+            self.dual_bias = nn.Parameter(torch.tensor(0.0))
 
-    def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, dual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if image.shape[1] != self.config.image_tokens:
             raise ValueError(f"expected {self.config.image_tokens} patch tokens per image, got {image.shape[1]}")
         # Causal text towers leave padding after the last real token, so cutting
@@ -169,11 +183,17 @@ class CrossAttentionITM(nn.Module):
         pad = (~keep).expand(n, -1)
         for block in self.blocks:
             x = block(x, pad, img)
-        return self.head(self.ln_out(x[:, 0])).squeeze(-1).float()
+        logit = self.head(self.ln_out(x[:, 0])).squeeze(-1).float()
+        if self.config.residual:
+            base = self.dual_bias.float()
+            if dual is not None:
+                base = base + self.dual_scale.float() * dual.to(logit.device, torch.float32)
+            logit = logit + base
+        return logit
 
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated match probability of raw logits."""
-        return torch.sigmoid(logits / self.config.temperature)
+        return torch.sigmoid((logits - self.config.shift) / self.config.temperature)
 
 
 @dataclass(frozen=True)
@@ -205,50 +225,79 @@ class Reranker:
 
     # ---------------------------------------------------------------- scoring
     @torch.inference_mode()
-    def score_images(self, text: str, image_tokens: np.ndarray) -> np.ndarray:
+    def score_images(self, text: str, image_tokens: np.ndarray, dual_scores: np.ndarray | None = None) -> np.ndarray:
         """Match probabilities of one text query against candidate images.
 
         ``image_tokens`` is ``(n, patches, image_width)``, typically float16 rows
-        read from the index's token store. Returns ``(n,)`` float32 in [0, 1].
+        read from the index's token store; ``dual_scores`` ``(n,)`` the dual
+        encoder's cosines of the candidates (a residual reranker builds on them).
+        Returns ``(n,)`` float32 in [0, 1].
         """
         tokens = self._check_tokens(image_tokens, ndim=3)
+        dual = self._dual(dual_scores, len(tokens))
         text_tok, mask = self.encoder.text_tokens([text])  # once per query
         out = [
-            self._probabilities(text_tok, mask, self._tensor(tokens[start : start + self.batch_size]))
+            self._probabilities(
+                text_tok, mask, self._tensor(tokens[start : start + self.batch_size]),
+                None if dual is None else dual[start : start + self.batch_size],
+            )
             for start in range(0, len(tokens), self.batch_size)
         ]
         return np.concatenate(out) if out else np.empty(0, np.float32)
 
     @torch.inference_mode()
-    def score_texts(self, image_tokens: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+    def score_texts(
+        self, image_tokens: np.ndarray, texts: Sequence[str], dual_scores: np.ndarray | None = None
+    ) -> np.ndarray:
         """Match probabilities of one image query (its patch tokens ``(patches,
-        image_width)``) against candidate texts. Returns ``(n,)`` float32 in [0, 1]."""
+        image_width)``) against candidate texts; ``dual_scores`` as in
+        :meth:`score_images`. Returns ``(n,)`` float32 in [0, 1]."""
         image = self._tensor(self._check_tokens(image_tokens, ndim=2)[None])
+        dual = self._dual(dual_scores, len(texts))
         out = []
         for start in range(0, len(texts), self.batch_size):
             text_tok, mask = self.encoder.text_tokens(list(texts[start : start + self.batch_size]))
-            out.append(self._probabilities(text_tok, mask, image))
+            out.append(self._probabilities(
+                text_tok, mask, image, None if dual is None else dual[start : start + self.batch_size]
+            ))
         return np.concatenate(out) if out else np.empty(0, np.float32)
 
     def rank(
-        self, query: str | np.ndarray, candidates: Sequence[str] | np.ndarray, top_k: int | None = None
+        self,
+        query: str | np.ndarray,
+        candidates: Sequence[str] | np.ndarray,
+        top_k: int | None = None,
+        dual_scores: np.ndarray | None = None,
     ) -> list[RankedCandidate]:
         """Score every candidate against ``query`` and return them best first.
 
         A text query ranks candidate images given as patch tokens ``(n, patches,
         width)``; an image query given as patch tokens ``(patches, width)`` ranks
-        candidate texts. Ties keep the input order; ``top_k`` keeps the first k.
+        candidate texts. Ties keep the input order; ``top_k`` keeps the first k;
+        ``dual_scores`` are the candidates' dual-encoder cosines.
         """
         if isinstance(query, str):
-            scores = self.score_images(query, np.asarray(candidates))
+            scores = self.score_images(query, np.asarray(candidates), dual_scores=dual_scores)
         else:
-            scores = self.score_texts(np.asarray(query), list(candidates))
+            scores = self.score_texts(np.asarray(query), list(candidates), dual_scores=dual_scores)
         order = np.argsort(-scores, kind="stable")[:top_k]
         return [RankedCandidate(int(i), float(scores[i])) for i in order]
 
-    def _probabilities(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> np.ndarray:
-        probs = self.module.probability(self.module(text, mask, image))
+    def _probabilities(
+        self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, dual: torch.Tensor | None = None
+    ) -> np.ndarray:
+        probs = self.module.probability(self.module(text, mask, image, dual))
         return probs.cpu().numpy().astype(np.float32)
+
+    def _dual(self, dual_scores: np.ndarray | None, n: int) -> torch.Tensor | None:
+        if dual_scores is None:
+            if self.config.residual:
+                LOG.debug("residual reranker scored without dual-encoder cosines; treating them as 0")
+            return None
+        dual = np.asarray(dual_scores, dtype=np.float32).reshape(-1)
+        if len(dual) != n:
+            raise ValueError(f"dual_scores has {len(dual)} entries for {n} candidates")
+        return torch.from_numpy(dual.copy())
 
     def _tensor(self, tokens: np.ndarray) -> torch.Tensor:
         # Stored tokens are float16; casting fresh ones the same way keeps both paths identical.

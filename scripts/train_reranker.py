@@ -164,9 +164,12 @@ def build_pool(encoder: Encoder, root: Path, records: list[dict], perturb: bool,
             tok, mask = encoder.text_tokens(texts[start : start + 512])
             ttoks.append(tok.to("cpu", torch.float16))
             masks.append(mask.cpu())
+    # Batches may come cut to their own longest text; pad them to the longest of all.
+    length = max(int(m.sum(1).max()) for m in masks) if masks else 1
+    ttoks = [F.pad(t[:, :length], (0, 0, 0, length - min(length, t.shape[1]))) for t in ttoks]
+    masks = [F.pad(m[:, :length], (0, length - min(length, m.shape[1]))) for m in masks]
     mask = torch.cat(masks)
-    length = int(mask.sum(1).max())
-    txt_tok = torch.cat(ttoks)[:, :length].clone()
+    txt_tok = torch.cat(ttoks).clone()
     pool = Pool(img_tok, img_vec, img_key, txt_tok, mask[:, :length].clone(), txt_vec, txt_key,
                 np.array(txt_img), texts, scenes, partners)
     pool.mined_t2i = _mine(txt_vec, img_vec, txt_key, img_key, hard_k)
@@ -239,13 +242,61 @@ def sample_pairs(pool: Pool, n: int, rng: np.random.Generator) -> tuple[np.ndarr
     return c, i, (pool.txt_key[c] == pool.img_key[i]).astype(np.float32), np.concatenate(kind_ids)
 
 
+def dual_cosine(pool: Pool, caps: np.ndarray, imgs: np.ndarray) -> torch.Tensor:
+    """The dual encoder's cosine of each (caption, image) pair."""
+    return torch.from_numpy(np.einsum("nd,nd->n", pool.txt_vec[caps], pool.img_vec[imgs]).astype(np.float32))
+
+
 def pair_logits(module: CrossAttentionITM, pool: Pool, caps: np.ndarray, imgs: np.ndarray, batch: int = 512) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for s in range(0, len(caps), batch):
             c, i = caps[s : s + batch], imgs[s : s + batch]
-            out.append(module(pool.txt_tok[c], pool.txt_mask[c], pool.img_tok[i]).numpy())
+            out.append(module(pool.txt_tok[c], pool.txt_mask[c], pool.img_tok[i], dual_cosine(pool, c, i)).numpy())
     return np.concatenate(out) if out else np.empty(0, np.float32)
+
+
+def sample_groups(pool: Pool, n: int, group: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Listwise groups in both directions: ``n`` captions each with ``group``
+    candidate images, then ``n`` images each with ``group`` candidate captions.
+
+    Candidate 0 is the positive; the others are the minimal-pair variants of its
+    scene (colours swapped, shapes swapped, relation reversed) and dual-encoder
+    near misses filling the group. Returns flat caption and image indices
+    ``(2 * n * group,)``, the valid-candidate mask ``(2 * n, group)`` (False on
+    a "negative" that matches the query's key) and the number of groups.
+    """
+    with_partners = np.array([i for i, p in enumerate(pool.partners) if p], np.int64)
+    k_t2i, k_i2t = pool.mined_t2i.shape[1], pool.mined_i2t.shape[1]
+
+    def anchors() -> np.ndarray:
+        # Half the queries from scenes with rendered minimal pairs, half from anywhere.
+        if not len(with_partners):
+            return rng.integers(len(pool.texts), size=n)
+        half = n // 2
+        return np.concatenate([rng.choice(with_partners, size=half), rng.integers(len(pool.texts), size=n - half)])
+
+    caps, imgs, valid = [], [], []
+    for t in anchors():  # text -> images
+        cands = [int(pool.txt_img[t])] + [int(pool.txt_img[p]) for p in pool.partners[t]][: group - 1]
+        mined = pool.mined_t2i[t, rng.permutation(k_t2i)]
+        cands += [int(x) for x in mined[: group - len(cands)]]
+        cands += list(rng.integers(len(pool.img_key), size=group - len(cands)))
+        cands = np.array(cands)
+        caps.append(np.full(group, t))
+        imgs.append(cands)
+        valid.append(np.r_[True, pool.img_key[cands[1:]] != pool.txt_key[t]])
+    for t in anchors():  # image -> texts
+        i = int(pool.txt_img[t])
+        cands = [int(t)] + list(pool.partners[t])[: group - 1]
+        mined = pool.mined_i2t[i, rng.permutation(k_i2t)]
+        cands += [int(x) for x in mined[: group - len(cands)]]
+        cands += list(rng.integers(len(pool.texts), size=group - len(cands)))
+        cands = np.array(cands)
+        caps.append(cands)
+        imgs.append(np.full(group, i))
+        valid.append(np.r_[True, pool.txt_key[cands[1:]] != pool.img_key[i]])
+    return np.concatenate(caps), np.concatenate(imgs), np.stack(valid), 2 * n
 
 
 # ------------------------------------------------------------------ training
@@ -256,7 +307,7 @@ def train_module(module: CrossAttentionITM, pool: Pool, args: argparse.Namespace
     budget = args.minutes * 60 if args.minutes else math.inf
     steps = args.steps or 10**9
     warmup = max(1, min(args.warmup, steps // 10))
-    start, step, ema = time.monotonic(), 0, None
+    start, step, ema, window = time.monotonic(), 0, None, []
     module.train()
     while True:
         progress = max(step / steps, (time.monotonic() - start) / budget)
@@ -267,17 +318,25 @@ def train_module(module: CrossAttentionITM, pool: Pool, args: argparse.Namespace
         lr = args.lr * ramp * 0.5 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
             group["lr"] = lr
-        c, i, y, _ = sample_pairs(pool, args.batch_size, rng)
-        logits = module(pool.txt_tok[c], pool.txt_mask[c], pool.img_tok[i])
-        loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(y))
+        if args.listwise:
+            c, i, valid, groups = sample_groups(pool, args.groups, args.group_size, rng)
+            logits = module(pool.txt_tok[c], pool.txt_mask[c], pool.img_tok[i], dual_cosine(pool, c, i))
+            logits = logits.view(groups, args.group_size).masked_fill(~torch.from_numpy(valid), -1e4)
+            loss = F.cross_entropy(logits, torch.zeros(groups, dtype=torch.long))
+        else:
+            c, i, y, _ = sample_pairs(pool, args.batch_size, rng)
+            logits = module(pool.txt_tok[c], pool.txt_mask[c], pool.img_tok[i], dual_cosine(pool, c, i))
+            loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(y))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 50 == 0:
-            log(f"step {step} loss {ema:.4f} lr {lr:.2e} elapsed {time.monotonic() - start:.0f}s")
+        window.append(loss.item())
+        if step == 1 or step % 50 == 0:
+            log(f"step {step} loss {np.mean(window):.4f} (last {len(window)}) lr {lr:.2e} elapsed {time.monotonic() - start:.0f}s")
+            window = []
     module.eval()
     return {"steps": step, "seconds": time.monotonic() - start, "final_loss": ema}
 
@@ -302,6 +361,27 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         a, b = hi - (hi - lo) / 1.618, lo + (hi - lo) / 1.618
         lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
     return float((lo + hi) / 2)
+
+
+def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Shift c and temperature T minimising the binary NLL of ``sigmoid((logit - c) / T)``."""
+    x, y = torch.from_numpy(logits).double(), torch.from_numpy(labels).double()
+    scale = float(x.std()) or 1.0
+    x = x / scale  # a well-conditioned problem for LBFGS
+    w = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=0.5, max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(w[0] * x + w[1], y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a, b = float(w[0].detach()) / scale, float(w[1].detach())
+    if a <= 0:  # logits carry no (or inverted) signal: fall back to the temperature alone
+        return 0.0, fit_temperature(logits, labels)
+    return -b / a, 1.0 / a
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -331,7 +411,7 @@ def retrieval_eval(reranker: Reranker, pool: Pool, candidates: int = 50) -> dict
     for t in range(len(pool.texts)):
         top = np.argsort(-sims[t], kind="stable")[:candidates]
         dual_hit.append(pool.img_key[top[0]] == pool.txt_key[t])
-        best = reranker.rank(pool.texts[t], tok[top], top_k=1)[0].index
+        best = reranker.rank(pool.texts[t], tok[top], top_k=1, dual_scores=sims[t, top])[0].index
         rr_hit.append(pool.img_key[top[best]] == pool.txt_key[t])
     d, r = np.array(dual_hit), np.array(rr_hit)
     res["t2i_r1_dual"], res["t2i_r1_rerank"] = float(d.mean()), float(r.mean())
@@ -343,7 +423,7 @@ def retrieval_eval(reranker: Reranker, pool: Pool, candidates: int = 50) -> dict
     for i in range(len(pool.img_key)):
         top = np.argsort(-sims[:, i], kind="stable")[:candidates]
         dual_hit.append(pool.txt_key[top[0]] == pool.img_key[i])
-        best = reranker.rank(tok[i], [pool.texts[c] for c in top], top_k=1)[0].index
+        best = reranker.rank(tok[i], [pool.texts[c] for c in top], top_k=1, dual_scores=sims[top, i])[0].index
         rr_hit.append(pool.txt_key[top[best]] == pool.img_key[i])
     d, r = np.array(dual_hit), np.array(rr_hit)
     res["i2t_r1_dual"], res["i2t_r1_rerank"] = float(d.mean()), float(r.mean())
@@ -368,8 +448,8 @@ def pairwise_eval(reranker: Reranker, encoder: Encoder, pool: Pool, seed: int) -
             true_cap = scene.caption(np.random.default_rng([seed, t]))
             false_cap = other.caption(np.random.default_rng([seed, t]))
             i = pool.txt_img[t]
-            p = reranker.score_texts(tok[i], [true_cap, false_cap])
             v = encoder.encode_texts([true_cap, false_cap]) @ pool.img_vec[i]
+            p = reranker.score_texts(tok[i], [true_cap, false_cap], dual_scores=v)
             rr.append(p[0] > p[1])
             dual.append(v[0] > v[1])
         out[f"pairwise_{name}_rerank"], out[f"pairwise_{name}_dual"] = float(np.mean(rr)), float(np.mean(dual))
@@ -410,15 +490,23 @@ def card_section(args: argparse.Namespace, cfg: RerankerConfig, info: dict, m: d
         "",
         "A cross-attention image-text matching model (ALBEF/BLIP style) over this model's frozen",
         f"tokens: width {cfg.width}, {cfg.depth} blocks of [text self-attention, cross-attention to the",
-        f"{cfg.image_tokens} patch tokens, MLP], {cfg.heads} heads, a learned [ITM] token and a logit head;",
-        f"match probability = sigmoid(logit / {cfg.temperature:.3f}), the temperature fitted on a held-out",
-        f"calibration split. Files: `reranker.safetensors` (float16, {size_mb:.1f} MB), `reranker.json`.",
+        f"{cfg.image_tokens} patch tokens, MLP], {cfg.heads} heads, a learned [ITM] token and a logit head"
+        + (";" if not cfg.residual else ","),
+        *([f"residual on the dual encoder: logit = a * dual cosine + b + head(...), a initialised to the dual",
+           "encoder's logit scale and the head to zero, so it starts ranking exactly like the dual encoder;"]
+          if cfg.residual else []),
+        f"match probability = sigmoid((logit - {cfg.shift:.3f}) / {cfg.temperature:.3f}), shift and temperature fitted on a held-out",
+        f"calibration split of balanced pairs. Files: `reranker.safetensors` (float16, {size_mb:.1f} MB), `reranker.json`.",
         "",
-        f"Trained by `{info['command']}` on CPU: {info['steps']} steps of {args.batch_size} pairs in",
+        f"Trained by `{info['command']}` on CPU: {info['steps']} steps of "
+        + (f"{2 * args.groups} listwise groups of {args.group_size} candidates (softmax cross-entropy, both directions)"
+           if args.listwise else f"{args.batch_size} pairs (BCE)") + " in",
         f"{info['seconds'] / 60:.1f} min (whole run {info['total_minutes']:.1f} min), on seeds {args.seed} (ordinary, "
         f"{info['n_ordinary']} scenes) and {args.seed + 1} (minimal pairs, {info['n_minimal']} scenes) with their swapped-colour,",
         "swapped-shape and reversed-relation scenes rendered as hard negatives, plus dual-encoder-mined",
-        f"near misses in both directions; every positive pair comes with one negative anchored on it. Evaluated on fresh seeds {EVAL_SEEDS[0]}",
+        "near misses in both directions" + ("; each group is a query with its positive, its scene's minimal-pair variants and"
+        " near misses filling the rest." if args.listwise else "; every positive pair comes with one negative anchored on it.")
+        + f" Evaluated on fresh seeds {EVAL_SEEDS[0]}",
         f"(ordinary) and {EVAL_SEEDS[1]} (minimal pairs), used neither here nor for the dual encoder.",
         "",
         "| measure (held out) | dual encoder | re-ranked | target |",
@@ -460,7 +548,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output folder (default: the model's folder, else the reranker cache)")
     p.add_argument("--minutes", type=float, default=16.0, help="wall-clock cap on the training loop")
     p.add_argument("--steps", type=int, help="cap on training steps")
-    p.add_argument("--batch-size", type=int, default=128, help="pairs per step (half positives)")
+    p.add_argument("--batch-size", type=int, default=128, help="pairs per step with --pointwise (half positives)")
+    p.add_argument("--pointwise", dest="listwise", action="store_false", help="BCE on pairs instead of listwise softmax")
+    p.add_argument("--groups", type=int, default=12, help="listwise: query groups per direction per step")
+    p.add_argument("--group-size", type=int, default=8, help="listwise: candidates per group (1 positive)")
+    p.add_argument("--no-residual", dest="residual", action="store_false",
+                   help="score from the cross-attention alone, not as a correction of the dual encoder's cosine")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--width", type=int, default=128)
@@ -518,17 +611,25 @@ def main(argv: list[str] | None = None) -> Reranker:
         cfg = module.config
         log(f"continuing from {args.init}")
     else:
-        cfg = RerankerConfig.for_encoder(encoder, width=args.width, depth=args.depth, heads=args.heads, dropout=args.dropout)
+        cfg = RerankerConfig.for_encoder(
+            encoder, width=args.width, depth=args.depth, heads=args.heads, dropout=args.dropout, residual=args.residual
+        )
         module = CrossAttentionITM(cfg)
+        if cfg.residual:  # start as the dual encoder: its own logit scale on the cosine
+            scale = float(encoder.model.logit_scale.detach().exp()) if hasattr(encoder.model, "logit_scale") else 1.0
+            with torch.no_grad():
+                module.dual_scale.fill_(scale)
+            log(f"residual reranker: dual_scale initialised to {scale:.2f}")
     info.update(train_module(module, pool, args))
     log(f"trained {info['steps']} steps in {info['seconds']:.0f}s")
     # Round to the float16 that gets saved, so this reranker scores exactly like the loaded one.
     module.load_state_dict({k: v.half().float() for k, v in module.state_dict().items()})
     c, i, y, kinds = sample_pairs(calib, max(2000, 2 * len(calib.texts)), np.random.default_rng(args.seed + 8))
     cal_logits = pair_logits(module, calib, c, i)
-    cfg.temperature = fit_temperature(cal_logits, y)
-    log(f"temperature {cfg.temperature:.4f}; calibration-split ECE {ece(sigmoid(cal_logits / cfg.temperature), y):.4f}")
-    log(f"calibration-split accuracy by pair kind: {json.dumps(accuracy_by_kind(cal_logits, y, kinds))}")
+    cfg.shift, cfg.temperature = fit_platt(cal_logits, y)
+    cal_probs = sigmoid((cal_logits - cfg.shift) / cfg.temperature)
+    log(f"shift {cfg.shift:.4f} temperature {cfg.temperature:.4f}; calibration-split ECE {ece(cal_probs, y):.4f}")
+    log(f"calibration-split accuracy by pair kind: {json.dumps(accuracy_by_kind(cal_logits - cfg.shift, y, kinds))}")
     reranker = Reranker(module, encoder)
     reranker.save(out)
     log(f"saved {out}")
@@ -566,11 +667,11 @@ def evaluate(reranker: Reranker, encoder: Encoder, args: argparse.Namespace, wor
     m.update(pairwise_eval(reranker, encoder, plain, seed=EVAL_SEEDS[0]))
     c, i, y, kinds = sample_pairs(ordinary, 4000, np.random.default_rng(EVAL_SEEDS[0]))
     logits = pair_logits(reranker.module, ordinary, c, i)
-    m["ece"] = ece(sigmoid(logits / reranker.config.temperature), y)
+    m["ece"] = ece(reranker.module.probability(torch.from_numpy(logits)).numpy(), y)
     m["ece_uncalibrated"] = ece(sigmoid(logits), y)
     m["ece_pairs"] = len(y)
     m["ece_positive_share"] = float(y.mean())
-    m.update({f"pair_accuracy_{k}": v for k, v in accuracy_by_kind(logits, y, kinds).items()})
+    m.update({f"pair_accuracy_{k}": v for k, v in accuracy_by_kind(logits - reranker.config.shift, y, kinds).items()})
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_reranker import latency_ms, random_vit_reranker
 

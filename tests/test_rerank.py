@@ -184,3 +184,39 @@ def test_config_round_trips_through_json(reranker):
 def test_library_import_does_not_load_the_reranker():
     code = "import sys, retrieval; assert 'retrieval.rerank' not in sys.modules; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_residual_reranker_at_init_ranks_exactly_like_the_dual_encoder(encoder, stored_tokens, tmp_path):
+    torch.manual_seed(3)
+    module = CrossAttentionITM(RerankerConfig.for_encoder(encoder, width=32, depth=1, heads=2, residual=True))
+    assert float(module.head.weight.detach().abs().sum()) == 0.0  # the correction starts at zero
+    with torch.no_grad():
+        module.dual_scale.fill_(37.0)
+    rr = Reranker(module, encoder)
+    dual = np.array([0.31, 0.12, 0.305, -0.2, 0.45, 0.3], np.float32)
+    order = [r.index for r in rr.rank("a red circle", stored_tokens, dual_scores=dual)]
+    assert order == np.argsort(-dual, kind="stable").tolist()
+    texts = ["a red circle", "a blue square", "two stars", "nothing at all", "x", "y"]
+    by_image = [r.index for r in rr.rank(stored_tokens[2], texts, dual_scores=dual)]
+    assert by_image == np.argsort(-dual, kind="stable").tolist()
+    # probabilities are sigmoid((37 * cos - shift) / T)
+    p = rr.score_images("a red circle", stored_tokens, dual_scores=dual)
+    assert np.allclose(p, 1 / (1 + np.exp(-37.0 * dual)), atol=1e-5)
+    with pytest.raises(ValueError, match="dual_scores"):
+        rr.score_images("a red circle", stored_tokens, dual_scores=dual[:3])
+    # a/b and the calibration shift survive save and load
+    rr.config.shift, rr.config.temperature = 2.5, 1.5
+    with torch.no_grad():
+        module.dual_bias.fill_(0.25)
+    rr.save(tmp_path / "res")
+    loaded = Reranker.load(tmp_path / "res", encoder)
+    assert loaded.config.residual and loaded.config.shift == 2.5
+    assert np.allclose(loaded.score_images("a red circle", stored_tokens, dual_scores=dual),
+                       rr.score_images("a red circle", stored_tokens, dual_scores=dual), atol=1e-3)
+
+
+def test_old_configs_without_the_new_fields_still_parse():
+    old = {"model": "m", "text_width": 32, "image_width": 48, "image_tokens": 16, "max_text_tokens": 16,
+           "width": 32, "depth": 1, "heads": 2, "mlp_ratio": 4.0, "dropout": 0.0, "temperature": 0.8}
+    cfg = RerankerConfig.from_json(json.dumps(old))
+    assert cfg.shift == 0.0 and cfg.residual is False and cfg.temperature == 0.8
