@@ -176,6 +176,7 @@ class Encoder:
         self.spec = spec
         self.model = model.eval()
         self.preprocess = preprocess
+        self._split: tuple[Callable, Callable] | None | bool = False  # False: not split yet
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -195,11 +196,43 @@ class Encoder:
         return hasattr(self.model.visual, "output_tokens")
 
     # ----------------------------------------------------------------- images
-    def image_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Preprocess PIL images into one input tensor."""
+    def _split_preprocess(self) -> tuple[Callable, Callable] | None:
+        """open_clip's transform split at ToTensor: (PIL steps, tensor steps)."""
+        from torchvision.transforms import Compose, ToTensor
+
+        steps = list(getattr(self.preprocess, "transforms", []))
+        at = next((i for i, t in enumerate(steps) if isinstance(t, ToTensor)), None)
+        if at is None:
+            return None
+        return Compose(steps[:at]), Compose(steps[at + 1 :])
+
+    def prepare(self, image: Image.Image) -> Any:
+        """The per-image part of preprocessing, safe and cheap in loader threads.
+
+        Runs open_clip's PIL steps (resize, crop, mode) and returns a uint8
+        ``(H, W, 3)`` array; no torch op runs here, since small tensor ops in
+        several threads fight the encoder's own threads for the cores. Models
+        whose transform has no ToTensor step get the full transform instead.
+        """
+        if self._split is False:
+            self._split = self._split_preprocess()
+        if self._split is None:
+            return self.preprocess(image)
+        return np.asarray(self._split[0](image), dtype=np.uint8)
+
+    def batch(self, prepared: Sequence[Any]) -> torch.Tensor:
+        """Stack :meth:`prepare` outputs into one normalised input batch."""
         import torch
 
-        return torch.stack([self.preprocess(im) for im in images])
+        if self._split is None or not isinstance(prepared[0], np.ndarray):
+            return torch.stack(list(prepared))
+        assert self._split is not False
+        x = torch.from_numpy(np.stack(prepared)).permute(0, 3, 1, 2).float().div_(255.0)
+        return self._split[1](x)
+
+    def image_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Preprocess PIL images into one input tensor."""
+        return self.batch([self.prepare(im) for im in images])
 
     def encode_images(self, pixels: torch.Tensor, with_tokens: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Encode a preprocessed batch: (normalised vectors, patch tokens or None).

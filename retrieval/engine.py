@@ -488,9 +488,7 @@ class Engine:
 
         def load(row: Image) -> tuple[LoadedImage, Any]:
             img = load_image(row.path, min_size=size)
-            return img, enc.preprocess(img.image)
-
-        import torch
+            return img, enc.prepare(img.image)
 
         bar = _progress(len(rows), "indexing", progress)
         pending: list[tuple[int, str, bool]] = []
@@ -510,7 +508,7 @@ class Engine:
                     row.taken_at = loaded.taken_at or dt.datetime.fromtimestamp(row.mtime_ns / 1e9)
                     good.append((row, pixels))
                 if good:
-                    x = torch.stack([p for _, p in good])
+                    x = enc.batch([p for _, p in good])
                     vecs, toks = enc.encode_images(x, with_tokens=tokens is not None)
                     ids = [r.id for r, _ in good]
                     index.add(ids, vecs)
@@ -860,14 +858,12 @@ class Engine:
             pix = []
             for i in missing:
                 try:
-                    pix.append(enc.preprocess(load_image(rows[i].path, min_size=enc.image_size).image))
+                    pix.append(enc.prepare(load_image(rows[i].path, min_size=enc.image_size).image))
                     ok.append(i)
                 except ImageLoadError as exc:
                     LOG.warning("cannot re-read %s for re-ranking: %s", rows[i].path, exc.reason)
             if ok:
-                import torch
-
-                _, toks = enc.encode_images(torch.stack(pix), with_tokens=True)
+                _, toks = enc.encode_images(enc.batch(pix), with_tokens=True)
                 assert toks is not None
                 for i, t in zip(ok, toks):
                     out[i] = t

@@ -61,3 +61,15 @@ def test_local_dir_without_weights_is_refused(tmp_path, tiny_model):
     (tmp_path / "open_clip_config.json").write_text((folder / "open_clip_config.json").read_text())
     with pytest.raises(ModelNotAvailable, match="no weights"):
         load_encoder(f"local-dir:{tmp_path}")
+
+
+def test_prepare_and_batch_equal_open_clips_transform(tiny_model):
+    import torch
+
+    enc = load_encoder(tiny_model)
+    imgs = [Image.new("RGB", (50, 37), (i * 40, 255 - i * 30, 7)) for i in range(3)]
+    imgs.append(Image.new("L", (20, 64), 90))
+    want = torch.stack([enc.preprocess(im) for im in imgs])
+    prepared = [enc.prepare(im) for im in imgs]
+    assert all(isinstance(p, np.ndarray) and p.dtype == np.uint8 for p in prepared)
+    torch.testing.assert_close(enc.batch(prepared), want, atol=1e-6, rtol=0)
