@@ -346,7 +346,14 @@ class Reranker:
         config = RerankerConfig.from_json(cfg_path.read_text())
         _check_compatible(config, encoder, where=str(where))
         module = CrossAttentionITM(config)
-        module.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+        try:
+            module.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+        except (RuntimeError, OSError) as exc:  # weights of another config, or a damaged file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelNotAvailable(
+                f"reranker weights in {where} do not fit {CONFIG_NAME} ({first}); retrain with "
+                f"scripts/train_reranker.py --model {encoder.name}, or search with --no-rerank"
+            ) from exc
         return cls(module, encoder)
 
 

@@ -155,3 +155,16 @@ def test_token_store_survives_kill(tmp_path, rr_model):
         pix = enc.image_batch([load_image(rows[i].path, enc.image_size).image for i in sorted(rows)])
         _, fresh = enc.encode_images(pix, with_tokens=True)
         np.testing.assert_allclose(state.tokens.read(sorted(rows)).astype(np.float32), fresh.astype(np.float32), atol=1e-2)
+
+
+def test_damaged_reranker_is_a_clear_error(tmp_path, photo_dir):
+    from retrieval import ModelNotAvailable
+
+    model_dir = write_tiny_model(tmp_path / "model")
+    add_random_reranker(model_dir)
+    cfg = json.loads((model_dir / "reranker.json").read_text())
+    cfg["width"] = 64  # weights saved for width 32
+    (model_dir / "reranker.json").write_text(json.dumps(cfg))
+    with Engine.open(tmp_path / "lib", model=f"local-dir:{model_dir}") as eng:
+        with pytest.raises(ModelNotAvailable, match="do not fit"):
+            eng.index_folder(photo_dir)
