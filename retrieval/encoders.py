@@ -274,11 +274,37 @@ class Encoder:
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 ids = self.tokenize(texts[start : start + batch_size]).to(self.device)
-                feats = self.model.encode_text(ids)
+                feats = self._encode_ids(ids)
                 out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
         if not out:
             return np.empty((0, self.dim), np.float32)
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """``model.encode_text``, on the batch cut to its longest text when exact.
+
+        With a causal mask and EOT/first-token pooling, padding after the last
+        real token cannot change the pooled feature, so a batch of short
+        captions runs on a few tokens instead of the full 77-token context.
+        """
+        m = self.model
+        pool = getattr(m, "text_pool_type", None)
+        mask = ids != 0
+        if getattr(m, "attn_mask", None) is None or pool not in ("argmax", "eos", "first") or not mask.any():
+            return m.encode_text(ids)
+        import torch
+        from open_clip.transformer import text_global_pool
+
+        length = int(mask.sum(1).max())
+        ids = ids[:, :length]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(ids).to(cast) + m.positional_embedding[:length].to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:length, :length]))
+        x = text_global_pool(x, ids, pool, eos_token_id=getattr(m, "text_eos_id", None))
+        proj = m.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return x
 
     def text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token features of the text tower (after ``ln_final``) and a padding mask.

@@ -73,3 +73,16 @@ def test_prepare_and_batch_equal_open_clips_transform(tiny_model):
     prepared = [enc.prepare(im) for im in imgs]
     assert all(isinstance(p, np.ndarray) and p.dtype == np.uint8 for p in prepared)
     torch.testing.assert_close(enc.batch(prepared), want, atol=1e-6, rtol=0)
+
+
+def test_text_encoding_cut_to_longest_text_is_exact(tiny_model):
+    import open_clip
+    import torch
+
+    enc = load_encoder(tiny_model)
+    texts = ["a", "a red circle left of a blue square", "x y"]
+    ids = open_clip.get_tokenizer(tiny_model)(texts)
+    assert int((ids != 0).sum(1).max()) < ids.shape[1]  # the cut really happens
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(enc.model.encode_text(ids), dim=-1).numpy()
+    np.testing.assert_allclose(enc.encode_texts(texts), want, atol=1e-6)
