@@ -176,7 +176,8 @@ class Encoder:
         self.spec = spec
         self.model = model.eval()
         self.preprocess = preprocess
-        self._split: tuple[Callable, Callable] | None | bool = False  # False: not split yet
+        self._split: tuple[Callable, Callable] | None = None  # (PIL steps, tensor steps), see prepare()
+        self._split_done = False
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -214,8 +215,8 @@ class Encoder:
         several threads fight the encoder's own threads for the cores. Models
         whose transform has no ToTensor step get the full transform instead.
         """
-        if self._split is False:
-            self._split = self._split_preprocess()
+        if not self._split_done:
+            self._split, self._split_done = self._split_preprocess(), True
         if self._split is None:
             return self.preprocess(image)
         return np.asarray(self._split[0](image), dtype=np.uint8)
@@ -226,7 +227,6 @@ class Encoder:
 
         if self._split is None or not isinstance(prepared[0], np.ndarray):
             return torch.stack(list(prepared))
-        assert self._split is not False
         x = torch.from_numpy(np.stack(prepared)).permute(0, 3, 1, 2).float().div_(255.0)
         return self._split[1](x)
 

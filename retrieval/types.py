@@ -103,17 +103,16 @@ class SearchResult:
 
 
 @dataclass
-class IndexReport:
-    """Counts of one ``index`` run."""
+class _Counts:
+    """Counts shared by ``index`` and ``add-texts`` runs (the --json contract)."""
 
-    scanned: int = 0  # image files found
-    added: int = 0  # new paths (duplicates included)
-    updated: int = 0  # changed or renamed files
-    unchanged: int = 0  # files seen before with the same size and mtime
-    removed: int = 0  # files gone from disk, removed from the library
-    failed: int = 0  # files that could not be decoded in this run
+    scanned: int = 0  # image files found, or records read from a corpus file
+    added: int = 0  # new items (duplicate images included)
+    updated: int = 0  # changed or renamed items
+    unchanged: int = 0  # items seen before, unchanged
+    removed: int = 0  # items gone (files deleted; texts dropped with replace=True)
+    failed: int = 0  # files that could not be decoded, or malformed records
     seconds: float = 0.0
-    encoded: int = 0  # images run through the encoder in this run
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,25 +127,14 @@ class IndexReport:
 
 
 @dataclass
-class TextsReport:
+class IndexReport(_Counts):
+    """Counts of one ``index`` run."""
+
+    encoded: int = 0  # images run through the encoder in this run
+
+
+@dataclass
+class TextsReport(_Counts):
     """Counts of one ``add-texts`` run."""
 
-    scanned: int = 0  # records read from the file
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    removed: int = 0  # with replace=True: texts no longer in the file
-    failed: int = 0  # malformed records
-    seconds: float = 0.0
     errors: list[str] = field(default_factory=list)  # "line N: reason"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "scanned": self.scanned,
-            "added": self.added,
-            "updated": self.updated,
-            "unchanged": self.unchanged,
-            "removed": self.removed,
-            "failed": self.failed,
-            "seconds": round(self.seconds, 3),
-        }
