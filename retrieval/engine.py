@@ -15,14 +15,13 @@ checkpoint.
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 import json
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from sqlalchemy import select
@@ -37,10 +36,7 @@ from .pipeline import default_workers, load_batches
 from .scan import FileInfo, file_hash, scan
 from .store import Image, ImageVector, Query, Result, Store, TextItem, TextVector, open_store, utcnow
 from .tokens import TokenStore
-from .types import TARGETS, Hit, ImageInput, IndexReport, SearchQuery, SearchResult, Term, TextsReport
-
-if TYPE_CHECKING:  # pragma: no cover
-    from PIL import Image as PILImage
+from .types import TARGETS, Hit, ImageInput, IndexReport, SearchQuery, SearchResult, TextsReport
 
 LOG = logging.getLogger(__name__)
 
@@ -158,55 +154,62 @@ class ModelState:
     # ------------------------------------------------------------ reconcile
     def _reconcile_images(self) -> None:
         store = self.engine.store
+        self._reconcile(
+            "images", store.image_vector_map, store.delete_image_vectors, store.images_by_id,
+            # Only images that still load count: a failed row keeps no vector.
+            lambda row: row.status == "ok",
+            lambda keep: store.set_image_vectors(self.row.id, [(i, h, False) for i, h in keep]),
+        )
+
+    def _reconcile_texts(self) -> None:
+        store = self.engine.store
+        self._reconcile(
+            "texts", store.text_vector_map, store.delete_text_vectors, store.texts_by_id,
+            lambda row: True,
+            lambda keep: store.set_text_vectors(self.row.id, keep),
+        )
+
+    def _reconcile(
+        self,
+        kind: str,
+        vector_map: Callable[[int], dict[int, Any]],
+        delete_rows: Callable[[int, list[int]], None],
+        rows_by_id: Callable[[list[int]], dict[int, Any]],
+        usable: Callable[[Any], bool],
+        adopt: Callable[[list[tuple[int, str]]], None],
+    ) -> None:
+        """Make one index and its vector rows agree after a crash.
+
+        Rows whose vector the saved index lacks are dropped (their items are
+        encoded again). Vectors without a row were saved after the last commit:
+        those of items that still exist (their row was committed before
+        encoding) are adopted, the rest removed from the index.
+        """
+        store = self.engine.store
         model_id = self.row.id
-        assert self._images is not None
-        in_index = set(self._images.ids().tolist())
-        rows = store.image_vector_map(model_id)
+        index = self._images if kind == "images" else self._texts
+        assert index is not None
+        in_index = set(index.ids().tolist())
+        rows = vector_map(model_id)
         missing = [i for i in rows if i not in in_index]  # row says vector, index lacks it
         orphans = [i for i in in_index if i not in rows]  # vector without a row
         drop: list[int] = []
         if missing:
-            store.delete_image_vectors(model_id, missing)
+            delete_rows(model_id, missing)
         if orphans:
-            # Saved to the index after the last commit: keep those whose image
-            # still exists (its row was committed before encoding), drop others.
-            live = store.images_by_id(orphans)
-            keep = [(i, live[i].content_hash, False) for i in orphans if i in live and live[i].status == "ok"]
-            drop = [i for i in orphans if i not in live or live[i].status != "ok"]
+            live = rows_by_id(orphans)
+            keep = [(i, live[i].content_hash) for i in orphans if i in live and usable(live[i])]
+            drop = [i for i in orphans if i not in live or not usable(live[i])]
             if keep:
-                store.set_image_vectors(model_id, keep)
+                adopt(keep)
         if drop:
-            self._images.remove(drop)
-            self._save("images", self._images)
+            index.remove(drop)
+            self._save(kind, index)
         else:
-            self._mark_in_step("images")
+            self._mark_in_step(kind)
         store.commit()
         if missing or orphans:
-            LOG.info("reconciled %s image index: %d rows dropped, %d orphans", self.spec.spec, len(missing), len(orphans))
-
-    def _reconcile_texts(self) -> None:
-        store = self.engine.store
-        model_id = self.row.id
-        assert self._texts is not None
-        in_index = set(self._texts.ids().tolist())
-        rows = store.text_vector_map(model_id)
-        missing = [i for i in rows if i not in in_index]
-        orphans = [i for i in in_index if i not in rows]
-        drop: list[int] = []
-        if missing:
-            store.delete_text_vectors(model_id, missing)
-        if orphans:
-            live = store.texts_by_id(orphans)
-            keep = [(i, live[i].content_hash) for i in orphans if i in live]
-            drop = [i for i in orphans if i not in live]
-            if keep:
-                store.set_text_vectors(model_id, keep)
-        if drop:
-            self._texts.remove(drop)
-            self._save("texts", self._texts)
-        else:
-            self._mark_in_step("texts")
-        store.commit()
+            LOG.info("reconciled %s %s index: %d rows dropped, %d orphans", self.spec.spec, kind, len(missing), len(orphans))
 
     # A generation number ties each saved index to the commit that follows it:
     # the sidecar file and the store agree only when both writes completed, so
@@ -478,7 +481,6 @@ class Engine:
     ) -> None:
         if not rows:
             return
-        store = self.store
         enc = state.encoder
         model_id = state.row.id
         index = state.images
@@ -545,7 +547,6 @@ class Engine:
         parsed = read_corpus(path)
         corpus = corpus or path.stem
         state = self.state()
-        model_id = state.row.id
         self._mark_default(state)
         store = self.store
         report = TextsReport(scanned=parsed.read, failed=len(parsed.errors), errors=list(parsed.errors))

@@ -30,11 +30,10 @@ import logging
 import math
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 

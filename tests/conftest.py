@@ -5,7 +5,13 @@ and CLI helpers."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -64,3 +70,24 @@ def photo_dir(tmp_path) -> Path:
         ext = "jpg" if i % 3 else "png"
         noise_image(i).save(root / sub / f"img{i:02d}.{ext}")
     return root
+
+
+def kill_indexing_when(folder: Path, lib: Path, model: str, ready: Callable[[], bool], timeout: float = 120.0) -> None:
+    """Run ``crossfind index`` on ``folder`` in a subprocess and kill -9 it once ``ready()``.
+
+    Batches of 4 with a checkpoint after each, so the kill lands between
+    durable steps; fails the test when indexing ends before ``ready()`` holds.
+    """
+    cmd = [sys.executable, "-c", "from retrieval.cli import main; main()", "--library", str(lib), "index", str(folder),
+           "--model", model, "--batch-size", "4", "--workers", "1", "--checkpoint-seconds", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        assert proc.poll() is None, "indexing finished before it could be killed; make the folder larger"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -3,14 +3,9 @@ without redoing work saved at the last checkpoint."""
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
 
-from conftest import noise_image
+from conftest import kill_indexing_when, noise_image
 
 from retrieval import Engine
 
@@ -32,18 +27,8 @@ def test_kill_during_indexing_then_resume(tmp_path, tiny_model):
     for i in range(400):
         noise_image(1000 + i, (96, 96)).save(folder / f"{i:04d}.png")
     lib = tmp_path / "lib"
-    cmd = [sys.executable, "-c", "from retrieval.cli import main; main()", "--library", str(lib), "index", str(folder),
-           "--model", tiny_model, "--batch-size", "4", "--workers", "1", "--checkpoint-seconds", "0", "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     db = lib / "library.db"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if db.exists() and _vector_rows(db) >= 40:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "indexing finished before it could be killed; make the folder larger"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_indexing_when(folder, lib, tiny_model, lambda: db.exists() and _vector_rows(db) >= 40)
     done_before = _vector_rows(db)
     assert 40 <= done_before < 400
 
@@ -83,6 +68,32 @@ def test_orphan_vectors_are_reconciled(tmp_path, tiny_model, photo_dir):
         assert 99999 not in ids
         assert set(eng.store.image_vector_map(state.row.id)) == ids and len(ids) == 12
         assert eng.index_folder(photo_dir).encoded == 0
+
+
+def test_orphan_text_vectors_are_reconciled(tmp_path, tiny_model):
+    """The text index reconciles like the image index: rows whose vector was
+    lost are dropped (and re-encoded by the next add-texts), vectors of texts
+    that do not exist are removed."""
+    corpus = tmp_path / "caps.txt"
+    corpus.write_text("a red circle\na blue square\ntwo green triangles\na purple star\n")
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model=tiny_model) as eng:
+        assert eng.add_texts(corpus, corpus="caps").added == 4
+        state = eng.state()
+        lost = sorted(eng.store.text_vector_map(state.row.id))[:2]
+        vec = state.texts.reconstruct(lost[:1])
+        state.texts.remove(lost)  # the index was saved before these vectors were added...
+        state.texts.add([99999], vec)  # ...and holds one of a text that never got a row
+        (state.dir / "texts.generation").write_text("dirty")
+        state.texts.save(state.dir / "texts.faiss")
+    with Engine.open(lib, model=tiny_model) as eng:
+        state = eng.state()
+        ids = set(state.texts.ids().tolist())
+        assert 99999 not in ids and len(ids) == 2
+        assert set(eng.store.text_vector_map(state.row.id)) == ids
+        eng.add_texts(corpus, corpus="caps")
+        assert len(eng.state().texts) == 4
+        assert eng.search_text("a red circle", k=1, target="texts")[0].text == "a red circle"
 
 
 def test_clean_library_opens_without_reconciliation(tmp_path, tiny_model, photo_dir, monkeypatch):

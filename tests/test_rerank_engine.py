@@ -5,17 +5,12 @@ the token store."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import noise_image, write_tiny_model
+from conftest import kill_indexing_when, noise_image, write_tiny_model
 
 from retrieval import Engine, SearchQuery
 from retrieval.cli import cli
@@ -131,20 +126,20 @@ def test_token_store_survives_kill(tmp_path, rr_model):
     for i in range(300):
         noise_image(5000 + i, (64, 64)).save(folder / f"{i:04d}.png")
     lib = tmp_path / "lib"
-    cmd = [sys.executable, "-c", "from retrieval.cli import main; main()", "--library", str(lib), "index", str(folder),
-           "--model", rr_model, "--batch-size", "4", "--workers", "1", "--checkpoint-seconds", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    tokens = lib / "models"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        files = list(tokens.glob("*/tokens.f16")) if tokens.exists() else []
-        if files and files[0].stat().st_size > 0 and (lib / "models").exists():
+    written = False
+
+    def tokens_written() -> bool:
+        # Kill a little after the first token rows reach the file, mid-run.
+        nonlocal written
+        if written:
+            return True
+        files = list((lib / "models").glob("*/tokens.f16")) if (lib / "models").exists() else []
+        written = bool(files) and files[0].stat().st_size > 0
+        if written:
             time.sleep(0.3)
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "indexing finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+        return written
+
+    kill_indexing_when(folder, lib, rr_model, tokens_written)
     with Engine.open(lib, model=rr_model) as eng:
         eng.index_folder(folder)
         state = eng.state()

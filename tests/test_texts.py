@@ -11,7 +11,6 @@ import sqlite3
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import noise_image
 
 from retrieval import Engine, LibraryError, SearchQuery, Term
 from retrieval.cli import cli
