@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Fast experiments on reranker designs, with every token held in memory.
+
+``scripts/train_reranker.py`` trains and ships the reranker of
+``retrieval/rerank.py``; this script is for trying designs quickly. It
+encodes generated minimal-pair groups once (base B, colours swapped C, shapes
+swapped S, relation reversed R), then trains a candidate model on the 4x4
+scores of each group (softmax over every row and column, so every negative is
+a minimal one) and reports, every ``--every`` steps, the within-group
+accuracy on held-out groups (seed 8) and the B-vs-R rate, the part the dual
+encoder gets at chance. The numbers in docs/benchmarks.md ("Diagnosis") come
+from runs such as::
+
+    python scripts/reranker_lab.py --variant cross --steps 1400 --n 48000
+    python scripts/reranker_lab.py --variant cross --layer block0 --steps 400
+    python scripts/reranker_lab.py --variant cross --image-depth 1 --steps 400
+    python scripts/reranker_lab.py --variant grounded --steps 700 --n 24000
+    python scripts/reranker_lab.py --variant grounded --depth 3 --steps 3000 --n 40000 --lr 1.5e-3
+
+Variants:
+
+* ``cross``: text tokens attend to patch tokens (projected, with learned and
+  fixed 2-D sin/cos positions), optionally after ``--image-depth`` image
+  self-attention blocks; ``--depth`` blocks of text self-attention,
+  cross-attention and MLP; a learned [ITM] token scored by a linear head.
+* ``grounded``: as ``cross``, but first each text token pools the patches it
+  matches (softmax over late-interaction cosine similarities, trained with a
+  FILIP-style contrastive loss weighted ``--late-weight``) together with their
+  x/y, so positions of named objects reach the text stream directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from retrieval.encoders import Encoder, load_encoder  # noqa: E402
+from retrieval.shapes import samples  # noqa: E402
+
+
+# ------------------------------------------------------------------- models
+class Attention(nn.Module):
+    """Multi-head attention whose keys/values can be computed once per image."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.kv, self.out = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
+
+    def keys(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, length, w = y.shape
+        k, v = self.kv(y).view(n, length, 2, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, length, w = x.shape
+        q = self.q(x).view(n, length, self.heads, w // self.heads).transpose(1, 2)
+        return self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, length, w))
+
+
+def _mlp(width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+
+class SelfBlock(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.attn, self.ln2, self.mlp = nn.LayerNorm(width), Attention(width, heads), nn.LayerNorm(width), _mlp(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, *self.attn.keys(h))
+        return x + self.mlp(self.ln2(x))
+
+
+class CrossBlock(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln_self, self.self_attn = nn.LayerNorm(width), Attention(width, heads)
+        self.ln_cross, self.cross_attn = nn.LayerNorm(width), Attention(width, heads)
+        self.ln_mlp, self.mlp = nn.LayerNorm(width), _mlp(width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h = self.ln_self(x)
+        x = x + self.self_attn(h, *self.self_attn.keys(h), mask)
+        x = x + self.cross_attn(self.ln_cross(x), *kv)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+def grid_features(patches: int, freqs: int = 4) -> torch.Tensor:
+    """x, y in [-1, 1] and their sin/cos at ``freqs`` frequencies, one row per patch."""
+    side = int(round(patches**0.5))
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
+    xs, ys = xs.reshape(-1, 1), ys.reshape(-1, 1)
+    f = torch.arange(1, freqs + 1).float() * torch.pi / 2
+    return torch.cat([xs, ys, torch.sin(xs * f), torch.cos(xs * f), torch.sin(ys * f), torch.cos(ys * f)], 1)
+
+
+class LabITM(nn.Module):
+    """Both variants; ``grounded`` adds the late-interaction pooling step."""
+
+    def __init__(self, text_width: int, image_width: int, patches: int, context: int, args: argparse.Namespace) -> None:
+        super().__init__()
+        w, iw = args.width, 2 * image_width
+        self.grounded = args.variant == "grounded"
+        self.register_buffer("grid", grid_features(patches))
+        self.text_in = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, w))
+        self.image_in = nn.Sequential(nn.LayerNorm(iw), nn.Linear(iw, w))
+        self.pos_in = nn.Linear(self.grid.shape[1], w)
+        self.image_pos = nn.Parameter(torch.randn(patches, w) * 0.02)
+        self.image_blocks = nn.ModuleList(SelfBlock(w, args.heads) for _ in range(args.image_depth))
+        self.ln_image = nn.LayerNorm(w)
+        self.itm = nn.Parameter(torch.randn(w) * 0.02)
+        self.text_pos = nn.Parameter(torch.randn(context + 1, w) * 0.02)
+        self.blocks = nn.ModuleList(CrossBlock(w, args.heads) for _ in range(args.depth))
+        self.ln_out, self.head = nn.LayerNorm(w), nn.Linear(w, 1)
+        if self.grounded:
+            d = 64
+            self.ground_text = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d))
+            self.ground_image = nn.Sequential(nn.LayerNorm(iw), nn.Linear(iw, 256), nn.GELU(), nn.Linear(256, d))
+            self.ground_pos = nn.Parameter(torch.zeros(patches, iw))
+            self.sharpness = nn.Parameter(torch.tensor(10.0))
+            self.late_scale = nn.Parameter(torch.tensor(2.5))
+            self.pooled_in = nn.Sequential(nn.Linear(iw + self.grid.shape[1] + 1, w), nn.GELU(), nn.Linear(w, w))
+
+    def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, ti: torch.Tensor, ii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of pairs (text ``ti[j]``, image ``ii[j]``) and, for ``grounded``,
+        the all-pairs late-interaction scores of the unique texts and images."""
+        x_img = torch.cat([image, image - image.mean(1, keepdim=True)], -1)
+        y = self.image_in(x_img) + self.image_pos + self.pos_in(self.grid)
+        for block in self.image_blocks:
+            y = block(y)
+        y = self.ln_image(y)
+        kvs = [b.cross_attn.keys(y) for b in self.blocks]  # once per unique image
+        h = self.text_in(text)[ti]
+        late = None
+        if self.grounded:
+            gt = F.normalize(self.ground_text(text), dim=-1)
+            gi = F.normalize(self.ground_image(x_img + self.ground_pos), dim=-1)
+            sim = torch.einsum("nld,npd->nlp", gt[ti], gi[ii])
+            weights = torch.softmax(sim * self.sharpness, -1)
+            pooled = torch.einsum("nlp,npc->nlc", weights, torch.cat([x_img[ii], self.grid.expand(len(ii), -1, -1)], -1))
+            h = h + self.pooled_in(torch.cat([pooled, (weights * sim).sum(-1, keepdim=True)], -1))
+            all_sim = torch.einsum("ald,bpd->ablp", gt, gi)
+            per_token = (torch.softmax(all_sim * self.sharpness, -1) * all_sim).sum(-1)
+            m = mask[:, None, :].float()
+            late = (per_token * m).sum(-1) / m.sum(-1) * self.late_scale.exp()
+        x = torch.cat([self.itm.expand(h.shape[0], 1, -1), h], 1) + self.text_pos[: h.shape[1] + 1]
+        keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], 1)[ti][:, None, None, :]
+        for block, (k, v) in zip(self.blocks, kvs):
+            x = block(x, keep, (k[ii], v[ii]))
+        return self.head(self.ln_out(x[:, 0])).squeeze(-1), late
+
+
+# --------------------------------------------------------------------- data
+def encode(encoder: Encoder, n: int, seed: int, layer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patch tokens of ``layer``, text tokens and text mask of ``n`` minimal-pair items."""
+    items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=True))
+    visual = encoder.model.visual
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [visual.conv1.register_forward_hook(lambda _m, _i, o: seen.__setitem__("embed", o.flatten(2).transpose(1, 2)))]
+    hooks += [b.register_forward_hook(lambda _m, _i, o, k=k: seen.__setitem__(f"block{k}", o[:, 1:]))
+              for k, b in enumerate(visual.transformer.resblocks)]
+    images = []
+    try:
+        for s in range(0, n, 512):
+            final = encoder.image_tokens(encoder.image_batch([x.image for x in items[s : s + 512]]))
+            images.append((final if layer == "final" else seen[layer]).float())
+    finally:
+        for h in hooks:
+            h.remove()
+    texts, masks = [], []
+    for s in range(0, n, 512):
+        t, m = encoder.text_tokens([x.caption for x in items[s : s + 512]])
+        texts.append(t.float())
+        masks.append(m)
+    length = max(t.shape[1] for t in texts)
+    text = torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in texts])
+    mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks])
+    return torch.cat(images), text, mask
+
+
+def group_pairs(groups: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text and image positions of every (image j, caption k) pair of each group, row-major."""
+    base = torch.arange(groups)[:, None, None] * size
+    ii = (base + torch.arange(size)[None, :, None]).expand(groups, size, size).reshape(-1)
+    ti = (base + torch.arange(size)[None, None, :]).expand(groups, size, size).reshape(-1)
+    return ti, ii
+
+
+def scores(model: LabITM, data: tuple, idx: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    image, text, mask = data
+    ti, ii = group_pairs(len(idx) // size, size)
+    logits, late = model(text[idx], mask[idx], image[idx], ti, ii)
+    return logits.view(-1, size, size), late  # [group, image, caption]
+
+
+def evaluate(model: LabITM, data: tuple) -> dict:
+    model.eval()
+    with torch.no_grad():
+        s, _ = scores(model, data, np.arange(len(data[0])), 4)
+    model.train()
+    own, target = s.diagonal(dim1=1, dim2=2), torch.arange(4)
+    return {
+        "t2i": float((s.argmax(1) == target).float().mean()),
+        "i2t": float((s.argmax(2) == target).float().mean()),
+        "B_vs_R": float(((own[:, 0] > s[:, 0, 3]).float().mean() + (own[:, 3] > s[:, 3, 0]).float().mean()) / 2),
+        "image_prefers_own_caption": (own[:, :, None] > s).float().mean(0).numpy().round(3).tolist(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="shapes-tiny")
+    p.add_argument("--variant", choices=("cross", "grounded"), default="cross")
+    p.add_argument("--layer", default="final", help="final, embed (patch embedding) or blockK (output of vision block K)")
+    p.add_argument("--n", type=int, default=24000, help="training items (groups of four; seed 1234)")
+    p.add_argument("--val", type=int, default=2000, help="held-out items (seed 8)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--groups", type=int, default=32, help="groups per step (16 pairs each)")
+    p.add_argument("--focus-relation", action="store_true", help="train on B/R pairs only (2x2 per group)")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--image-depth", type=int, default=0)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--late-weight", type=float, default=0.5)
+    p.add_argument("--every", type=int, default=100)
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    encoder = load_encoder(args.model, device="cpu")
+    t0 = time.time()
+    train, val = encode(encoder, args.n, 1234, args.layer), encode(encoder, args.val, 8, args.layer)
+    print(f"encoded {args.n} + {args.val} items in {time.time() - t0:.0f}s", flush=True)
+    image, text, _ = train
+    model = LabITM(text.shape[-1], image.shape[-1], image.shape[1], text.shape[1], args)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    members, size = (np.array([0, 3]), 2) if args.focus_relation else (np.arange(4), 4)
+    target = torch.arange(size)
+    t0 = time.time()
+    result: dict = {}
+    for step in range(1, args.steps + 1):
+        g = rng.integers(0, args.n // 4, args.groups)
+        idx = (g[:, None] * 4 + members).reshape(-1)
+        s, late = scores(model, train, idx, size)
+        rows = target.repeat(len(g))
+        loss = F.cross_entropy(s.reshape(-1, size), rows) + F.cross_entropy(s.transpose(1, 2).reshape(-1, size), rows)
+        if late is not None:
+            lab = torch.arange(len(idx))
+            loss = loss + args.late_weight * (F.cross_entropy(late, lab) + F.cross_entropy(late.T, lab))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % args.every == 0 or step == args.steps:
+            result = evaluate(model, val)
+            print(f"step {step} loss {loss.item():.3f} held-out t2i {result['t2i']:.3f} i2t {result['i2t']:.3f} "
+                  f"B-vs-R {result['B_vs_R']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+    print("image B/C/S/R prefers its own caption over B/C/S/R:", result.get("image_prefers_own_caption"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
