@@ -15,7 +15,11 @@ from runs such as::
     python scripts/reranker_lab.py --variant cross --layer block0 --steps 400
     python scripts/reranker_lab.py --variant cross --image-depth 1 --steps 400
     python scripts/reranker_lab.py --variant grounded --steps 700 --n 24000
-    python scripts/reranker_lab.py --variant grounded --depth 3 --steps 3000 --n 40000 --lr 1.5e-3
+    python scripts/reranker_lab.py --variant grounded --depth 3 --steps 600 --n 40000 --lr 1.5e-3
+    python scripts/reranker_lab.py --variant cross --canonical-captions --steps 300
+    python scripts/reranker_lab.py --variant cross --curriculum 300 --steps 1500
+    python scripts/reranker_lab.py --variant cross --gated --steps 400
+    python scripts/reranker_lab.py --variant cross --gated --curriculum 300 --steps 1500
 
 Variants:
 
@@ -68,7 +72,27 @@ class Attention(nn.Module):
         return self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, length, w))
 
 
-def _mlp(width: int) -> nn.Sequential:
+class GatedMLP(nn.Module):
+    """SwiGLU-style MLP: ``out(silu(a x) * (b x))``. The product multiplies what
+    the residual stream holds of the text with what cross-attention brought
+    from the image, so a relation word can flip a geometric comparison with a
+    first-order gradient (a plain MLP must discover that XOR)."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.ab, self.out = nn.Linear(width, 2 * hidden), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.ab(x).chunk(2, dim=-1)
+        return self.out(F.silu(a) * b)
+
+
+GATED = False  # set from --gated before models are built
+
+
+def _mlp(width: int) -> nn.Module:
+    if GATED:
+        return GatedMLP(width, 8 * width // 3)
     return nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
 
@@ -136,6 +160,8 @@ class LabITM(nn.Module):
     def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, ti: torch.Tensor, ii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of pairs (text ``ti[j]``, image ``ii[j]``) and, for ``grounded``,
         the all-pairs late-interaction scores of the unique texts and images."""
+        length = int(mask.sum(1).max())  # causal text tokens: padding after the last real one is inert
+        text, mask = text[:, :length], mask[:, :length]
         x_img = torch.cat([image, image - image.mean(1, keepdim=True)], -1)
         y = self.image_in(x_img) + self.image_pos + self.pos_in(self.grid)
         for block in self.image_blocks:
@@ -163,9 +189,27 @@ class LabITM(nn.Module):
 
 
 # --------------------------------------------------------------------- data
-def encode(encoder: Encoder, n: int, seed: int, layer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Patch tokens of ``layer``, text tokens and text mask of ``n`` minimal-pair items."""
+def encode_texts(encoder: Encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    texts, masks = [], []
+    for s in range(0, len(captions), 512):
+        t, m = encoder.text_tokens(captions[s : s + 512])
+        texts.append(t.float())
+        masks.append(m)
+    length = encoder.model.positional_embedding.shape[0]  # pad to the full context: any two sets stack
+    return (torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in texts]),
+            torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks]))
+
+
+def encode(encoder: Encoder, n: int, seed: int, layer: str, canonical: bool = False, both: bool = False) -> tuple:
+    """Patch tokens of ``layer``, text tokens and text mask of ``n`` minimal-pair items.
+
+    ``canonical`` captions each scene by its key ("small red circle left-of
+    large blue square": subject first, only "left-of"/"above"), which takes
+    parsing varied phrasings out of the task. ``both`` appends the canonical
+    captions' tokens and mask to the natural ones.
+    """
     items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=True))
+    captions = [x.scene.key() if canonical else x.caption for x in items]
     visual = encoder.model.visual
     seen: dict[str, torch.Tensor] = {}
     hooks = [visual.conv1.register_forward_hook(lambda _m, _i, o: seen.__setitem__("embed", o.flatten(2).transpose(1, 2)))]
@@ -179,14 +223,9 @@ def encode(encoder: Encoder, n: int, seed: int, layer: str) -> tuple[torch.Tenso
     finally:
         for h in hooks:
             h.remove()
-    texts, masks = [], []
-    for s in range(0, n, 512):
-        t, m = encoder.text_tokens([x.caption for x in items[s : s + 512]])
-        texts.append(t.float())
-        masks.append(m)
-    length = max(t.shape[1] for t in texts)
-    text = torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in texts])
-    mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks])
+    text, mask = encode_texts(encoder, captions)
+    if both:
+        return (torch.cat(images), text, mask, *encode_texts(encoder, [x.scene.key() for x in items]))
     return torch.cat(images), text, mask
 
 
@@ -235,17 +274,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--late-weight", type=float, default=0.5)
+    p.add_argument("--canonical-captions", action="store_true", help="caption scenes by their canonical key (no phrasing variety)")
+    p.add_argument("--curriculum", type=int, default=0,
+                   help="train the first N steps on canonical captions, then fade to natural ones over N more")
+    p.add_argument("--canonical-floor", type=float, default=0.0,
+                   help="with --curriculum: share of canonical captions kept after the fade (default 0)")
+    p.add_argument("--gated", action="store_true", help="gated (SwiGLU) MLPs instead of GELU MLPs")
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    global GATED
+    GATED = args.gated
     if args.threads:
         torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model, device="cpu")
     t0 = time.time()
-    train, val = encode(encoder, args.n, 1234, args.layer), encode(encoder, args.val, 8, args.layer)
+    train = encode(encoder, args.n, 1234, args.layer, args.canonical_captions, both=args.curriculum > 0)
+    val = encode(encoder, args.val, 8, args.layer, args.canonical_captions)
     print(f"encoded {args.n} + {args.val} items in {time.time() - t0:.0f}s", flush=True)
-    image, text, _ = train
+    image, text = train[0], train[1]
     model = LabITM(text.shape[-1], image.shape[-1], image.shape[1], text.shape[1], args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     rng = np.random.default_rng(0)
@@ -256,7 +304,16 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(1, args.steps + 1):
         g = rng.integers(0, args.n // 4, args.groups)
         idx = (g[:, None] * 4 + members).reshape(-1)
-        s, late = scores(model, train, idx, size)
+        data = train[:3]
+        if args.curriculum:
+            share = min(1.0, max(args.canonical_floor, 2.0 - step / args.curriculum))  # 1 for N steps, then down over N
+            canon = torch.from_numpy(np.repeat(rng.random(len(g)) < share, len(members)))[:, None]
+            text = torch.where(canon[..., None], train[3][idx], train[1][idx])
+            mask = torch.where(canon, train[4][idx], train[2][idx])
+            data = (train[0][idx], text, mask)
+            s, late = scores(model, data, np.arange(len(idx)), size)
+        else:
+            s, late = scores(model, data, idx, size)
         rows = target.repeat(len(g))
         loss = F.cross_entropy(s.reshape(-1, size), rows) + F.cross_entropy(s.transpose(1, 2).reshape(-1, size), rows)
         if late is not None:
