@@ -20,6 +20,7 @@ from runs such as::
     python scripts/reranker_lab.py --variant cross --curriculum 300 --steps 1500
     python scripts/reranker_lab.py --variant cross --gated --steps 400
     python scripts/reranker_lab.py --variant cross --gated --curriculum 300 --steps 1500
+    python scripts/reranker_lab.py --variant cross --relational --steps 900
 
 Variants:
 
@@ -148,6 +149,16 @@ class LabITM(nn.Module):
         self.text_pos = nn.Parameter(torch.randn(context + 1, w) * 0.02)
         self.blocks = nn.ModuleList(CrossBlock(w, args.heads) for _ in range(args.depth))
         self.ln_out, self.head = nn.LayerNorm(w), nn.Linear(w, 1)
+        self.relational = args.relational
+        if self.relational:
+            # Explicit product for relations: where the image puts the two
+            # objects the text names (subject minus object, x and y), times a
+            # direction the text gives each axis; see --relational.
+            self.where_q, self.where_k = nn.Linear(w, w), nn.Linear(w, w)
+            self.pick = nn.Linear(w, 2)  # attention logits over text tokens: subject, object
+            self.direction = nn.Linear(w, 2)  # per token, a signed weight for x and y
+            self.dir_pick = nn.Linear(w, 1)
+            self.rel_head = nn.Linear(2, 1)
         if self.grounded:
             d = 64
             self.ground_text = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d))
@@ -185,7 +196,19 @@ class LabITM(nn.Module):
         keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], 1)[ti][:, None, None, :]
         for block, (k, v) in zip(self.blocks, kvs):
             x = block(x, keep, (k[ii], v[ii]))
-        return self.head(self.ln_out(x[:, 0])).squeeze(-1), late
+        logit = self.head(self.ln_out(x[:, 0])).squeeze(-1)
+        if self.relational:
+            t = self.ln_out(x[:, 1:])
+            pad = ~mask[ti]
+            where = torch.einsum("nld,npd->nlp", self.where_q(t), self.where_k(y)[ii]) / t.shape[-1] ** 0.5
+            xy = torch.einsum("nlp,pc->nlc", torch.softmax(where, -1), self.grid[:, :2])  # each token's place
+            roles = torch.softmax(self.pick(t).masked_fill(pad[..., None], -1e4), 1)  # (n, L, 2)
+            offset = torch.einsum("nlr,nlc->nrc", roles, xy)
+            offset = offset[:, 0] - offset[:, 1]  # subject minus object, (n, 2)
+            weights = torch.softmax(self.dir_pick(t).squeeze(-1).masked_fill(pad, -1e4), 1)
+            direction = torch.einsum("nl,nlc->nc", weights, torch.tanh(self.direction(t)))
+            logit = logit + self.rel_head(offset * direction).squeeze(-1) * 4.0
+        return logit, late
 
 
 # --------------------------------------------------------------------- data
@@ -280,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--canonical-floor", type=float, default=0.0,
                    help="with --curriculum: share of canonical captions kept after the fade (default 0)")
     p.add_argument("--gated", action="store_true", help="gated (SwiGLU) MLPs instead of GELU MLPs")
+    p.add_argument("--relational", action="store_true",
+                   help="add an explicit product: (subject place - object place) times a text-given direction per axis")
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
