@@ -492,7 +492,7 @@ def card_section(args: argparse.Namespace, cfg: RerankerConfig, info: dict, m: d
         f"tokens: width {cfg.width}, {cfg.depth} blocks of [text self-attention, cross-attention to the",
         f"{cfg.image_tokens} patch tokens, MLP], {cfg.heads} heads, a learned [ITM] token and a logit head"
         + (";" if not cfg.residual else ","),
-        *([f"residual on the dual encoder: logit = a * dual cosine + b + head(...), a initialised to the dual",
+        *(["residual on the dual encoder: logit = a * dual cosine + b + head(...), a initialised to the dual",
            "encoder's logit scale and the head to zero, so it starts ranking exactly like the dual encoder;"]
           if cfg.residual else []),
         f"match probability = sigmoid((logit - {cfg.shift:.3f}) / {cfg.temperature:.3f}), shift and temperature fitted on a held-out",
