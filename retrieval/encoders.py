@@ -16,6 +16,7 @@ another model when weights are missing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -176,8 +177,6 @@ class Encoder:
         self.spec = spec
         self.model = model.eval()
         self.preprocess = preprocess
-        self._split: tuple[Callable, Callable] | None = None  # (PIL steps, tensor steps), see prepare()
-        self._split_done = False
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -197,8 +196,9 @@ class Encoder:
         return hasattr(self.model.visual, "output_tokens")
 
     # ----------------------------------------------------------------- images
-    def _split_preprocess(self) -> tuple[Callable, Callable] | None:
-        """open_clip's transform split at ToTensor: (PIL steps, tensor steps)."""
+    @functools.cached_property
+    def _split(self) -> tuple[Callable, Callable] | None:
+        """open_clip's transform split at ToTensor: (PIL steps, tensor steps), see :meth:`prepare`."""
         from torchvision.transforms import Compose, ToTensor
 
         steps = list(getattr(self.preprocess, "transforms", []))
@@ -215,8 +215,6 @@ class Encoder:
         several threads fight the encoder's own threads for the cores. Models
         whose transform has no ToTensor step get the full transform instead.
         """
-        if not self._split_done:
-            self._split, self._split_done = self._split_preprocess(), True
         if self._split is None:
             return self.preprocess(image)
         return np.asarray(self._split[0](image), dtype=np.uint8)
@@ -289,35 +287,25 @@ class Encoder:
         """
         m = self.model
         pool = getattr(m, "text_pool_type", None)
-        mask = ids != 0
-        if getattr(m, "attn_mask", None) is None or pool not in ("argmax", "eos", "first") or not mask.any():
+        if getattr(m, "attn_mask", None) is None or pool not in ("argmax", "eos", "first") or not (ids != 0).any():
             return m.encode_text(ids)
         import torch
         from open_clip.transformer import text_global_pool
 
-        length = int(mask.sum(1).max())
-        ids = ids[:, :length]
-        cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(ids).to(cast) + m.positional_embedding[:length].to(cast)
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:length, :length]))
+        x, ids, _ = self._text_tower(ids)
         x = text_global_pool(x, ids, pool, eos_token_id=getattr(m, "text_eos_id", None))
         proj = m.text_projection
         if proj is not None:
             x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
         return x
 
-    def text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token features of the text tower (after ``ln_final``) and a padding mask.
+    def _text_tower(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token features after ``ln_final``, the ids and their padding mask.
 
-        Returns ``(tokens, mask)``: ``(n, length, width)`` float and ``(n, length)``
-        bool, True where a real token (including start/end) sits. With a causal
-        text tower the batch is cut to its longest text first: padding after
-        the last real token cannot change the tokens before it, so this is
-        exact and saves most of the cost of a 77-token context.
+        With a causal text tower the batch is cut to its longest text first:
+        padding after the last real token cannot change the tokens before it,
+        so this is exact and saves most of the cost of a 77-token context.
         """
-        import torch
-
-        ids = self.tokenize(texts).to(self.device)
         m = self.model
         mask = ids != 0
         attn = m.attn_mask
@@ -325,10 +313,21 @@ class Encoder:
             length = int(mask.sum(1).max())
             ids, mask, attn = ids[:, :length], mask[:, :length], attn[:length, :length]
         cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(ids).to(cast) + m.positional_embedding[: ids.shape[1]].to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=attn))
+        return x, ids, mask
+
+    def text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token features of the text tower (after ``ln_final``) and a padding mask.
+
+        Returns ``(tokens, mask)``: ``(n, length, width)`` float and ``(n, length)``
+        bool, True where a real token (including start/end) sits; the batch is
+        cut to its longest text (see :meth:`_text_tower`).
+        """
+        import torch
+
         with torch.no_grad():
-            x = m.token_embedding(ids).to(cast) + m.positional_embedding[: ids.shape[1]].to(cast)
-            x = m.transformer(x, attn_mask=attn)
-            x = m.ln_final(x)
+            x, _, mask = self._text_tower(self.tokenize(texts).to(self.device))
         return x, mask
 
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
