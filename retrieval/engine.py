@@ -788,16 +788,15 @@ class Engine:
         rerank_scores: dict[int, float] = {}
         if reranker is not None and ids:
             t2 = time.perf_counter()
+            dual = np.array([scores[i] for i in ids], np.float32)
             if query.target == "images":
                 assert query.text is not None
                 toks = self._candidate_tokens(state, ids, rows_i)
-                probs = reranker.score_images(query.text, toks, dual_scores=np.array([scores[i] for i in ids], np.float32))
+                probs = reranker.score_images(query.text, toks, dual_scores=dual)
             else:
                 assert query.image is not None
                 _, qtok = self._encode_query_image(query.image, with_tokens=True)
-                probs = reranker.score_texts(
-                    qtok, [rows_t[i].text for i in ids], dual_scores=np.array([scores[i] for i in ids], np.float32)
-                )
+                probs = reranker.score_texts(qtok, [rows_t[i].text for i in ids], dual_scores=dual)
             rerank_scores = {i: float(p) for i, p in zip(ids, probs)}
             ids.sort(key=lambda i: (-rerank_scores[i], -scores[i]))
             timings["rerank"] = time.perf_counter() - t2
