@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -43,25 +44,32 @@ from retrieval.shapes import COLORS, samples  # noqa: E402
 MEMBERS = ("B", "C", "S", "R")  # base, colours swapped, shapes swapped, relation reversed
 
 
-def layer_tokens(encoder: Encoder, images: list) -> dict[str, torch.Tensor]:
-    """Patch tokens of every vision block (``block0`` ...) and the final output (``final``)."""
+def layer_tokens(encoder: Encoder, images: list, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Patch tokens of the vision tower's stages for ``images``.
+
+    Stages: ``embed`` (the patch embedding), ``block0`` ... (the output of each
+    transformer block, class token dropped) and ``final`` (what the token store
+    keeps). ``names`` picks some; default all but ``embed``.
+    """
     visual = encoder.model.visual
     blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
     if blocks is None:
         raise SystemExit(f"{encoder.name}: not an open_clip ViT; nothing to probe")
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [
-        blk.register_forward_hook(lambda _m, _i, out, k=k: seen.__setitem__(f"block{k}", out))
-        for k, blk in enumerate(blocks)
-    ]
     extra = 1 if getattr(visual, "class_embedding", None) is not None else 0
-    parts: dict[str, list[torch.Tensor]] = {}
+    stages: dict[str, Any] = {f"block{k}": blk for k, blk in enumerate(blocks)}
+    wanted = list(names) if names is not None else [*stages, "final"]
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [stages[name].register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out[:, extra:]))
+             for name in wanted if name in stages]
+    if "embed" in wanted:
+        hooks.append(visual.conv1.register_forward_hook(
+            lambda _m, _i, out: seen.__setitem__("embed", out.flatten(2).transpose(1, 2))))
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
     try:
         for start in range(0, len(images), 256):
-            final = encoder.image_tokens(encoder.image_batch(images[start : start + 256])).float().cpu()
-            for name, out in seen.items():
-                parts.setdefault(name, []).append(out[:, extra:].float().cpu())
-            parts.setdefault("final", []).append(final)
+            final = encoder.image_tokens(encoder.image_batch(images[start : start + 256]))
+            for name in wanted:
+                parts[name].append((final if name == "final" else seen[name]).float().cpu())
     finally:
         for h in hooks:
             h.remove()

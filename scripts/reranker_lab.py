@@ -52,6 +52,9 @@ from torch import nn  # noqa: E402
 from retrieval.encoders import Encoder, load_encoder  # noqa: E402
 from retrieval.shapes import samples  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_tokens import layer_tokens  # noqa: E402
+
 
 # ------------------------------------------------------------------- models
 class Attention(nn.Module):
@@ -233,23 +236,11 @@ def encode(encoder: Encoder, n: int, seed: int, layer: str, canonical: bool = Fa
     """
     items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=True))
     captions = [x.scene.key() if canonical else x.caption for x in items]
-    visual = encoder.model.visual
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [visual.conv1.register_forward_hook(lambda _m, _i, o: seen.__setitem__("embed", o.flatten(2).transpose(1, 2)))]
-    hooks += [b.register_forward_hook(lambda _m, _i, o, k=k: seen.__setitem__(f"block{k}", o[:, 1:]))
-              for k, b in enumerate(visual.transformer.resblocks)]
-    images = []
-    try:
-        for s in range(0, n, 512):
-            final = encoder.image_tokens(encoder.image_batch([x.image for x in items[s : s + 512]]))
-            images.append((final if layer == "final" else seen[layer]).float())
-    finally:
-        for h in hooks:
-            h.remove()
+    images = layer_tokens(encoder, [x.image for x in items], [layer])[layer]
     text, mask = encode_texts(encoder, captions)
     if both:
-        return (torch.cat(images), text, mask, *encode_texts(encoder, [x.scene.key() for x in items]))
-    return torch.cat(images), text, mask
+        return (images, text, mask, *encode_texts(encoder, [x.scene.key() for x in items]))
+    return images, text, mask
 
 
 def group_pairs(groups: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
