@@ -126,18 +126,13 @@ def test_token_store_survives_kill(tmp_path, rr_model):
     for i in range(300):
         noise_image(5000 + i, (64, 64)).save(folder / f"{i:04d}.png")
     lib = tmp_path / "lib"
-    written = False
 
     def tokens_written() -> bool:
-        # Kill a little after the first token rows reach the file, mid-run.
-        nonlocal written
-        if written:
-            return True
         files = list((lib / "models").glob("*/tokens.f16")) if (lib / "models").exists() else []
-        written = bool(files) and files[0].stat().st_size > 0
-        if written:
-            time.sleep(0.3)
-        return written
+        if files and files[0].stat().st_size > 0:
+            time.sleep(0.3)  # kill a little after the first token rows reach the file, mid-run
+            return True
+        return False
 
     kill_indexing_when(folder, lib, rr_model, tokens_written)
     with Engine.open(lib, model=rr_model) as eng:
