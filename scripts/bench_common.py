@@ -118,18 +118,21 @@ def _mine(procs: dict[int, tuple[int, str, int]]) -> set[int]:
     return mine
 
 
+def _others_seconds(before: dict[int, tuple[int, str, int]], after: dict[int, tuple[int, str, int]]) -> list[tuple[float, str]]:
+    """(CPU seconds, command line) used between two :func:`_cpu_ticks` samples
+    by each process outside this one's tree that lived through both."""
+    mine = _mine(after) | _mine(before)
+    hz = os.sysconf("SC_CLK_TCK")
+    return [((ticks - before[pid][0]) / hz, cmd) for pid, (ticks, cmd, _) in after.items() if pid not in mine and pid in before]
+
+
 def others_cpu(seconds: float = 2.0) -> list[tuple[float, str]]:
     """Processes outside this one's tree using over 10% of a core, sampled over ``seconds``."""
     a = _cpu_ticks()
     time.sleep(seconds)
-    b = _cpu_ticks()
-    mine = _mine(b) | _mine(a)
-    hz = os.sysconf("SC_CLK_TCK")
     busy_procs = []
-    for pid, (ticks, cmd, _) in b.items():
-        if pid in mine or pid not in a:
-            continue
-        pct = 100.0 * (ticks - a[pid][0]) / hz / seconds
+    for sec, cmd in _others_seconds(a, _cpu_ticks()):
+        pct = 100.0 * sec / seconds
         if pct > 10:
             busy_procs.append((round(pct), cmd[:100]))
     return sorted(busy_procs, reverse=True)
@@ -156,16 +159,11 @@ class Monitor:
         self.top: dict[str, float] = {}  # command -> CPU seconds
 
     def _run(self) -> None:
-        hz = os.sysconf("SC_CLK_TCK")
         prev, t_prev = _cpu_ticks(), time.monotonic()
         while not self._stop.wait(self.interval):
             cur, t = _cpu_ticks(), time.monotonic()
-            mine = _mine(cur) | _mine(prev)
             used = 0.0
-            for pid, (ticks, cmd, _) in cur.items():
-                if pid in mine or pid not in prev:
-                    continue
-                sec = (ticks - prev[pid][0]) / hz
+            for sec, cmd in _others_seconds(prev, cur):
                 if sec > 0:
                     used += sec
                     self.top[cmd[:80]] = self.top.get(cmd[:80], 0.0) + sec
