@@ -13,13 +13,22 @@ Two measurements on generated minimal-pair scenes (``retrieval.shapes``):
    share of images whose own caption beats each other caption of the group,
    and the same for captions. This shows which compositions the dual encoder
    already gets right and which are at chance, i.e. what a reranker must add.
+3. **Relation-word probe of the text tower.** A linear classifier predicts a
+   two-object caption's relation word (left of / right of / above / below or
+   under) from one token of the text tower's output: the relation word's own
+   token, the last word (the object's noun, which comes after the relation
+   word in a causal tower) and the end token (what the dual encoder embeds);
+   and the cosine similarity of the relation words' input embeddings. Low
+   accuracy means the frozen text tokens no longer say which way a relation
+   points, whatever a reranker on top of them does.
 
 Usage::
 
     python scripts/probe_tokens.py --model shapes-tiny
     python scripts/probe_tokens.py --model shapes-tiny --json
 
-Generated data only (seeds 77/78 for the probe, 8 for the confusion, none used
+Generated data only (seeds 77/78 for the probe, 8 for the confusion, 79 for the
+relation-word probe, none used
 in training); needs no files. About a minute on 2 CPU cores for shapes-tiny.
 """
 
@@ -93,13 +102,12 @@ def patch_labels(items: list, seed: int, grid: int, size: int) -> torch.Tensor:
     return torch.from_numpy(labels)
 
 
-def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> dict:
-    x, y = train_x.reshape(-1, train_x.shape[-1]), train_y.reshape(-1)
-    tx, ty = test_x.reshape(-1, x.shape[1]), test_y.reshape(-1)
+def linear_probe(x: torch.Tensor, y: torch.Tensor, tx: torch.Tensor, classes: int) -> torch.Tensor:
+    """Fit a standardised linear classifier on ``(x, y)``; its predictions for ``tx``."""
     mu, sd = x.mean(0), x.std(0) + 1e-5
     x, tx = (x - mu) / sd, (tx - mu) / sd
     torch.manual_seed(0)
-    lin = torch.nn.Linear(x.shape[1], len(COLORS) + 1)
+    lin = torch.nn.Linear(x.shape[1], classes)
     opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
     for _ in range(300):
         loss = F.cross_entropy(lin(x), y)
@@ -107,12 +115,50 @@ def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, te
         loss.backward()
         opt.step()
     with torch.no_grad():
-        pred = lin(tx).argmax(1)
+        return lin(tx).argmax(1)
+
+
+def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> dict:
+    x, y = train_x.reshape(-1, train_x.shape[-1]), train_y.reshape(-1)
+    tx, ty = test_x.reshape(-1, x.shape[1]), test_y.reshape(-1)
+    pred = linear_probe(x, y, tx, len(COLORS) + 1)
     on_object = ty < len(COLORS)
     return {
         "object_patch_accuracy": round(float((pred[on_object] == ty[on_object]).float().mean()), 3),
         "background_accuracy": round(float((pred[~on_object] == ty[~on_object]).float().mean()), 3),
         "object_patch_share": round(float(on_object.float().mean()), 3),
+    }
+
+
+RELATION_WORDS = {"left": 0, "right": 1, "above": 2, "below": 3, "under": 3}  # classes: left/right/above/below
+
+
+def relation_probe(encoder: Encoder, n_train: int, n_test: int) -> dict:
+    """How well the text tower's output tokens say which way a caption's relation points."""
+    word_id = {int(encoder.tokenize([w])[0, 1]): c for w, c in RELATION_WORDS.items()}
+    captions = [s.caption for s in samples(n_train + n_test, 79, size=encoder.image_size, minimal_pairs=True)]
+    tokens, mask = encoder.text_tokens(captions)
+    ids = encoder.tokenize(captions)[:, : tokens.shape[1]]
+    rows = torch.arange(len(captions))
+    where = torch.tensor([next(j for j, t in enumerate(row.tolist()) if t in word_id) for row in ids])
+    labels = torch.tensor([word_id[int(ids[i, j])] for i, j in enumerate(where.tolist())])
+    end = mask.sum(1) - 1
+    positions = {"relation word": where, "last word": end - 1, "end token": end}
+    accuracy = {}
+    for name, at in positions.items():
+        x = tokens[rows, at].float()
+        pred = linear_probe(x[:n_train], labels[:n_train], x[n_train:], 4)
+        accuracy[name] = round(float((pred == labels[n_train:]).float().mean()), 3)
+    majority = float(torch.bincount(labels[n_train:]).max()) / n_test
+    words = [w for w in RELATION_WORDS]
+    emb = F.normalize(encoder.model.token_embedding.weight[[int(encoder.tokenize([w])[0, 1]) for w in words]].float(), dim=1)
+    cos = (emb @ emb.T).detach()
+    return {
+        "captions": {"train": n_train, "test": n_test, "seed": 79},
+        "accuracy_by_token": accuracy,
+        "majority_class": round(majority, 3),
+        "input_embedding_cosine": {a: {b: round(float(cos[i, j]), 2) for j, b in enumerate(words) if j != i}
+                                   for i, a in enumerate(words)},
     }
 
 
@@ -158,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "patch_colour_probe": {name: probe(tr_tok[name], tr_y, te_tok[name], te_y) for name in tr_tok},
         "minimal_pairs_dual": confusion(encoder, args.groups, 8),
+        "relation_word_probe": relation_probe(encoder, args.train, args.test),
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -169,6 +216,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"dual encoder within groups of 4: t2i {c['t2i_in_group_accuracy']:.3f}, i2t {c['i2t_in_group_accuracy']:.3f}")
         for a, row in c["image_prefers_own_caption_over"].items():
             print(f"  image {a} prefers its caption over " + ", ".join(f"{b} {v:.3f}" for b, v in row.items()))
+        r = result["relation_word_probe"]
+        print("relation word (4 classes) read linearly from the text tower's output at: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in r["accuracy_by_token"].items())
+              + f" (majority class {r['majority_class']:.3f})")
+        cos = r["input_embedding_cosine"]
+        print("cosine of input embeddings: " + ", ".join(f"{a}/{b} {cos[a][b]:.2f}" for a, b in
+                                                        (("left", "right"), ("above", "below"), ("left", "above"), ("below", "under"))))
     return result
 
 
