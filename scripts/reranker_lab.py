@@ -21,6 +21,14 @@ from runs such as::
     python scripts/reranker_lab.py --variant cross --gated --steps 400
     python scripts/reranker_lab.py --variant cross --gated --curriculum 300 --steps 1500
     python scripts/reranker_lab.py --variant cross --relational --steps 900
+    python scripts/reranker_lab.py --variant grounded --spatial --steps 400
+    python scripts/reranker_lab.py --variant cross --words --steps 400
+    python scripts/reranker_lab.py --variant cross --words --relational --steps 300
+    python scripts/reranker_lab.py --variant cross --words --steered --steps 150
+    python scripts/reranker_lab.py --variant grounded --words --ordered --steps 250
+    python scripts/reranker_lab.py --variant grounded --words --ordered --layer embed --steps 400
+    python scripts/reranker_lab.py --variant grounded --words --ordered --oracle-gate --layer embed --steps 300
+    python scripts/reranker_lab.py --variant grounded --words --ordered --layer embed --head-lr-mult 10 --steps 1000
 
 Variants:
 
@@ -32,6 +40,21 @@ Variants:
   matches (softmax over late-interaction cosine similarities, trained with a
   FILIP-style contrastive loss weighted ``--late-weight``) together with their
   x/y, so positions of named objects reach the text stream directly.
+
+Options added in the third session (see docs/benchmarks.md, "Diagnosis
+(third session)"):
+
+* ``--words``: the text tower's *input* word embeddings beside its output
+  tokens (the output has all but lost which relation word a caption used).
+* ``--ordered`` (grounded): logit + direction(words) . sum over token pairs
+  i < j of gate_i gate_j (place_j - place_i). Text order replaces roles, so
+  "A left of B" and "B right of A" need no parsing; ``--oracle-gate`` gates
+  exactly the colour words (a diagnostic, not a design).
+* ``--steered``: each token reads the object furthest in a direction its word
+  gives and matches it against its own content query.
+* ``--spatial`` (grounded): sum over tokens of direction(frozen token) .
+  (its grounded place - centre).
+* ``--head-lr-mult``: a larger learning rate for those explicit heads.
 """
 
 from __future__ import annotations
@@ -162,6 +185,30 @@ class LabITM(nn.Module):
             self.direction = nn.Linear(w, 2)  # per token, a signed weight for x and y
             self.dir_pick = nn.Linear(w, 1)
             self.rel_head = nn.Linear(2, 1)
+        self.steered = args.steered
+        if self.steered:
+            # Each token looks for the object lying furthest in a direction its
+            # own word gives (attention logits: objectness + dir . position) and
+            # scores what it finds against its own content query.
+            self.steer_dir = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, 2))
+            self.steer_obj = nn.Linear(w, 1)
+            self.steer_beta = nn.Parameter(torch.tensor(3.0))
+            self.steer_q = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, w))
+            self.steer_v = nn.Linear(w, w)
+        self.ordered = args.ordered
+        if self.ordered:
+            # Relations by text order: sum over token pairs i < j of
+            # gate_i gate_j (place_j - place_i), dotted with a direction the
+            # words give. "A left of B" and "B right of A" need no role parsing.
+            self.order_gate = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, 1))
+            self.order_dir = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, 2))
+            self.order_scale = nn.Parameter(torch.tensor(4.0))
+        self.spatial = args.spatial
+        if self.spatial:
+            # Per token, a direction read linearly from its own frozen features,
+            # dotted with where its grounded object lies relative to the others.
+            self.spatial_dir = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, 2))
+            self.spatial_scale = nn.Parameter(torch.tensor(4.0))
         if self.grounded:
             d = 64
             self.ground_text = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d))
@@ -191,15 +238,40 @@ class LabITM(nn.Module):
             weights = torch.softmax(sim * self.sharpness, -1)
             pooled = torch.einsum("nlp,npc->nlc", weights, torch.cat([x_img[ii], self.grid.expand(len(ii), -1, -1)], -1))
             h = h + self.pooled_in(torch.cat([pooled, (weights * sim).sum(-1, keepdim=True)], -1))
-            all_sim = torch.einsum("ald,bpd->ablp", gt, gi)
-            per_token = (torch.softmax(all_sim * self.sharpness, -1) * all_sim).sum(-1)
-            m = mask[:, None, :].float()
-            late = (per_token * m).sum(-1) / m.sum(-1) * self.late_scale.exp()
+            place = pooled[..., x_img.shape[-1] : x_img.shape[-1] + 2]  # x, y of what each token grounds to
+            if self.training:  # all pairs of the batch; far too big for a whole evaluation set
+                all_sim = torch.einsum("ald,bpd->ablp", gt, gi)
+                per_token = (torch.softmax(all_sim * self.sharpness, -1) * all_sim).sum(-1)
+                m = mask[:, None, :].float()
+                late = (per_token * m).sum(-1) / m.sum(-1) * self.late_scale.exp()
         x = torch.cat([self.itm.expand(h.shape[0], 1, -1), h], 1) + self.text_pos[: h.shape[1] + 1]
         keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], 1)[ti][:, None, None, :]
         for block, (k, v) in zip(self.blocks, kvs):
             x = block(x, keep, (k[ii], v[ii]))
         logit = self.head(self.ln_out(x[:, 0])).squeeze(-1)
+        if self.steered:
+            pos = self.grid[:, :2]
+            a = self.steer_obj(y).squeeze(-1)[ii][:, None, :] + self.steer_beta * (self.steer_dir(text) @ pos.T)[ti]
+            found = torch.einsum("nlp,npw->nlw", torch.softmax(a, -1), self.steer_v(y)[ii])
+            term = (self.steer_q(text)[ti] * found).sum(-1) / found.shape[-1] ** 0.5
+            logit = logit + (term * mask[ti].float()).sum(1)
+        if self.ordered:
+            m = mask[ti].float()
+            if ORACLE_GATE:
+                g = text[..., -1][ti] * m
+            else:
+                g = torch.sigmoid(self.order_gate(text).squeeze(-1))[ti] * m  # (n, L)
+            before = torch.cumsum(g, 1) - g  # sum of gates of earlier tokens
+            after = g.sum(1, keepdim=True) - torch.cumsum(g, 1)
+            delta = ((g * before)[..., None] * place - (g * after)[..., None] * place).sum(1)
+            delta = delta / ((g * before).sum(1, keepdim=True) + 1e-6)
+            u = (self.order_dir(text)[ti] * m[..., None]).sum(1)
+            logit = logit + (u * delta).sum(-1) * self.order_scale
+        if self.spatial:
+            m = mask[ti].float()[..., None]
+            centre = (place * m).sum(1, keepdim=True) / m.sum(1, keepdim=True)
+            term = ((self.spatial_dir(text)[ti] * (place - centre)).sum(-1, keepdim=True) * m).sum((1, 2))
+            logit = logit + term * self.spatial_scale
         if self.relational:
             t = self.ln_out(x[:, 1:])
             pad = ~mask[ti]
@@ -215,10 +287,23 @@ class LabITM(nn.Module):
 
 
 # --------------------------------------------------------------------- data
+WORDS = False  # set from --words
+ORACLE_GATE = False  # set from --oracle-gate
+
+
 def encode_texts(encoder: Encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     texts, masks = [], []
     for s in range(0, len(captions), 512):
         t, m = encoder.text_tokens(captions[s : s + 512])
+        if WORDS:  # the tower's input word embeddings beside its output tokens
+            with torch.no_grad():
+                ids = encoder.tokenize(captions[s : s + 512])[:, : t.shape[1]]
+                t = torch.cat([t, encoder.model.token_embedding(ids).to(t.dtype)], -1)
+        if ORACLE_GATE:  # diagnostic: a last column that is 1 on colour words
+            from retrieval.shapes import COLORS
+            colour_ids = torch.tensor([int(encoder.tokenize([c])[0, 1]) for c in COLORS])
+            ids = encoder.tokenize(captions[s : s + 512])[:, : t.shape[1]]
+            t = torch.cat([t, torch.isin(ids, colour_ids)[..., None].to(t.dtype)], -1)
         texts.append(t.float())
         masks.append(m)
     length = encoder.model.positional_embedding.shape[0]  # pad to the full context: any two sets stack
@@ -258,13 +343,54 @@ def scores(model: LabITM, data: tuple, idx: np.ndarray, size: int) -> tuple[torc
     return logits.view(-1, size, size), late  # [group, image, caption]
 
 
-def evaluate(model: LabITM, data: tuple) -> dict:
+def colour_order(encoder: Encoder, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of ``n`` minimal-pair items (all two-object scenes): the token
+    positions of its caption's two colour words, in text order, and the true
+    displacement (x, y) from the first-named object to the second."""
+    from retrieval.shapes import COLORS
+
+    items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=True))
+    colour_ids = {int(encoder.tokenize([c])[0, 1]): c for c in COLORS}
+    ids = encoder.tokenize([x.caption for x in items])
+    at, shift = [], []
+    for i, item in enumerate(items):
+        g = np.random.default_rng([seed, *divmod(i, 4)])  # the generator samples() rendered with
+        item.scene.caption(g)
+        boxes = item.scene.layout(encoder.image_size, g)
+        pos = [j for j, t in enumerate(ids[i].tolist()) if t in colour_ids]
+        named = [next(k for k, o in enumerate(item.scene.objects) if o.color == colour_ids[int(ids[i, j])]) for j in pos]
+        at.append(pos)
+        shift.append(np.subtract(boxes[named[1]][:2], boxes[named[0]][:2]))
+    return torch.tensor(at), torch.tensor(np.array(shift), dtype=torch.float32)
+
+
+def grounding_order(model: LabITM, data: tuple, order: tuple) -> float:
+    """Share of held-out captions whose two colour words' grounded places lie
+    in the true order along the axis the objects are further apart on."""
+    image, text, mask = data
+    at, shift = order
+    length = int(mask.sum(1).max())
+    x_img = torch.cat([image, image - image.mean(1, keepdim=True)], -1)
+    gt = F.normalize(model.ground_text(text[:, :length]), dim=-1)
+    gi = F.normalize(model.ground_image(x_img + model.ground_pos), dim=-1)
+    rows = torch.arange(len(at))[:, None]
+    sim = torch.einsum("nld,npd->nlp", gt[rows, at], gi)
+    place = torch.softmax(sim * model.sharpness, -1) @ model.grid[:, :2]
+    axis = (shift[:, 1].abs() > shift[:, 0].abs()).long()
+    found = (place[:, 1] - place[:, 0]).gather(1, axis[:, None]).squeeze(1)
+    true = shift.gather(1, axis[:, None]).squeeze(1)
+    return float((torch.sign(found) == torch.sign(true)).float().mean())
+
+
+def evaluate(model: LabITM, data: tuple, order: tuple | None = None) -> dict:
     model.eval()
     with torch.no_grad():
         s, _ = scores(model, data, np.arange(len(data[0])), 4)
+        grounding = grounding_order(model, data, order) if order is not None and model.grounded else None
     model.train()
     own, target = s.diagonal(dim1=1, dim2=2), torch.arange(4)
     return {
+        "grounded_colour_order": grounding,
         "t2i": float((s.argmax(1) == target).float().mean()),
         "i2t": float((s.argmax(2) == target).float().mean()),
         "B_vs_R": float(((own[:, 0] > s[:, 0, 3]).float().mean() + (own[:, 3] > s[:, 3, 0]).float().mean()) / 2),
@@ -296,22 +422,35 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gated", action="store_true", help="gated (SwiGLU) MLPs instead of GELU MLPs")
     p.add_argument("--relational", action="store_true",
                    help="add an explicit product: (subject place - object place) times a text-given direction per axis")
+    p.add_argument("--spatial", action="store_true",
+                   help="(grounded) add sum over tokens of dir(token) . (its grounded place - centre), dir linear in the frozen token")
+    p.add_argument("--steered", action="store_true",
+                   help="add per-token read-outs of the object furthest in a word-given direction, matched to the token")
+    p.add_argument("--ordered", action="store_true",
+                   help="(grounded) add direction(words) . sum over token pairs i<j of gate_i gate_j (place_j - place_i)")
+    p.add_argument("--oracle-gate", action="store_true", help="diagnostic for --ordered: gate exactly the colour words")
+    p.add_argument("--head-lr-mult", type=float, default=1.0, help="learning-rate multiplier for the explicit relation heads")
+    p.add_argument("--words", action="store_true",
+                   help="give the reranker the text tower's input word embeddings beside its output tokens")
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    global GATED
-    GATED = args.gated
+    global GATED, WORDS, ORACLE_GATE
+    GATED, WORDS, ORACLE_GATE = args.gated, args.words, args.oracle_gate
     if args.threads:
         torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model, device="cpu")
     t0 = time.time()
     train = encode(encoder, args.n, 1234, args.layer, args.canonical_captions, both=args.curriculum > 0)
     val = encode(encoder, args.val, 8, args.layer, args.canonical_captions)
+    order = colour_order(encoder, args.val, 8) if args.variant == "grounded" and not args.canonical_captions else None
     print(f"encoded {args.n} + {args.val} items in {time.time() - t0:.0f}s", flush=True)
     image, text = train[0], train[1]
     model = LabITM(text.shape[-1], image.shape[-1], image.shape[1], text.shape[1], args)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    fast = [p for n, p in model.named_parameters() if n.startswith(("order_", "spatial_", "steer_"))]
+    slow = [p for n, p in model.named_parameters() if not n.startswith(("order_", "spatial_", "steer_"))]
+    opt = torch.optim.AdamW([{"params": slow}, {"params": fast, "lr": args.lr * args.head_lr_mult}], lr=args.lr, weight_decay=0.01)
     rng = np.random.default_rng(0)
     members, size = (np.array([0, 3]), 2) if args.focus_relation else (np.arange(4), 4)
     target = torch.arange(size)
@@ -339,9 +478,11 @@ def main(argv: list[str] | None = None) -> dict:
         loss.backward()
         opt.step()
         if step % args.every == 0 or step == args.steps:
-            result = evaluate(model, val)
+            result = evaluate(model, val, order)
+            grounding = result["grounded_colour_order"]
             print(f"step {step} loss {loss.item():.3f} held-out t2i {result['t2i']:.3f} i2t {result['i2t']:.3f} "
-                  f"B-vs-R {result['B_vs_R']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+                  f"B-vs-R {result['B_vs_R']:.3f}" + ("" if grounding is None else f" colour-order {grounding:.3f}")
+                  + f" ({time.time() - t0:.0f}s)", flush=True)
     print("image B/C/S/R prefers its own caption over B/C/S/R:", result.get("image_prefers_own_caption"))
     return result
 
