@@ -29,7 +29,7 @@ Usage::
 
 Generated data only (seeds 77/78 for the probe, 8 for the confusion, 79 for the
 relation-word probe, none used
-in training); needs no files. About a minute on 2 CPU cores for shapes-tiny.
+in training); needs no files. A few minutes on 2 CPU cores for shapes-tiny.
 """
 
 from __future__ import annotations

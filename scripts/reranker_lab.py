@@ -435,6 +435,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
+    if (args.spatial or args.ordered) and args.variant != "grounded":
+        p.error("--spatial and --ordered need --variant grounded (they use its grounded places)")
+    if args.oracle_gate and not args.ordered:
+        p.error("--oracle-gate is a diagnostic for --ordered")
     torch.manual_seed(0)
     global GATED, WORDS, ORACLE_GATE
     GATED, WORDS, ORACLE_GATE = args.gated, args.words, args.oracle_gate
