@@ -313,15 +313,17 @@ class Scene:
                 return out
         raise ValueError(f"no room to lay out {self.key()!r} at {size}px")
 
-    def render(self, size: int = 64, rng: RngLike = None) -> Image.Image:
+    def render(self, size: int = 64, rng: RngLike = None, boxes: list[tuple[float, float, float]] | None = None) -> Image.Image:
         """Draw the scene as an RGB image of ``size`` x ``size`` pixels.
 
         The background is a solid colour, a gradient, or either with light
         noise, always muted so that no object colour disappears; object
-        colours jitter slightly. Positions come from :meth:`layout`.
+        colours jitter slightly. Positions come from :meth:`layout` (drawn
+        from ``rng`` first) unless ``boxes`` gives them.
         """
         g = _rng(rng)
-        boxes = self.layout(size, g)
+        if boxes is None:
+            boxes = self.layout(size, g)
         canvas = _background(size, g)
         big = size * _SUPERSAMPLE
         for obj, (x, y, r) in zip(self.objects, boxes):
@@ -444,6 +446,7 @@ class Sample:
     scene: Scene  # what is drawn
     caption: str  # one phrasing of the scene
     image: Image.Image  # RGB rendering
+    boxes: list[tuple[float, float, float]]  # where each object was drawn: centre x, y and radius in pixels
 
 
 def _minimal_group(g: np.random.Generator) -> list[Scene]:
@@ -466,13 +469,17 @@ def samples(n: int, seed: int, size: int = 64, minimal_pairs: bool = False) -> I
         for i in range(n):
             k, member = divmod(i, 4)
             scene = _minimal_group(np.random.default_rng([seed, k]))[member]
-            g = np.random.default_rng([seed, k, member])
-            yield Sample(scene, scene.caption(g), scene.render(size, g))
+            yield _sample(scene, np.random.default_rng([seed, k, member]), size)
         return
     for i in range(n):
         g = np.random.default_rng([seed, i])
-        scene = Scene.random(g)
-        yield Sample(scene, scene.caption(g), scene.render(size, g))
+        yield _sample(Scene.random(g), g, size)
+
+
+def _sample(scene: Scene, g: np.random.Generator, size: int) -> Sample:
+    caption = scene.caption(g)
+    boxes = scene.layout(size, g)
+    return Sample(scene, caption, scene.render(size, g, boxes), boxes)
 
 
 def generate(

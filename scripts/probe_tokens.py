@@ -85,16 +85,13 @@ def layer_tokens(encoder: Encoder, images: list, names: Sequence[str] | None = N
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
-def patch_labels(items: list, seed: int, grid: int, size: int) -> torch.Tensor:
+def patch_labels(items: list, grid: int, size: int) -> torch.Tensor:
     """Colour index of the object covering each patch centre; ``len(COLORS)`` for background."""
     colors = list(COLORS)
     step = size / grid
     labels = np.full((len(items), grid * grid), len(colors))
     for i, item in enumerate(items):
-        k, member = divmod(i, 4)
-        g = np.random.default_rng([seed, k, member])  # the generator samples() rendered with
-        item.scene.caption(g)
-        for obj, (x, y, r) in zip(item.scene.objects, item.scene.layout(size, g)):
+        for obj, (x, y, r) in zip(item.scene.objects, item.boxes):
             for p in range(grid * grid):
                 cy, cx = (p // grid + 0.5) * step, (p % grid + 0.5) * step
                 if (cx - x) ** 2 + (cy - y) ** 2 <= (0.8 * r) ** 2:
@@ -199,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     tr_tok = layer_tokens(encoder, [s.image for s in train])
     te_tok = layer_tokens(encoder, [s.image for s in test])
     grid = int(round(tr_tok["final"].shape[1] ** 0.5))
-    tr_y, te_y = patch_labels(train, 77, grid, size), patch_labels(test, 78, grid, size)
+    tr_y, te_y = patch_labels(train, grid, size), patch_labels(test, grid, size)
     result = {
         "model": args.model,
         "patch_colour_probe": {name: probe(tr_tok[name], tr_y, te_tok[name], te_y) for name in tr_tok},

@@ -354,13 +354,10 @@ def colour_order(encoder: Encoder, n: int, seed: int) -> tuple[torch.Tensor, tor
     ids = encoder.tokenize([x.caption for x in items])
     at, shift = [], []
     for i, item in enumerate(items):
-        g = np.random.default_rng([seed, *divmod(i, 4)])  # the generator samples() rendered with
-        item.scene.caption(g)
-        boxes = item.scene.layout(encoder.image_size, g)
         pos = [j for j, t in enumerate(ids[i].tolist()) if t in colour_ids]
         named = [next(k for k, o in enumerate(item.scene.objects) if o.color == colour_ids[int(ids[i, j])]) for j in pos]
         at.append(pos)
-        shift.append(np.subtract(boxes[named[1]][:2], boxes[named[0]][:2]))
+        shift.append(np.subtract(item.boxes[named[1]][:2], item.boxes[named[0]][:2]))
     return torch.tensor(at), torch.tensor(np.array(shift), dtype=torch.float32)
 
 

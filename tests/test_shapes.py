@@ -123,6 +123,20 @@ def test_layout_satisfies_relations():
             assert relation_holds(boxes[s], rel, boxes[o]), (scene.key(), boxes)
 
 
+@pytest.mark.parametrize("minimal_pairs", [False, True])
+def test_samples_record_where_objects_were_drawn(minimal_pairs):
+    """A sample's boxes are the ones its image was drawn with: relations hold
+    for them and the pixel at each box centre has that object's colour."""
+    for item in samples(24, 5, minimal_pairs=minimal_pairs):
+        assert len(item.boxes) == len(item.scene.objects)
+        for s, rel, o in item.scene.relations:
+            assert relation_holds(item.boxes[s], rel, item.boxes[o])
+        im = np.asarray(item.image, dtype=np.int32)
+        for obj, (x, y, _) in zip(item.scene.objects, item.boxes):
+            pixel = im[int(y), int(x)]
+            assert np.abs(pixel - np.array(COLORS[obj.color])).max() <= 40, (item.caption, obj, pixel)
+
+
 def test_render_puts_colours_where_the_layout_says():
     scene = Scene((Obj("large", "red", "square"), Obj("large", "blue", "square")), ((0, "left of", 1),))
     im = np.asarray(scene.render(64, np.random.default_rng(5)), dtype=np.int32)
