@@ -157,6 +157,11 @@ def grid_features(patches: int, freqs: int = 4) -> torch.Tensor:
     return torch.cat([xs, ys, torch.sin(xs * f), torch.cos(xs * f), torch.sin(ys * f), torch.cos(ys * f)], 1)
 
 
+def with_centred(image: torch.Tensor) -> torch.Tensor:
+    """Each patch token beside itself minus the image's mean token (what is local)."""
+    return torch.cat([image, image - image.mean(1, keepdim=True)], -1)
+
+
 class LabITM(nn.Module):
     """Both variants; ``grounded`` adds the late-interaction pooling step."""
 
@@ -218,12 +223,16 @@ class LabITM(nn.Module):
             self.late_scale = nn.Parameter(torch.tensor(2.5))
             self.pooled_in = nn.Sequential(nn.Linear(iw + self.grid.shape[1] + 1, w), nn.GELU(), nn.Linear(w, w))
 
+    def ground(self, text: torch.Tensor, x_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-length grounding features of text tokens and of patches (``x_img`` from :func:`with_centred`)."""
+        return F.normalize(self.ground_text(text), dim=-1), F.normalize(self.ground_image(x_img + self.ground_pos), dim=-1)
+
     def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, ti: torch.Tensor, ii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of pairs (text ``ti[j]``, image ``ii[j]``) and, for ``grounded``,
         the all-pairs late-interaction scores of the unique texts and images."""
         length = int(mask.sum(1).max())  # causal text tokens: padding after the last real one is inert
         text, mask = text[:, :length], mask[:, :length]
-        x_img = torch.cat([image, image - image.mean(1, keepdim=True)], -1)
+        x_img = with_centred(image)
         y = self.image_in(x_img) + self.image_pos + self.pos_in(self.grid)
         for block in self.image_blocks:
             y = block(y)
@@ -232,8 +241,7 @@ class LabITM(nn.Module):
         h = self.text_in(text)[ti]
         late = None
         if self.grounded:
-            gt = F.normalize(self.ground_text(text), dim=-1)
-            gi = F.normalize(self.ground_image(x_img + self.ground_pos), dim=-1)
+            gt, gi = self.ground(text, x_img)
             sim = torch.einsum("nld,npd->nlp", gt[ti], gi[ii])
             weights = torch.softmax(sim * self.sharpness, -1)
             pooled = torch.einsum("nlp,npc->nlc", weights, torch.cat([x_img[ii], self.grid.expand(len(ii), -1, -1)], -1))
@@ -263,8 +271,8 @@ class LabITM(nn.Module):
                 g = torch.sigmoid(self.order_gate(text).squeeze(-1))[ti] * m  # (n, L)
             before = torch.cumsum(g, 1) - g  # sum of gates of earlier tokens
             after = g.sum(1, keepdim=True) - torch.cumsum(g, 1)
-            delta = ((g * before)[..., None] * place - (g * after)[..., None] * place).sum(1)
-            delta = delta / ((g * before).sum(1, keepdim=True) + 1e-6)
+            # sum_{i<j} g_i g_j (place_j - place_i): token j is "later" in before_j pairs, "earlier" in after_j
+            delta = ((g * (before - after))[..., None] * place).sum(1) / ((g * before).sum(1, keepdim=True) + 1e-6)
             u = (self.order_dir(text)[ti] * m[..., None]).sum(1)
             logit = logit + (u * delta).sum(-1) * self.order_scale
         if self.spatial:
@@ -293,16 +301,18 @@ ORACLE_GATE = False  # set from --oracle-gate
 
 def encode_texts(encoder: Encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     texts, masks = [], []
+    if ORACLE_GATE:
+        from retrieval.shapes import COLORS
+
+        colour_ids = torch.tensor([int(encoder.tokenize([c])[0, 1]) for c in COLORS])
     for s in range(0, len(captions), 512):
         t, m = encoder.text_tokens(captions[s : s + 512])
+        if WORDS or ORACLE_GATE:
+            ids = encoder.tokenize(captions[s : s + 512])[:, : t.shape[1]]
         if WORDS:  # the tower's input word embeddings beside its output tokens
             with torch.no_grad():
-                ids = encoder.tokenize(captions[s : s + 512])[:, : t.shape[1]]
                 t = torch.cat([t, encoder.model.token_embedding(ids).to(t.dtype)], -1)
         if ORACLE_GATE:  # diagnostic: a last column that is 1 on colour words
-            from retrieval.shapes import COLORS
-            colour_ids = torch.tensor([int(encoder.tokenize([c])[0, 1]) for c in COLORS])
-            ids = encoder.tokenize(captions[s : s + 512])[:, : t.shape[1]]
             t = torch.cat([t, torch.isin(ids, colour_ids)[..., None].to(t.dtype)], -1)
         texts.append(t.float())
         masks.append(m)
@@ -366,10 +376,7 @@ def grounding_order(model: LabITM, data: tuple, order: tuple) -> float:
     in the true order along the axis the objects are further apart on."""
     image, text, mask = data
     at, shift = order
-    length = int(mask.sum(1).max())
-    x_img = torch.cat([image, image - image.mean(1, keepdim=True)], -1)
-    gt = F.normalize(model.ground_text(text[:, :length]), dim=-1)
-    gi = F.normalize(model.ground_image(x_img + model.ground_pos), dim=-1)
+    gt, gi = model.ground(text[:, : int(mask.sum(1).max())], with_centred(image))
     rows = torch.arange(len(at))[:, None]
     sim = torch.einsum("nld,npd->nlp", gt[rows, at], gi)
     place = torch.softmax(sim * model.sharpness, -1) @ model.grid[:, :2]
