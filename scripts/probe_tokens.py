@@ -132,7 +132,8 @@ RELATION_WORDS = {"left": 0, "right": 1, "above": 2, "below": 3, "under": 3}  # 
 
 def relation_probe(encoder: Encoder, n_train: int, n_test: int) -> dict:
     """How well the text tower's output tokens say which way a caption's relation points."""
-    word_id = {int(encoder.tokenize([w])[0, 1]): c for w, c in RELATION_WORDS.items()}
+    token = {w: int(encoder.tokenize([w])[0, 1]) for w in RELATION_WORDS}
+    word_id = {token[w]: c for w, c in RELATION_WORDS.items()}
     captions = [s.caption for s in samples(n_train + n_test, 79, size=encoder.image_size, minimal_pairs=True)]
     tokens, mask = encoder.text_tokens(captions)
     ids = encoder.tokenize(captions)[:, : tokens.shape[1]]
@@ -147,8 +148,8 @@ def relation_probe(encoder: Encoder, n_train: int, n_test: int) -> dict:
         pred = linear_probe(x[:n_train], labels[:n_train], x[n_train:], 4)
         accuracy[name] = round(float((pred == labels[n_train:]).float().mean()), 3)
     majority = float(torch.bincount(labels[n_train:]).max()) / n_test
-    words = [w for w in RELATION_WORDS]
-    emb = F.normalize(encoder.model.token_embedding.weight[[int(encoder.tokenize([w])[0, 1]) for w in words]].float(), dim=1)
+    words = list(token)
+    emb = F.normalize(encoder.model.token_embedding.weight[list(token.values())].float(), dim=1)
     cos = (emb @ emb.T).detach()
     return {
         "captions": {"train": n_train, "test": n_test, "seed": 79},
