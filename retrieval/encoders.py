@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -232,29 +233,58 @@ class Encoder:
         """Preprocess PIL images into one input tensor."""
         return self.batch([self.prepare(im) for im in images])
 
-    def encode_images(self, pixels: torch.Tensor, with_tokens: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode_images(
+        self, pixels: torch.Tensor, with_tokens: bool = False, token_layer: str = "final"
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Encode a preprocessed batch: (normalised vectors, patch tokens or None).
 
-        Patch tokens are the vision tower's output tokens before pooling,
+        Patch tokens are taken at ``token_layer`` (see :meth:`image_tokens`),
         shape ``(n, patches, width)``, float16.
         """
         import torch
 
         with torch.inference_mode():
             x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-            visual = self.model.visual
             tokens = None
             if with_tokens and self.has_tokens:
-                visual.output_tokens = True
-                try:
-                    pooled, tokens = visual(x)
-                finally:
-                    visual.output_tokens = False
+                pooled, tokens = self._visual_with_tokens(x, token_layer)
             else:
-                pooled = visual(x)
+                pooled = self.model.visual(x)
             vec = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
             tok = tokens.to(torch.float16).cpu().numpy() if tokens is not None else None
         return np.ascontiguousarray(vec, dtype=np.float32), tok
+
+    def _visual_with_tokens(self, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vision tower's pooled output and its patch tokens at ``layer``."""
+        visual = self.model.visual
+        if layer == "final":
+            visual.output_tokens = True
+            try:
+                pooled, tokens = visual(x)
+            finally:
+                visual.output_tokens = False
+            return pooled, tokens
+        module, cut = self._token_source(layer)
+        seen: list[torch.Tensor] = []
+        hook = module.register_forward_hook(lambda _m, _i, out: seen.append(cut(out)))
+        try:
+            pooled = visual(x)
+        finally:
+            hook.remove()
+        return pooled, seen[0]
+
+    def _token_source(self, layer: str) -> tuple[Any, Callable[[Any], Any]]:
+        """The module whose output holds the patch tokens of ``layer``, and how to cut them out."""
+        visual = self.model.visual
+        if layer == "embed":  # the patch embedding: what each patch alone shows (colour, local form)
+            return visual.conv1, lambda out: out.flatten(2).transpose(1, 2)
+        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        match = re.fullmatch(r"block(\d+)", layer)
+        if match and blocks is not None and int(match.group(1)) < len(blocks):
+            extra = 1 if getattr(visual, "class_embedding", None) is not None else 0
+            return blocks[int(match.group(1))], lambda out: out[:, extra:]
+        depth = len(blocks) if blocks is not None else 0
+        raise ValueError(f"unknown token layer {layer!r}: use final, embed or block0..block{max(depth - 1, 0)}")
 
     def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Encode PIL images to normalised vectors."""
@@ -317,31 +347,36 @@ class Encoder:
         x = m.ln_final(m.transformer(x, attn_mask=attn))
         return x, ids, mask
 
-    def text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_tokens(self, texts: Sequence[str], words: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Token features of the text tower (after ``ln_final``) and a padding mask.
 
         Returns ``(tokens, mask)``: ``(n, length, width)`` float and ``(n, length)``
         bool, True where a real token (including start/end) sits; the batch is
-        cut to its longest text (see :meth:`_text_tower`).
+        cut to its longest text (see :meth:`_text_tower`). With ``words`` each
+        token also carries the tower's input word embedding, ``(n, length, 2 *
+        width)``: a contrastive tower may all but erase words the dual encoder
+        never needed (relation words, in shapes-tiny), and a reranker reads
+        them there.
         """
         import torch
 
         with torch.no_grad():
-            x, _, mask = self._text_tower(self.tokenize(texts).to(self.device))
+            x, ids, mask = self._text_tower(self.tokenize(texts).to(self.device))
+            if words:
+                x = torch.cat([x, self.model.token_embedding(ids).to(x.dtype)], dim=-1)
         return x, mask
 
-    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Patch tokens of the vision tower for a preprocessed batch (n, patches, width)."""
+    def image_tokens(self, pixels: torch.Tensor, layer: str = "final") -> torch.Tensor:
+        """Patch tokens of the vision tower for a preprocessed batch ``(n, patches, width)``.
+
+        ``layer``: ``final`` (the tower's output tokens before pooling),
+        ``embed`` (the patch embedding, before any attention) or ``blockK``
+        (the output of transformer block K, class token dropped).
+        """
         import torch
 
-        visual = self.model.visual
-        visual.output_tokens = True
-        try:
-            with torch.no_grad():
-                _, tokens = visual(pixels.to(self.device, dtype=self.dtype))
-        finally:
-            visual.output_tokens = False
-        return tokens
+        with torch.no_grad():
+            return self._visual_with_tokens(pixels.to(self.device, dtype=self.dtype), layer)[1]
 
     @property
     def text_width(self) -> int:

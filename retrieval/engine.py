@@ -139,15 +139,23 @@ class ModelState:
         """The patch-token store, when this model has a reranker."""
         if self._tokens is None and self.reranker is not None and self.encoder.has_tokens:
             shape = self._token_shape()
-            self._tokens = TokenStore(self.dir / "tokens.f16", shape)
+            self._tokens = TokenStore(self.dir / "tokens.f16", shape, layer=self.token_layer)
+            if self._tokens.reset:  # rows of another layer or shape are gone; re-encode on use
+                self.engine.store.clear_tokens(self.row.id)
+                self.engine.store.commit()
         return self._tokens
+
+    @property
+    def token_layer(self) -> str:
+        """The vision-tower layer whose patch tokens this model's reranker reads."""
+        return self.reranker.config.image_layer if self.reranker is not None else "final"
 
     def _token_shape(self) -> tuple[int, int]:
         import torch
 
         enc = self.encoder
         x = torch.zeros(1, 3, enc.image_size, enc.image_size)
-        _, tok = enc.encode_images(x, with_tokens=True)
+        _, tok = enc.encode_images(x, with_tokens=True, token_layer=self.token_layer)
         assert tok is not None
         return tok.shape[1], tok.shape[2]
 
@@ -511,7 +519,7 @@ class Engine:
                     good.append((row, pixels))
                 if good:
                     x = enc.batch([p for _, p in good])
-                    vecs, toks = enc.encode_images(x, with_tokens=tokens is not None)
+                    vecs, toks = enc.encode_images(x, with_tokens=tokens is not None, token_layer=state.token_layer)
                     ids = [r.id for r, _ in good]
                     index.add(ids, vecs)
                     if tokens is not None and toks is not None:
@@ -695,10 +703,12 @@ class Engine:
         except ImageLoadError as exc:
             raise QueryError(f"cannot use query image {path}: {exc.reason}") from None
 
-    def _encode_query_image(self, image: ImageInput, with_tokens: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def _encode_query_image(
+        self, image: ImageInput, with_tokens: bool = False, token_layer: str = "final"
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         enc = self.encoder
         loaded = self._open_query_image(image)
-        vecs, toks = enc.encode_images(enc.image_batch([loaded.image]), with_tokens=with_tokens)
+        vecs, toks = enc.encode_images(enc.image_batch([loaded.image]), with_tokens=with_tokens, token_layer=token_layer)
         return vecs[0], (toks[0] if toks is not None else None)
 
     def _allowed(self, query: SearchQuery, model_id: int) -> np.ndarray | None:
@@ -795,7 +805,7 @@ class Engine:
                 probs = reranker.score_images(query.text, toks, dual_scores=dual)
             else:
                 assert query.image is not None
-                _, qtok = self._encode_query_image(query.image, with_tokens=True)
+                _, qtok = self._encode_query_image(query.image, with_tokens=True, token_layer=state.token_layer)
                 probs = reranker.score_texts(qtok, [rows_t[i].text for i in ids], dual_scores=dual)
             rerank_scores = {i: float(p) for i, p in zip(ids, probs)}
             ids.sort(key=lambda i: (-rerank_scores[i], -scores[i]))
@@ -863,7 +873,7 @@ class Engine:
                 except ImageLoadError as exc:
                     LOG.warning("cannot re-read %s for re-ranking: %s", rows[i].path, exc.reason)
             if ok:
-                _, toks = enc.encode_images(enc.batch(pix), with_tokens=True)
+                _, toks = enc.encode_images(enc.batch(pix), with_tokens=True, token_layer=state.token_layer)
                 assert toks is not None
                 for i, t in zip(ok, toks):
                     out[i] = t

@@ -56,7 +56,7 @@ class RerankerConfig:
 
     model: str  # slug of the dual-encoder spec whose tokens it was trained on
     text_width: int  # width of the encoder's text tokens (after ln_final)
-    image_width: int  # width of the encoder's patch tokens (after ln_post)
+    image_width: int  # width of the encoder's patch tokens
     image_tokens: int  # patch tokens per image; one learned position each
     max_text_tokens: int  # text context of the encoder; longer inputs are cut
     width: int = 128  # width of the reranker's residual stream
@@ -67,6 +67,9 @@ class RerankerConfig:
     temperature: float = 1.0  # calibration: probability = sigmoid((logit - shift) / temperature)
     shift: float = 0.0  # calibration offset (Platt scaling together with ``temperature``)
     residual: bool = False  # logit = dual_scale * dual cosine + dual_bias + cross-attention correction
+    image_layer: str = "final"  # where patch tokens are taken: final, embed or blockK (Encoder.image_tokens)
+    text_words: bool = False  # text tokens carry the tower's input word embeddings too (Encoder.text_tokens)
+    image_depth: int = 0  # image self-attention blocks before the text attends to the patches
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -89,6 +92,11 @@ class RerankerConfig:
             **overrides,  # type: ignore[arg-type]
         )
 
+    @property
+    def text_features(self) -> int:
+        """Width of each text token the module reads (doubled with ``text_words``)."""
+        return self.text_width * (2 if self.text_words else 1)
+
 
 def _patch_count(encoder: Encoder) -> int:
     grid = getattr(encoder.model.visual, "grid_size", None)
@@ -101,6 +109,28 @@ def _context_length(encoder: Encoder) -> int:
     return int(encoder.model.positional_embedding.shape[0])
 
 
+def _mlp(width: int, ratio: float, dropout: float) -> nn.Module:
+    hidden = int(width * ratio)
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
+
+
+class _ImageBlock(nn.Module):
+    """Pre-LN self-attention block over an image's patch tokens."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.ln_mlp = nn.LayerNorm(width)
+        self.mlp = _mlp(width, mlp_ratio, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_attn(x)
+        x = x + self.drop(self.attn(h, h, h, need_weights=False)[0])
+        return x + self.drop(self.mlp(self.ln_mlp(x)))
+
+
 class _Block(nn.Module):
     """Pre-LN block: text self-attention, cross-attention to image patches, MLP."""
 
@@ -111,8 +141,7 @@ class _Block(nn.Module):
         self.ln_cross = nn.LayerNorm(width)
         self.cross_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.ln_mlp = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
+        self.mlp = _mlp(width, mlp_ratio, dropout)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -123,30 +152,51 @@ class _Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
 
+def grid_features(patches: int, freqs: int = 4) -> torch.Tensor:
+    """Each patch's place on its square grid: x, y in [-1, 1] and their sin/cos at ``freqs`` frequencies."""
+    side = int(round(patches**0.5))
+    if side * side != patches:
+        raise ValueError(f"{patches} patch tokens do not form a square grid")
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
+    xs, ys = xs.reshape(-1, 1), ys.reshape(-1, 1)
+    f = torch.arange(1, freqs + 1).float() * torch.pi / 2
+    return torch.cat([xs, ys, torch.sin(xs * f), torch.cos(xs * f), torch.sin(ys * f), torch.cos(ys * f)], 1)
+
+
 class CrossAttentionITM(nn.Module):
     """Image-text matching head over frozen dual-encoder tokens.
 
-    ``forward(text, mask, image)`` takes text tokens ``(n, L, text_width)``, their
-    padding mask ``(n, L)`` (True on real tokens) and patch tokens ``(n, P,
-    image_width)``; either side may have batch size 1 and is then shared by all
-    ``n`` pairs (one query against many candidates). ``dual`` (optional, ``(n,)``)
-    holds the dual encoder's cosine of each pair; a residual reranker
-    (``config.residual``) adds ``dual_scale * dual + dual_bias`` to its logit
-    (``dual`` None counts as cosine 0). Returns raw logits ``(n,)``.
+    ``forward(text, mask, image)`` takes text tokens ``(n, L, text_features)``
+    (see :attr:`RerankerConfig.text_features`), their padding mask ``(n, L)``
+    (True on real tokens) and patch tokens ``(n, P, image_width)``; either side
+    may have batch size 1 and is then shared by all ``n`` pairs (one query
+    against many candidates). ``dual`` (optional, ``(n,)``) holds the dual
+    encoder's cosine of each pair; a residual reranker (``config.residual``)
+    adds ``dual_scale * dual + dual_bias`` to its logit (``dual`` None counts as
+    cosine 0). Returns raw logits ``(n,)``.
+
+    Each patch token enters as itself and centred on the image's mean token
+    (what is local), plus a learned position and the fixed 2-D place of its
+    patch (:func:`grid_features`), so what a text token gathers from the image
+    says where as well as what. ``image_depth`` self-attention blocks let
+    patches combine into objects before the text attends to them.
     """
 
     def __init__(self, config: RerankerConfig) -> None:
         super().__init__()
         self.config = config
         w = config.width
-        self.text_in = nn.Sequential(nn.LayerNorm(config.text_width), nn.Linear(config.text_width, w))
-        # Patch tokens of CLS-pooled ViTs share a large image-wide component; the
-        # reranker sees each token both as is and centred on the image's mean
-        # token, which brings out what is local (colour and shape at a place).
+        self.text_in = nn.Sequential(nn.LayerNorm(config.text_features), nn.Linear(config.text_features, w))
         self.image_in = nn.Sequential(nn.LayerNorm(2 * config.image_width), nn.Linear(2 * config.image_width, w))
+        grid = grid_features(config.image_tokens)
+        self.register_buffer("grid", grid, persistent=False)
+        self.place_in = nn.Linear(grid.shape[1], w)
         self.itm_token = nn.Parameter(torch.randn(w) * 0.02)
         self.text_pos = nn.Parameter(torch.randn(config.max_text_tokens + 1, w) * 0.02)
         self.image_pos = nn.Parameter(torch.randn(config.image_tokens, w) * 0.02)
+        self.image_blocks = nn.ModuleList(
+            _ImageBlock(w, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.image_depth)
+        )
         self.ln_image = nn.LayerNorm(w)
         self.blocks = nn.ModuleList(
             _Block(w, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.depth)
@@ -161,23 +211,40 @@ class CrossAttentionITM(nn.Module):
             self.dual_scale = nn.Parameter(torch.tensor(1.0))
             self.dual_bias = nn.Parameter(torch.tensor(0.0))
 
-    def forward(
-        self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, dual: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """The patches as the text sees them, ``(n, P, width)``; compute once per image."""
         if image.shape[1] != self.config.image_tokens:
             raise ValueError(f"expected {self.config.image_tokens} patch tokens per image, got {image.shape[1]}")
+        image = image.to(self.head.weight.dtype)
+        image = torch.cat([image, image - image.mean(dim=1, keepdim=True)], dim=-1)
+        grid: torch.Tensor = self.grid  # type: ignore[assignment]
+        y = self.image_in(image) + self.image_pos + self.place_in(grid.to(image.dtype))
+        for block in self.image_blocks:
+            y = block(y)
+        return self.ln_image(y)
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        mask: torch.Tensor,
+        image: torch.Tensor,
+        dual: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of the pairs (text ``j``, image ``j``); with ``image_index`` the
+        pairs (text ``j``, image ``image_index[j]``), so each image of a group is
+        encoded once."""
+        img = self.encode_image(image)
+        if image_index is not None:
+            img = img[image_index]
         # Causal text towers leave padding after the last real token, so cutting
         # the batch to its longest text changes nothing but the cost.
         length = min(int(mask.sum(1).max()), self.config.max_text_tokens)
         text, mask = text[:, :length], mask[:, :length]
-        dtype = self.head.weight.dtype
-        t = self.text_in(text.to(dtype))
+        t = self.text_in(text.to(self.head.weight.dtype))
         itm = self.itm_token.expand(t.shape[0], 1, -1)
         x = torch.cat([itm, t], dim=1) + self.text_pos[: length + 1]
         keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
-        image = image.to(dtype)
-        image = torch.cat([image, image - image.mean(dim=1, keepdim=True)], dim=-1)
-        img = self.ln_image(self.image_in(image) + self.image_pos)
         n = max(x.shape[0], img.shape[0])
         x, img = x.expand(n, -1, -1), img.expand(n, -1, -1)
         pad = (~keep).expand(n, -1)
@@ -235,7 +302,7 @@ class Reranker:
         """
         tokens = self._check_tokens(image_tokens, ndim=3)
         dual = self._dual(dual_scores, len(tokens))
-        text_tok, mask = self.encoder.text_tokens([text])  # once per query
+        text_tok, mask = self.encoder.text_tokens([text], words=self.config.text_words)  # once per query
         out = [
             self._probabilities(
                 text_tok, mask, self._tensor(tokens[start : start + self.batch_size]),
@@ -256,7 +323,9 @@ class Reranker:
         dual = self._dual(dual_scores, len(texts))
         out = []
         for start in range(0, len(texts), self.batch_size):
-            text_tok, mask = self.encoder.text_tokens(list(texts[start : start + self.batch_size]))
+            text_tok, mask = self.encoder.text_tokens(
+                list(texts[start : start + self.batch_size]), words=self.config.text_words
+            )
             out.append(self._probabilities(
                 text_tok, mask, image, None if dual is None else dual[start : start + self.batch_size]
             ))

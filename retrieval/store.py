@@ -290,6 +290,12 @@ class Store:
             out.update(self.session.scalars(q))
         return out
 
+    def clear_tokens(self, model_id: int) -> None:
+        """Mark every stored patch-token row of a model invalid (the token store started over)."""
+        self.session.execute(
+            update(ImageVector).where(ImageVector.model_id == model_id).values(has_tokens=False)
+        )
+
     def set_image_vectors(self, model_id: int, rows: Sequence[tuple[int, str, bool]]) -> None:
         """Record (image id, content hash, has tokens) vector rows for a model."""
         ids = [r[0] for r in rows]

@@ -1,6 +1,7 @@
 """Per-model store of image patch tokens for the reranker, keyed by image id.
 
-One raw float16 file of fixed-size rows, row ``id`` at offset ``id * row_bytes``
+One raw float16 file of fixed-size rows (patch tokens of the vision-tower
+layer the model's reranker reads, recorded beside it), row ``id`` at offset ``id * row_bytes``
 and memory-mapped for reading: re-scoring candidates reads their rows instead
 of decoding images again. The file is sparse where ids are missing. A row is
 valid only when the store's ``image_vectors.has_tokens`` says so, and that is
@@ -20,18 +21,23 @@ import numpy as np
 class TokenStore:
     """Fixed-shape float16 token rows in one file, addressed by integer id."""
 
-    def __init__(self, path: str | os.PathLike[str], shape: tuple[int, int]) -> None:
+    def __init__(self, path: str | os.PathLike[str], shape: tuple[int, int], layer: str = "final") -> None:
         self.path = Path(path)
         self.shape = (int(shape[0]), int(shape[1]))
+        self.layer = layer
         self.row_bytes = self.shape[0] * self.shape[1] * 2
+        #: True when rows of other shapes or another layer were dropped: the
+        #: caller must mark its rows invalid (they will be re-encoded on use).
+        self.reset = False
         meta = self.path.with_suffix(".json")
         if meta.exists():
-            saved = tuple(json.loads(meta.read_text())["shape"])
-            if saved != self.shape:
-                # Another model build with other token shapes: start over.
+            saved = json.loads(meta.read_text())
+            if tuple(saved["shape"]) != self.shape or saved.get("layer", "final") != layer:
+                # Tokens of another model build or another layer (a new reranker): start over.
                 self.path.unlink(missing_ok=True)
+                self.reset = True
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps({"shape": list(self.shape), "dtype": "float16"}))
+        meta.write_text(json.dumps({"shape": list(self.shape), "dtype": "float16", "layer": layer}))
         self.path.touch(exist_ok=True)
         self._fh = open(self.path, "r+b")
 

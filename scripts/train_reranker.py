@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
 
@@ -98,8 +99,14 @@ def _parse_scene(key: str | None):
         return None
 
 
-def build_pool(encoder: Encoder, root: Path, records: list[dict], perturb: bool, seed: int, hard_k: int) -> Pool:
-    """Load images, add perturbed scenes, encode everything once, mine negatives."""
+def build_pool(
+    encoder: Encoder, root: Path, records: list[dict], perturb: bool, seed: int, hard_k: int,
+    layer: str = "final", words: bool = False,
+) -> Pool:
+    """Load images, add perturbed scenes, encode everything once, mine negatives.
+
+    Patch tokens are taken at ``layer`` and text tokens carry word embeddings
+    when ``words`` (the reranker's ``image_layer`` and ``text_words``)."""
     from PIL import Image
 
     images: list = []
@@ -153,7 +160,9 @@ def build_pool(encoder: Encoder, root: Path, records: list[dict], perturb: bool,
 
     vecs, toks = [], []
     for start in range(0, len(images), 256):
-        v, tok = encoder.encode_images(encoder.image_batch(images[start : start + 256]), with_tokens=True)
+        v, tok = encoder.encode_images(
+            encoder.image_batch(images[start : start + 256]), with_tokens=True, token_layer=layer
+        )
         vecs.append(v)
         toks.append(torch.from_numpy(tok))
     img_vec, img_tok = np.concatenate(vecs), torch.cat(toks)
@@ -161,7 +170,7 @@ def build_pool(encoder: Encoder, root: Path, records: list[dict], perturb: bool,
     ttoks, masks = [], []
     with torch.inference_mode():
         for start in range(0, len(texts), 512):
-            tok, mask = encoder.text_tokens(texts[start : start + 512])
+            tok, mask = encoder.text_tokens(texts[start : start + 512], words=words)
             ttoks.append(tok.to("cpu", torch.float16))
             masks.append(mask.cpu())
     # Batches may come cut to their own longest text; pad them to the longest of all.
@@ -460,12 +469,15 @@ def pairwise_eval(reranker: Reranker, encoder: Encoder, pool: Pool, seed: int) -
     return out
 
 
-def eval_pool(encoder: Encoder, seed: int, n: int, minimal_pairs: bool, work: Path, perturb: bool, hard_k: int) -> Pool:
+def eval_pool(
+    encoder: Encoder, cfg: RerankerConfig, seed: int, n: int, minimal_pairs: bool, work: Path, perturb: bool, hard_k: int
+) -> Pool:
     from retrieval.shapes import generate
 
     where = work / f"eval-{seed}{'-minimal' if minimal_pairs else ''}"
     records = generate(where, n, seed, minimal_pairs=minimal_pairs)
-    return build_pool(encoder, where, records, perturb=perturb, seed=seed + 50_000, hard_k=hard_k)
+    return build_pool(encoder, where, records, perturb=perturb, seed=seed + 50_000, hard_k=hard_k,
+                      layer=cfg.image_layer, words=cfg.text_words)
 
 
 def write_card(card: Path, text: str) -> None:
@@ -560,6 +572,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--image-layer", default="final",
+                   help="vision-tower layer whose patch tokens the reranker reads: final, embed or blockK (default: final)")
+    p.add_argument("--words", action="store_true",
+                   help="give the reranker the text tower's input word embeddings beside its output tokens")
+    p.add_argument("--image-depth", type=int, default=0, help="image self-attention blocks before cross-attention")
     p.add_argument("--init", type=Path, help="continue training the reranker saved in this folder")
     p.add_argument("--hard-k", type=int, default=10, help="mined negatives kept per query")
     p.add_argument("--calib-fraction", type=float, default=0.1, help="share of keys held out to fit the temperature")
@@ -600,26 +617,31 @@ def main(argv: list[str] | None = None) -> Reranker:
         minimal = generate(root / "minimal", n_min, args.seed + 1, minimal_pairs=True) if n_min else []
         records += [{**r, "image": f"minimal/{r['image']}"} for r in minimal]
         info["n_ordinary"], info["n_minimal"] = args.generate - n_min, n_min
-    train_recs, calib_recs = split_records(records, args.calib_fraction, args.seed)
-    log(f"{len(train_recs)} training and {len(calib_recs)} calibration records")
-    pool = build_pool(encoder, root, train_recs, perturb=True, seed=args.seed, hard_k=args.hard_k)
-    calib = build_pool(encoder, root, calib_recs, perturb=True, seed=args.seed + 7, hard_k=args.hard_k)
-    log(f"features ready after {time.monotonic() - t_start:.0f}s")
-
     if args.init is not None:  # continue from a saved reranker (its shape wins over --width/--depth/--heads)
         module = Reranker.load(args.init, encoder).module.float()
         cfg = module.config
         log(f"continuing from {args.init}")
     else:
         cfg = RerankerConfig.for_encoder(
-            encoder, width=args.width, depth=args.depth, heads=args.heads, dropout=args.dropout, residual=args.residual
+            encoder, width=args.width, depth=args.depth, heads=args.heads, dropout=args.dropout,
+            residual=args.residual, image_layer=args.image_layer, text_words=args.words, image_depth=args.image_depth,
         )
+        try:
+            encoder.image_tokens(encoder.image_batch([Image.new("RGB", (8, 8))]), layer=cfg.image_layer)
+        except ValueError as exc:
+            raise SystemExit(f"--image-layer: {exc}") from None
         module = CrossAttentionITM(cfg)
         if cfg.residual:  # start as the dual encoder: its own logit scale on the cosine
             scale = float(encoder.model.logit_scale.detach().exp()) if hasattr(encoder.model, "logit_scale") else 1.0
             with torch.no_grad():
                 module.dual_scale.fill_(scale)
             log(f"residual reranker: dual_scale initialised to {scale:.2f}")
+    train_recs, calib_recs = split_records(records, args.calib_fraction, args.seed)
+    log(f"{len(train_recs)} training and {len(calib_recs)} calibration records")
+    features = {"layer": cfg.image_layer, "words": cfg.text_words}
+    pool = build_pool(encoder, root, train_recs, perturb=True, seed=args.seed, hard_k=args.hard_k, **features)
+    calib = build_pool(encoder, root, calib_recs, perturb=True, seed=args.seed + 7, hard_k=args.hard_k, **features)
+    log(f"features ready after {time.monotonic() - t_start:.0f}s")
     info.update(train_module(module, pool, args))
     log(f"trained {info['steps']} steps in {info['seconds']:.0f}s")
     # Round to the float16 that gets saved, so this reranker scores exactly like the loaded one.
@@ -654,10 +676,10 @@ def main(argv: list[str] | None = None) -> Reranker:
 def evaluate(reranker: Reranker, encoder: Encoder, args: argparse.Namespace, work: Path) -> dict:
     m: dict = {}
     log(f"evaluating on minimal pairs (seed {EVAL_SEEDS[1]})")
-    mp = eval_pool(encoder, EVAL_SEEDS[1], args.eval_n, True, work, perturb=False, hard_k=args.hard_k)
+    mp = eval_pool(encoder, reranker.config, EVAL_SEEDS[1], args.eval_n, True, work, perturb=False, hard_k=args.hard_k)
     m.update({f"mp_{k}": v for k, v in retrieval_eval(reranker, mp).items()})
     log(f"evaluating on ordinary scenes (seed {EVAL_SEEDS[0]})")
-    ordinary = eval_pool(encoder, EVAL_SEEDS[0], args.eval_n, False, work, perturb=True, hard_k=args.hard_k)
+    ordinary = eval_pool(encoder, reranker.config, EVAL_SEEDS[0], args.eval_n, False, work, perturb=True, hard_k=args.hard_k)
     n_orig = args.eval_n
     # Retrieval on the generated items only; the perturbed ones serve the pairwise and ECE checks.
     plain = Pool(ordinary.img_tok[:n_orig], ordinary.img_vec[:n_orig], ordinary.img_key[:n_orig], ordinary.txt_tok[:n_orig],

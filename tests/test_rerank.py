@@ -137,18 +137,23 @@ def _train_script():
     return module
 
 
-def test_short_training_run_saves_weights_that_load_back(encoder, stored_tokens, tmp_path, monkeypatch):
+@pytest.mark.parametrize("features", [[], ["--image-layer", "embed", "--words", "--image-depth", "1"]])
+def test_short_training_run_saves_weights_that_load_back(encoder, tmp_path, monkeypatch, features):
     from retrieval.shapes import generate
 
     generate(tmp_path / "data", 24, seed=5000, size=32)
     out = tmp_path / "rerankers" / encoder.spec.slug
     trained = _train_script().main(
         ["--model", encoder.spec.spec, "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "3",
-         "--batch-size", "16", "--width", "32", "--depth", "1", "--heads", "2", "--calib-fraction", "0.25", "--no-eval"]
+         "--batch-size", "16", "--width", "32", "--depth", "1", "--heads", "2", "--calib-fraction", "0.25", "--no-eval",
+         *features]
     )
     assert (out / "reranker.safetensors").is_file() and (out / CONFIG_NAME).is_file()
     config = json.loads((out / CONFIG_NAME).read_text())
     assert config["model"] == encoder.spec.slug and config["temperature"] > 0
+    layer = "embed" if features else "final"
+    assert (config["image_layer"], config["text_words"], config["image_depth"]) == (layer, bool(features), 1 if features else 0)
+    stored_tokens = encoder.encode_images(encoder.image_batch(_images(6)), with_tokens=True, token_layer=layer)[1]
     loaded = Reranker.load(out, encoder)
     monkeypatch.setenv("CROSSFIND_RERANKERS", str(tmp_path / "rerankers"))
     found = find_reranker(encoder)
@@ -156,6 +161,45 @@ def test_short_training_run_saves_weights_that_load_back(encoder, stored_tokens,
     want = trained.score_images("a small red circle", stored_tokens)
     assert np.array_equal(loaded.score_images("a small red circle", stored_tokens), want)
     assert np.array_equal(found.score_images("a small red circle", stored_tokens), want)
+
+
+def test_patch_tokens_of_other_layers_and_word_embeddings(encoder):
+    pix = encoder.image_batch(_images(3))
+    final = encoder.image_tokens(pix)
+    embed = encoder.image_tokens(pix, layer="embed")
+    assert embed.shape == final.shape == (3, 16, 48) and not torch.allclose(embed, final)
+    with torch.no_grad():  # the patch embedding is the conv1 output, patch by patch
+        conv = encoder.model.visual.conv1(pix).flatten(2).transpose(1, 2)
+    assert torch.allclose(embed, conv)
+    assert encoder.image_tokens(pix, layer="block0").shape == (3, 16, 48)
+    _, stored = encoder.encode_images(pix, with_tokens=True, token_layer="embed")
+    np.testing.assert_allclose(stored.astype(np.float32), embed.numpy(), atol=2e-3)
+    with pytest.raises(ValueError, match="unknown token layer 'block9'.*block0"):
+        encoder.image_tokens(pix, layer="block9")
+    plain, mask = encoder.text_tokens(["a red circle", "a blue square left of a green star"])
+    both, mask2 = encoder.text_tokens(["a red circle", "a blue square left of a green star"], words=True)
+    assert both.shape == (*plain.shape[:2], 2 * plain.shape[2]) and torch.equal(mask, mask2)
+    assert torch.equal(both[..., :32], plain)
+    ids = encoder.tokenize(["a red circle", "a blue square left of a green star"])[:, : plain.shape[1]]
+    assert torch.equal(both[..., 32:], encoder.model.token_embedding(ids).detach())
+
+
+def test_reranker_reads_the_tokens_its_config_names(encoder):
+    torch.manual_seed(4)
+    cfg = RerankerConfig.for_encoder(encoder, width=32, depth=1, heads=2, image_layer="embed", text_words=True, image_depth=1)
+    rr = Reranker(CrossAttentionITM(cfg), encoder)
+    pix = encoder.image_batch(_images(4))
+    embed = encoder.image_tokens(pix, layer="embed").numpy()
+    text, mask = encoder.text_tokens(["a red circle"], words=True)
+    with torch.inference_mode():
+        want = rr.module.probability(rr.module(text, mask, torch.from_numpy(embed.astype(np.float16)))).numpy()
+    np.testing.assert_allclose(rr.score_images("a red circle", embed), want, atol=1e-6)
+    # grouped pairs: each image encoded once, then indexed
+    with torch.inference_mode():
+        idx = torch.tensor([2, 0, 2])
+        grouped = rr.module(text.expand(3, -1, -1), mask.expand(3, -1), torch.from_numpy(embed), image_index=idx)
+        direct = rr.module(text.expand(3, -1, -1), mask.expand(3, -1), torch.from_numpy(embed[[2, 0, 2]]))
+    assert torch.allclose(grouped, direct, atol=1e-5)
 
 
 def test_no_reranker_found_is_none(encoder, tmp_path, monkeypatch):

@@ -18,14 +18,14 @@ from retrieval.encoders import load_encoder
 from retrieval.imageio import load_image
 
 
-def add_random_reranker(model_dir, seed: int = 0) -> None:
+def add_random_reranker(model_dir, seed: int = 0, **config) -> None:
     import torch
 
     from retrieval.rerank import CrossAttentionITM, Reranker, RerankerConfig
 
     enc = load_encoder(f"local-dir:{model_dir}")
     torch.manual_seed(seed)
-    module = CrossAttentionITM(RerankerConfig.for_encoder(enc, width=32, depth=1, heads=2))
+    module = CrossAttentionITM(RerankerConfig.for_encoder(enc, width=32, depth=1, heads=2, **config))
     with torch.no_grad():
         module.head.weight.mul_(40.0)  # spread probabilities so order and thresholds are visible
     Reranker(module, enc).save(model_dir)
@@ -101,6 +101,28 @@ def test_library_indexed_before_the_reranker_still_reranks(tmp_path, photo_dir):
         again = eng.search(SearchQuery(text="a green star", k=12, candidates=12))
         assert [h.id for h in again.hits] == [h.id for h in first.hits]
         np.testing.assert_allclose([h.rerank_score for h in again.hits], [h.rerank_score for h in first.hits], atol=1e-4)
+
+
+def test_reranker_of_another_layer_starts_the_token_store_over(tmp_path, photo_dir):
+    model_dir = write_tiny_model(tmp_path / "model")
+    spec = f"local-dir:{model_dir}"
+    add_random_reranker(model_dir)
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model=spec) as eng:
+        eng.index_folder(photo_dir)
+        assert eng.status()["models"][0]["image_tokens"] == 12  # final-layer tokens
+    add_random_reranker(model_dir, seed=1, image_layer="embed", text_words=True)
+    with Engine.open(lib, model=spec) as eng:
+        state = eng.state()
+        assert state.token_layer == "embed" and state.tokens.layer == "embed"
+        assert eng.status()["models"][0]["image_tokens"] == 0  # the final-layer rows no longer count
+        res = eng.search(SearchQuery(text="a green star", k=12, candidates=12))
+        assert res.reranked and eng.status()["models"][0]["image_tokens"] == 12
+        enc, reranker = eng.encoder, state.reranker
+        pix = enc.image_batch([load_image(h.path, enc.image_size).image for h in res.hits])
+        _, toks = enc.encode_images(pix, with_tokens=True, token_layer="embed")
+        np.testing.assert_allclose(reranker.score_images("a green star", toks), [h.rerank_score for h in res.hits], atol=1e-3)
+        np.testing.assert_array_equal(state.tokens.read([h.id for h in res.hits]), toks)
 
 
 def test_cli_json_shows_rerank_and_note(tmp_path, rr_model, photo_dir, tiny_model):
