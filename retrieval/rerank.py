@@ -192,6 +192,10 @@ class CrossAttentionITM(nn.Module):
         self.register_buffer("grid", grid, persistent=False)
         self.place_in = nn.Linear(grid.shape[1], w)
         self.itm_token = nn.Parameter(torch.randn(w) * 0.02)
+        # Stands in for masked words in image-conditioned masked word prediction,
+        # the training task that teaches the cross-attention to ground words
+        # (see scripts/train_reranker.py --mlm); unused when scoring.
+        self.mask_token = nn.Parameter(torch.randn(w) * 0.02)
         self.text_pos = nn.Parameter(torch.randn(config.max_text_tokens + 1, w) * 0.02)
         self.image_pos = nn.Parameter(torch.randn(config.image_tokens, w) * 0.02)
         self.image_blocks = nn.ModuleList(
@@ -234,14 +238,42 @@ class CrossAttentionITM(nn.Module):
         """Logits of the pairs (text ``j``, image ``j``); with ``image_index`` the
         pairs (text ``j``, image ``image_index[j]``), so each image of a group is
         encoded once."""
+        logit = self.head(self.fuse(text, mask, image, image_index)[:, 0]).squeeze(-1).float()
+        if self.config.residual:
+            base = self.dual_bias.float()
+            if dual is not None:
+                base = base + self.dual_scale.float() * dual.to(logit.device, torch.float32)
+            logit = logit + base
+        return logit
+
+    def fuse(
+        self,
+        text: torch.Tensor,
+        mask: torch.Tensor,
+        image: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+        masked: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The text stream after every block, ``(n, 1 + L, width)``: the [ITM]
+        token first, then one state per text token (``L`` cut to the longest text).
+
+        ``masked`` ``(n, L)`` replaces those text tokens by the mask token for
+        masked word prediction; the tower's output half of every token is then
+        dropped too (with ``text_words``), since a causal tower carries a word on
+        into the tokens after it and the prediction must come from the image.
+        """
         img = self.encode_image(image)
         if image_index is not None:
             img = img[image_index]
         # Causal text towers leave padding after the last real token, so cutting
         # the batch to its longest text changes nothing but the cost.
         length = min(int(mask.sum(1).max()), self.config.max_text_tokens)
-        text, mask = text[:, :length], mask[:, :length]
-        t = self.text_in(text.to(self.head.weight.dtype))
+        text, mask = text[:, :length].to(self.head.weight.dtype), mask[:, :length]
+        if masked is not None and self.config.text_words:
+            text = torch.cat([torch.zeros_like(text[..., : self.config.text_width]), text[..., self.config.text_width :]], -1)
+        t = self.text_in(text)
+        if masked is not None:
+            t = torch.where(masked[:, :length, None], self.mask_token.to(t.dtype), t)
         itm = self.itm_token.expand(t.shape[0], 1, -1)
         x = torch.cat([itm, t], dim=1) + self.text_pos[: length + 1]
         keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
@@ -250,13 +282,7 @@ class CrossAttentionITM(nn.Module):
         pad = (~keep).expand(n, -1)
         for block in self.blocks:
             x = block(x, pad, img)
-        logit = self.head(self.ln_out(x[:, 0])).squeeze(-1).float()
-        if self.config.residual:
-            base = self.dual_bias.float()
-            if dual is not None:
-                base = base + self.dual_scale.float() * dual.to(logit.device, torch.float32)
-            logit = logit + base
-        return logit
+        return self.ln_out(x)
 
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated match probability of raw logits."""

@@ -79,6 +79,9 @@ class Pool:
     partners: list[list[int]] = field(default_factory=list)  # per caption: captions of minimally different scenes
     mined_t2i: np.ndarray | None = None  # (Nt, k) hardest wrong images per caption
     mined_i2t: np.ndarray | None = None  # (Ni, k) hardest wrong captions per image
+    txt_ids: torch.Tensor | None = None  # (Nt, L) token ids of the captions (for --mlm)
+    canon_tok: torch.Tensor | None = None  # (Nt, L, Wt) tokens of each caption's canonical scene key (--curriculum)
+    canon_mask: torch.Tensor | None = None  # (Nt, L)
 
 
 def read_records(data_dir: Path) -> list[dict]:
@@ -101,12 +104,13 @@ def _parse_scene(key: str | None):
 
 def build_pool(
     encoder: Encoder, root: Path, records: list[dict], perturb: bool, seed: int, hard_k: int,
-    layer: str = "final", words: bool = False,
+    layer: str = "final", words: bool = False, canonical: bool = False,
 ) -> Pool:
     """Load images, add perturbed scenes, encode everything once, mine negatives.
 
     Patch tokens are taken at ``layer`` and text tokens carry word embeddings
-    when ``words`` (the reranker's ``image_layer`` and ``text_words``)."""
+    when ``words`` (the reranker's ``image_layer`` and ``text_words``);
+    ``canonical`` also keeps the tokens of each generated scene's canonical key."""
     from PIL import Image
 
     images: list = []
@@ -167,23 +171,44 @@ def build_pool(
         toks.append(torch.from_numpy(tok))
     img_vec, img_tok = np.concatenate(vecs), torch.cat(toks)
     txt_vec = encoder.encode_texts(texts)
+    txt_tok, mask = _text_features(encoder, texts, words)
+    canon = None
+    if canonical:  # each generated scene's caption as its canonical key, for --curriculum
+        keyed = [k if _parse_scene(k) is not None else t for k, t in zip(scenes, texts)]
+        canon = _text_features(encoder, keyed, words)
+        length = max(txt_tok.shape[1], canon[0].shape[1])
+        txt_tok, mask = _pad_to(txt_tok, mask, length)
+        canon = _pad_to(*canon, length)
+    pool = Pool(img_tok, img_vec, img_key, txt_tok, mask, txt_vec, txt_key, np.array(txt_img), texts, scenes, partners)
+    if canon is not None:
+        pool.canon_tok, pool.canon_mask = canon
+    pool.mined_t2i = _mine(txt_vec, img_vec, txt_key, img_key, hard_k)
+    pool.mined_i2t = _mine(img_vec, txt_vec, img_key, txt_key, hard_k)
+    length = txt_tok.shape[1]
+    ids = encoder.tokenize(texts)[:, :length] if texts else torch.zeros(0, length, dtype=torch.long)
+    pool.txt_ids = F.pad(ids, (0, length - ids.shape[1]))
+    return pool
+
+
+def _text_features(encoder: Encoder, texts: list[str], words: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float16 text tokens and masks of ``texts``, padded to the longest of them."""
     ttoks, masks = [], []
     with torch.inference_mode():
         for start in range(0, len(texts), 512):
             tok, mask = encoder.text_tokens(texts[start : start + 512], words=words)
             ttoks.append(tok.to("cpu", torch.float16))
             masks.append(mask.cpu())
-    # Batches may come cut to their own longest text; pad them to the longest of all.
+    # Batches come cut to their own longest text; pad them to the longest of all.
     length = max(int(m.sum(1).max()) for m in masks) if masks else 1
-    ttoks = [F.pad(t[:, :length], (0, 0, 0, length - min(length, t.shape[1]))) for t in ttoks]
-    masks = [F.pad(m[:, :length], (0, length - min(length, m.shape[1]))) for m in masks]
-    mask = torch.cat(masks)
-    txt_tok = torch.cat(ttoks).clone()
-    pool = Pool(img_tok, img_vec, img_key, txt_tok, mask[:, :length].clone(), txt_vec, txt_key,
-                np.array(txt_img), texts, scenes, partners)
-    pool.mined_t2i = _mine(txt_vec, img_vec, txt_key, img_key, hard_k)
-    pool.mined_i2t = _mine(img_vec, txt_vec, img_key, txt_key, hard_k)
-    return pool
+    padded = [_pad_to(t, m, length) for t, m in zip(ttoks, masks)]
+    if not padded:
+        return torch.zeros(0, 1, 1, dtype=torch.float16), torch.zeros(0, 1, dtype=torch.bool)
+    return torch.cat([t for t, _ in padded]).clone(), torch.cat([m for _, m in padded]).clone()
+
+
+def _pad_to(tok: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tok, mask = tok[:, :length], mask[:, :length]
+    return F.pad(tok, (0, 0, 0, length - tok.shape[1])), F.pad(mask, (0, length - mask.shape[1]))
 
 
 def _mine(q: np.ndarray, c: np.ndarray, q_key: np.ndarray, c_key: np.ndarray, k: int) -> np.ndarray:
@@ -309,14 +334,100 @@ def sample_groups(pool: Pool, n: int, group: int, rng: np.random.Generator) -> t
 
 
 # ------------------------------------------------------------------ training
+class WordMasker:
+    """Image-conditioned masked word prediction (ALBEF's MLM), a training task.
+
+    Matching alone gives the cross-attention no first-order signal for a
+    relation: telling "A left of B" from "A right of B" needs the places of
+    both objects, their order in the text and the relation word at once, and
+    a matching loss stays at chance until all three exist. Predicting a masked
+    word of a true caption from its image does reward each part alone (a
+    masked colour from the shape named beside it, a masked relation word from
+    where the named objects lie), so the same blocks learn to ground words.
+    Words are every real token but the first and last; the vocabulary is the
+    ``vocab`` most frequent of the training captions, the rest never masked.
+    """
+
+    def __init__(self, pool: Pool, width: int, p: float, vocab: int = 4096) -> None:
+        assert pool.txt_ids is not None
+        ids, mask = pool.txt_ids, pool.txt_mask
+        ends = mask.sum(1, keepdim=True) - 1
+        pos = torch.arange(ids.shape[1])[None]
+        words = mask & (pos > 0) & (pos < ends)
+        counts = torch.bincount(ids[words], minlength=int(ids.max()) + 1 if ids.numel() else 1)
+        keep = counts.argsort(descending=True)[: min(vocab, int((counts > 0).sum()))]
+        lookup = torch.full((len(counts),), -1, dtype=torch.long)
+        lookup[keep] = torch.arange(len(keep))
+        self.classes = torch.where(words, lookup[ids], -1)  # (Nt, L): class of each maskable word, else -1
+        self.head = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, max(1, len(keep))))
+        self.p = p
+
+    def loss(self, module: CrossAttentionITM, pool: Pool, caps: np.ndarray, imgs: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        """Cross-entropy of the masked words of captions ``caps`` read with their images ``imgs``."""
+        cls = self.classes[caps]
+        can = cls >= 0
+        masked = can & (torch.rand(cls.shape, generator=gen) < self.p)
+        none = can.any(1) & ~masked.any(1)  # at least one masked word per caption that has one
+        masked[none, can[none].float().argmax(1)] = True
+        states = module.fuse(pool.txt_tok[caps], pool.txt_mask[caps], pool.img_tok[imgs], masked=masked)[:, 1:]
+        masked = masked[:, : states.shape[1]]
+        return F.cross_entropy(self.head(states[masked]).float(), cls[:, : states.shape[1]][masked])
+
+
+def minimal_groups(pool: Pool) -> np.ndarray:
+    """``(G, 4)`` caption indices: each generated scene with its three minimal
+    variants (colours swapped, shapes swapped, relation reversed), once per
+    group and only where all four keys differ."""
+    seen: set[tuple[int, ...]] = set()
+    for t, partners in enumerate(pool.partners):
+        group = tuple(sorted([t, *partners]))
+        if len(group) == 4 and len(set(pool.txt_key[list(group)].tolist())) == 4:
+            seen.add(group)
+    return np.array(sorted(seen), np.int64).reshape(-1, 4)
+
+
+def group_loss(
+    module: CrossAttentionITM, pool: Pool, groups: np.ndarray, canonical: np.ndarray | None = None
+) -> torch.Tensor:
+    """Every image of each minimal group against every caption of it: softmax
+    over the captions for each image and over the images for each caption, so
+    every negative differs from the positive by one swap. Each image is encoded
+    once. ``canonical`` (per group) reads those captions as their canonical
+    scene keys."""
+    g, size = groups.shape
+    caps = groups.reshape(-1)
+    imgs = pool.txt_img[caps]
+    text, mask = pool.txt_tok[caps], pool.txt_mask[caps]
+    if canonical is not None and canonical.any():
+        assert pool.canon_tok is not None and pool.canon_mask is not None
+        use = torch.from_numpy(np.repeat(canonical, size))
+        text = torch.where(use[:, None, None], pool.canon_tok[caps], text)
+        mask = torch.where(use[:, None], pool.canon_mask[caps], mask)
+    base = np.arange(g)[:, None, None] * size
+    ii = (base + np.arange(size)[None, :, None]).repeat(size, 2).reshape(-1)  # image j of the group
+    ti = (base + np.arange(size)[None, None, :]).repeat(size, 1).reshape(-1)  # caption k of the group
+    dual = dual_cosine(pool, caps[ti], imgs[ii])
+    logits = module(text[ti], mask[ti], pool.img_tok[imgs], dual, image_index=torch.from_numpy(ii)).view(g, size, size)
+    target = torch.arange(size).repeat(g)
+    return F.cross_entropy(logits.reshape(-1, size), target) + F.cross_entropy(logits.transpose(1, 2).reshape(-1, size), target)
+
+
 def train_module(module: CrossAttentionITM, pool: Pool, args: argparse.Namespace) -> dict:
-    """BCE training with warm-up and cosine decay over steps or wall time, whichever ends first."""
-    opt = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    """Listwise (or BCE) matching, plus masked word prediction with ``--mlm``;
+    warm-up and cosine decay over steps or wall time, whichever ends first."""
+    masker = WordMasker(pool, module.config.width, args.mlm_p) if args.mlm > 0 else None
+    minimal = minimal_groups(pool) if args.listwise and args.minimal_groups else np.zeros((0, 4), np.int64)
+    log(f"{len(minimal)} minimal-pair groups of four for the group loss")
+    params = list(module.parameters()) + (list(masker.head.parameters()) if masker else [])
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     budget = args.minutes * 60 if args.minutes else math.inf
     steps = args.steps or 10**9
     warmup = max(1, min(args.warmup, steps // 10))
     start, step, ema, window = time.monotonic(), 0, None, []
+    mlm_window: list[float] = []
+    group_window: list[float] = []
     module.train()
     while True:
         progress = max(step / steps, (time.monotonic() - start) / budget)
@@ -332,20 +443,36 @@ def train_module(module: CrossAttentionITM, pool: Pool, args: argparse.Namespace
             logits = module(pool.txt_tok[c], pool.txt_mask[c], pool.img_tok[i], dual_cosine(pool, c, i))
             logits = logits.view(groups, args.group_size).masked_fill(~torch.from_numpy(valid), -1e4)
             loss = F.cross_entropy(logits, torch.zeros(groups, dtype=torch.long))
+            if len(minimal):
+                picked = minimal[rng.integers(len(minimal), size=args.minimal_groups)]
+                canonical = None
+                if args.curriculum:  # canonical captions only for N steps, then fading out over N more
+                    share = min(1.0, max(0.0, 2.0 - step / args.curriculum))
+                    canonical = rng.random(len(picked)) < share
+                grouped = group_loss(module, pool, picked, canonical)
+                loss = loss + grouped
+                group_window.append(grouped.item())
+            if masker is not None:  # the positive pair of every group
+                mlm = masker.loss(module, pool, c.reshape(groups, -1)[:, 0], i.reshape(groups, -1)[:, 0], gen)
+                loss = loss + args.mlm * mlm
+                mlm_window.append(mlm.item())
         else:
             c, i, y, _ = sample_pairs(pool, args.batch_size, rng)
             logits = module(pool.txt_tok[c], pool.txt_mask[c], pool.img_tok[i], dual_cosine(pool, c, i))
             loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(y))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         window.append(loss.item())
         if step == 1 or step % 50 == 0:
-            log(f"step {step} loss {np.mean(window):.4f} (last {len(window)}) lr {lr:.2e} elapsed {time.monotonic() - start:.0f}s")
-            window = []
+            mlm_note = f" (minimal groups {np.mean(group_window):.4f})" if group_window else ""
+            mlm_note += f" (masked words {np.mean(mlm_window):.4f})" if mlm_window else ""
+            log(f"step {step} loss {np.mean(window):.4f}{mlm_note} (last {len(window)}) lr {lr:.2e} "
+                f"elapsed {time.monotonic() - start:.0f}s")
+            window, mlm_window, group_window = [], [], []
     module.eval()
     return {"steps": step, "seconds": time.monotonic() - start, "final_loss": ema}
 
@@ -577,6 +704,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--words", action="store_true",
                    help="give the reranker the text tower's input word embeddings beside its output tokens")
     p.add_argument("--image-depth", type=int, default=0, help="image self-attention blocks before cross-attention")
+    p.add_argument("--minimal-groups", type=int, default=32,
+                   help="listwise: minimal-pair groups of four (a scene, colours swapped, shapes swapped, relation "
+                        "reversed) per step, each image against each caption; 0 to skip")
+    p.add_argument("--curriculum", type=int, default=0,
+                   help="read the minimal groups' captions as their canonical scene keys for the first N steps, "
+                        "then fade to the real captions over N more (generated scenes only)")
+    p.add_argument("--mlm", type=float, default=0.0,
+                   help="weight of image-conditioned masked word prediction on the positive pairs (listwise only)")
+    p.add_argument("--mlm-p", type=float, default=0.3, help="with --mlm: chance that each word is masked")
     p.add_argument("--init", type=Path, help="continue training the reranker saved in this folder")
     p.add_argument("--hard-k", type=int, default=10, help="mined negatives kept per query")
     p.add_argument("--calib-fraction", type=float, default=0.1, help="share of keys held out to fit the temperature")
@@ -585,7 +721,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-bench-b32", dest="bench_b32", action="store_false", help="skip the random ViT-B-32 latency check")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--card", type=Path, help="model card to update (default: README.md in --out when it is the model folder)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mlm and not args.listwise:
+        p.error("--mlm trains on the positive pair of each listwise group; drop --pointwise")
+    if not 0 < args.mlm_p <= 1:
+        p.error("--mlm-p must be in (0, 1]")
+    return args
 
 
 def main(argv: list[str] | None = None) -> Reranker:
@@ -639,7 +780,8 @@ def main(argv: list[str] | None = None) -> Reranker:
     train_recs, calib_recs = split_records(records, args.calib_fraction, args.seed)
     log(f"{len(train_recs)} training and {len(calib_recs)} calibration records")
     features = {"layer": cfg.image_layer, "words": cfg.text_words}
-    pool = build_pool(encoder, root, train_recs, perturb=True, seed=args.seed, hard_k=args.hard_k, **features)
+    pool = build_pool(encoder, root, train_recs, perturb=True, seed=args.seed, hard_k=args.hard_k,
+                      canonical=args.curriculum > 0, **features)
     calib = build_pool(encoder, root, calib_recs, perturb=True, seed=args.seed + 7, hard_k=args.hard_k, **features)
     log(f"features ready after {time.monotonic() - t_start:.0f}s")
     info.update(train_module(module, pool, args))

@@ -137,7 +137,7 @@ def _train_script():
     return module
 
 
-@pytest.mark.parametrize("features", [[], ["--image-layer", "embed", "--words", "--image-depth", "1"]])
+@pytest.mark.parametrize("features", [[], ["--image-layer", "embed", "--words", "--image-depth", "1", "--mlm", "1", "--curriculum", "2"]])
 def test_short_training_run_saves_weights_that_load_back(encoder, tmp_path, monkeypatch, features):
     from retrieval.shapes import generate
 
@@ -145,7 +145,7 @@ def test_short_training_run_saves_weights_that_load_back(encoder, tmp_path, monk
     out = tmp_path / "rerankers" / encoder.spec.slug
     trained = _train_script().main(
         ["--model", encoder.spec.spec, "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "3",
-         "--batch-size", "16", "--width", "32", "--depth", "1", "--heads", "2", "--calib-fraction", "0.25", "--no-eval",
+         "--batch-size", "16", "--width", "32", "--depth", "1", "--heads", "2", "--calib-fraction", "0.25", "--no-eval", "--minimal-groups", "2",
          *features]
     )
     assert (out / "reranker.safetensors").is_file() and (out / CONFIG_NAME).is_file()
@@ -264,3 +264,39 @@ def test_old_configs_without_the_new_fields_still_parse():
            "width": 32, "depth": 1, "heads": 2, "mlp_ratio": 4.0, "dropout": 0.0, "temperature": 0.8}
     cfg = RerankerConfig.from_json(json.dumps(old))
     assert cfg.shift == 0.0 and cfg.residual is False and cfg.temperature == 0.8
+
+
+def test_minimal_groups_train_each_image_against_its_swapped_captions(encoder, tmp_path):
+    from retrieval.shapes import Scene, generate
+
+    train = _train_script()
+    records = generate(tmp_path / "data", 12, seed=5001, size=32)
+    pool = train.build_pool(encoder, tmp_path / "data", records, perturb=True, seed=1, hard_k=3, canonical=True)
+    groups = train.minimal_groups(pool)
+    assert len(groups) >= 6
+    for group in groups:
+        keys = {pool.scenes[t] for t in group}
+        assert len(keys) == 4 and all(Scene.from_key(k) for k in keys)
+        assert all(set(group) - {t} == set(pool.partners[t]) for t in group)
+    torch.manual_seed(5)
+    module = CrossAttentionITM(RerankerConfig.for_encoder(encoder, width=32, depth=1, heads=2))
+    loss = train.group_loss(module, pool, groups[:3])
+    # the same 4x4 scores pair by pair: image j of the group against caption k
+    caps = groups[:3]
+    with torch.no_grad():
+        direct = torch.stack([
+            torch.stack([
+                module(pool.txt_tok[caps[g]], pool.txt_mask[caps[g]], pool.img_tok[[pool.txt_img[caps[g, j]]]]) for j in range(4)
+            ]) for g in range(3)
+        ])  # [group, image, caption]
+    target = torch.arange(4).repeat(3)
+    want = (torch.nn.functional.cross_entropy(direct.reshape(-1, 4), target)
+            + torch.nn.functional.cross_entropy(direct.transpose(1, 2).reshape(-1, 4), target))
+    assert torch.allclose(loss, want, atol=1e-4)
+    loss.backward()  # it trains the module
+    assert module.blocks[0].cross_attn.in_proj_weight.grad.abs().sum() > 0
+    # canonical captions: the scene keys' tokens stand in for the captions
+    canon = train.group_loss(module, pool, groups[:3], canonical=np.ones(3, bool))
+    pool.txt_tok, pool.txt_mask = pool.canon_tok, pool.canon_mask
+    assert torch.allclose(canon, train.group_loss(module, pool, groups[:3]), atol=1e-5)
+    assert not torch.allclose(canon, loss.detach(), atol=1e-3)
