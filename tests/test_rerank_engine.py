@@ -26,9 +26,18 @@ def add_random_reranker(model_dir, seed: int = 0, **config) -> None:
     enc = load_encoder(f"local-dir:{model_dir}")
     torch.manual_seed(seed)
     module = CrossAttentionITM(RerankerConfig.for_encoder(enc, width=32, depth=1, heads=2, **config))
+    reranker = Reranker(module, enc)
+    # Spread the probabilities over (0, 1) on noise images, as calibration
+    # would, so that order and thresholds are visible.
+    toks = enc.encode_images(
+        enc.image_batch([noise_image(900 + i, (64, 64)) for i in range(16)]), with_tokens=True,
+        token_layer=module.config.image_layer,
+    )[1]
+    text, mask = enc.text_tokens(["a red circle", "a green star"], words=module.config.text_words)
     with torch.no_grad():
-        module.head.weight.mul_(40.0)  # spread probabilities so order and thresholds are visible
-    Reranker(module, enc).save(model_dir)
+        logits = torch.cat([module(text[j : j + 1], mask[j : j + 1], torch.from_numpy(toks)) for j in range(2)])
+    module.config.shift, module.config.temperature = float(logits.mean()), float(logits.std()) / 2
+    reranker.save(model_dir)
 
 
 @pytest.fixture(scope="module")
