@@ -29,6 +29,8 @@ from runs such as::
     python scripts/reranker_lab.py --variant grounded --words --ordered --layer embed --steps 400
     python scripts/reranker_lab.py --variant grounded --words --ordered --oracle-gate --layer embed --steps 300
     python scripts/reranker_lab.py --variant grounded --words --ordered --layer embed --head-lr-mult 10 --steps 1000
+    python scripts/reranker_lab.py --variant cross --words --layer embed --image-depth 1 --curriculum 400 --steps 3000 --n 40000
+    python scripts/reranker_lab.py --variant cross --words --layer embed --image-depth 1 --mlm 1 --steps 500
 
 Variants:
 
@@ -55,6 +57,10 @@ Options added in the third session (see docs/benchmarks.md, "Diagnosis
 * ``--spatial`` (grounded): sum over tokens of direction(frozen token) .
   (its grounded place - centre).
 * ``--head-lr-mult``: a larger learning rate for those explicit heads.
+
+Added in the fourth session: ``--mlm W`` (with ``--mlm-p``), image-conditioned
+masked prediction of the content words of each true caption (ALBEF's MLM),
+read from the word embeddings alone, weighted ``W`` beside the group loss.
 """
 
 from __future__ import annotations
@@ -214,6 +220,11 @@ class LabITM(nn.Module):
             # dotted with where its grounded object lies relative to the others.
             self.spatial_dir = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, 2))
             self.spatial_scale = nn.Parameter(torch.tensor(4.0))
+        if args.mlm:
+            # Image-conditioned masked word prediction (ALBEF's MLM), over the
+            # content words only (colours, shapes, sizes, relation words).
+            self.mask_token = nn.Parameter(torch.randn(w) * 0.02)
+            self.mlm_head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, len(CONTENT_IDS)))
         if self.grounded:
             d = 64
             self.ground_text = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d))
@@ -222,6 +233,25 @@ class LabITM(nn.Module):
             self.sharpness = nn.Parameter(torch.tensor(10.0))
             self.late_scale = nn.Parameter(torch.tensor(2.5))
             self.pooled_in = nn.Sequential(nn.Linear(iw + self.grid.shape[1] + 1, w), nn.GELU(), nn.Linear(w, w))
+
+    def mlm_logits(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Content-word logits at the ``masked`` positions ``(n, L)`` of captions
+        read with their own images; the tower's output half of every token is
+        dropped (it carries the masked word on to later tokens)."""
+        length = int(mask.sum(1).max())
+        text, mask, masked = text[:, :length], mask[:, :length], masked[:, :length]
+        if WORDS:
+            text = torch.cat([torch.zeros_like(text[..., : text.shape[-1] // 2]), text[..., text.shape[-1] // 2 :]], -1)
+        y = self.image_in(with_centred(image)) + self.image_pos + self.pos_in(self.grid)
+        for block in self.image_blocks:
+            y = block(y)
+        y = self.ln_image(y)
+        h = torch.where(masked[..., None], self.mask_token.expand_as(self.text_in(text)), self.text_in(text))
+        x = torch.cat([self.itm.expand(h.shape[0], 1, -1), h], 1) + self.text_pos[: h.shape[1] + 1]
+        keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], 1)[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, keep, block.cross_attn.keys(y))
+        return self.mlm_head(x[:, 1:][masked])
 
     def ground(self, text: torch.Tensor, x_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-length grounding features of text tokens and of patches (``x_img`` from :func:`with_centred`)."""
@@ -296,6 +326,7 @@ class LabITM(nn.Module):
 
 # --------------------------------------------------------------------- data
 WORDS = False  # set from --words
+CONTENT_IDS: list[int] = []  # token ids of the content words, for --mlm
 ORACLE_GATE = False  # set from --oracle-gate
 
 
@@ -436,11 +467,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--head-lr-mult", type=float, default=1.0, help="learning-rate multiplier for the explicit relation heads")
     p.add_argument("--words", action="store_true",
                    help="give the reranker the text tower's input word embeddings beside its output tokens")
+    p.add_argument("--mlm", type=float, default=0.0,
+                   help="weight of image-conditioned masked content-word prediction on the positive pairs (ALBEF's MLM)")
+    p.add_argument("--mlm-p", type=float, default=0.3, help="with --mlm: chance that each content word is masked")
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     if (args.spatial or args.ordered) and args.variant != "grounded":
         p.error("--spatial and --ordered need --variant grounded (they use its grounded places)")
+    if args.mlm and (args.curriculum or args.variant != "cross"):
+        p.error("--mlm goes with --variant cross and no --curriculum")
     if args.oracle_gate and not args.ordered:
         p.error("--oracle-gate is a diagnostic for --ordered")
     torch.manual_seed(0)
@@ -454,6 +490,16 @@ def main(argv: list[str] | None = None) -> dict:
     val = encode(encoder, args.val, 8, args.layer, args.canonical_captions)
     order = colour_order(encoder, args.val, 8) if args.variant == "grounded" and not args.canonical_captions else None
     print(f"encoded {args.n} + {args.val} items in {time.time() - t0:.0f}s", flush=True)
+    if args.mlm:
+        from retrieval.shapes import COLORS, SHAPES, SIZES
+
+        words = [*COLORS, *SHAPES, *SIZES, "left", "right", "above", "below", "under"]
+        CONTENT_IDS[:] = sorted({int(encoder.tokenize([w])[0, 1]) for w in words})
+        train_ids = encoder.tokenize([x.caption for x in samples(args.n, 1234, size=encoder.image_size, minimal_pairs=True)])
+        lookup = torch.full((int(train_ids.max()) + 1,), -1, dtype=torch.long)
+        lookup[torch.tensor(CONTENT_IDS)] = torch.arange(len(CONTENT_IDS))
+        content_class = lookup[train_ids]  # (n, context): class of each content word, -1 elsewhere
+        print(f"--mlm: {len(CONTENT_IDS)} content words", flush=True)
     image, text = train[0], train[1]
     model = LabITM(text.shape[-1], image.shape[-1], image.shape[1], text.shape[1], args)
     fast = [p for n, p in model.named_parameters() if n.startswith(("order_", "spatial_", "steer_"))]
@@ -479,6 +525,15 @@ def main(argv: list[str] | None = None) -> dict:
             s, late = scores(model, data, idx, size)
         rows = target.repeat(len(g))
         loss = F.cross_entropy(s.reshape(-1, size), rows) + F.cross_entropy(s.transpose(1, 2).reshape(-1, size), rows)
+        if args.mlm:
+            cls = content_class[idx]
+            masked = (cls >= 0) & (torch.rand(cls.shape) < args.mlm_p)
+            none = ~masked.any(1)  # at least one masked word per caption
+            first = (cls >= 0).float().argmax(1)
+            masked[none, first[none]] = True
+            out = model.mlm_logits(train[1][idx], train[2][idx], train[0][idx], masked)
+            mlm_loss = F.cross_entropy(out, cls[masked])
+            loss = loss + args.mlm * mlm_loss
         if late is not None:
             lab = torch.arange(len(idx))
             loss = loss + args.late_weight * (F.cross_entropy(late, lab) + F.cross_entropy(late.T, lab))
@@ -488,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
         if step % args.every == 0 or step == args.steps:
             result = evaluate(model, val, order)
             grounding = result["grounded_colour_order"]
-            print(f"step {step} loss {loss.item():.3f} held-out t2i {result['t2i']:.3f} i2t {result['i2t']:.3f} "
+            print(("" if not args.mlm else f"mlm {mlm_loss.item():.3f} ") + f"step {step} loss {loss.item():.3f} held-out t2i {result['t2i']:.3f} i2t {result['i2t']:.3f} "
                   f"B-vs-R {result['B_vs_R']:.3f}" + ("" if grounding is None else f" colour-order {grounding:.3f}")
                   + f" ({time.time() - t0:.0f}s)", flush=True)
     print("image B/C/S/R prefers its own caption over B/C/S/R:", result.get("image_prefers_own_caption"))
