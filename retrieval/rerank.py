@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelNotAvailable
@@ -114,20 +115,44 @@ def _mlp(width: int, ratio: float, dropout: float) -> nn.Module:
     return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
 
 
+class _Attention(nn.Module):
+    """Multi-head attention whose keys and values can be computed once per
+    image and shared by every text paired with it."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q, self.kv, self.out = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
+
+    def keys(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``y`` ``(n, length, width)``, each ``(n, heads, length, width / heads)``."""
+        n, length, w = y.shape
+        k, v = self.kv(y).view(n, length, 2, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``(n, length, width)`` attends to ``k``/``v``; ``keep`` ``(n, 1, 1, keys)`` is True on keys to attend to."""
+        n, length, w = x.shape
+        q = self.q(x).view(n, length, self.heads, w // self.heads).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
+        return self.out(out.transpose(1, 2).reshape(n, length, w))
+
+
 class _ImageBlock(nn.Module):
     """Pre-LN self-attention block over an image's patch tokens."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
         self.ln_attn = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.attn = _Attention(width, heads, dropout)
         self.ln_mlp = nn.LayerNorm(width)
         self.mlp = _mlp(width, mlp_ratio, dropout)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln_attn(x)
-        x = x + self.drop(self.attn(h, h, h, need_weights=False)[0])
+        x = x + self.drop(self.attn(h, *self.attn.keys(h)))
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
 
@@ -137,18 +162,19 @@ class _Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
         self.ln_self = nn.LayerNorm(width)
-        self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.self_attn = _Attention(width, heads, dropout)
         self.ln_cross = nn.LayerNorm(width)
-        self.cross_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = _Attention(width, heads, dropout)
         self.ln_mlp = nn.LayerNorm(width)
         self.mlp = _mlp(width, mlp_ratio, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, image_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``keep`` ``(n, 1, 1, L)``: the real text tokens; ``image_kv``: this block's
+        keys and values of each pair's image (:meth:`_Attention.keys`)."""
         h = self.ln_self(x)
-        x = x + self.drop(self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
-        h = self.ln_cross(x)
-        x = x + self.drop(self.cross_attn(h, image, image, need_weights=False)[0])
+        x = x + self.drop(self.self_attn(h, *self.self_attn.keys(h), keep))
+        x = x + self.drop(self.cross_attn(self.ln_cross(x), *image_kv))
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
 
@@ -263,8 +289,6 @@ class CrossAttentionITM(nn.Module):
         into the tokens after it and the prediction must come from the image.
         """
         img = self.encode_image(image)
-        if image_index is not None:
-            img = img[image_index]
         # Causal text towers leave padding after the last real token, so cutting
         # the batch to its longest text changes nothing but the cost.
         length = min(int(mask.sum(1).max()), self.config.max_text_tokens)
@@ -277,11 +301,18 @@ class CrossAttentionITM(nn.Module):
         itm = self.itm_token.expand(t.shape[0], 1, -1)
         x = torch.cat([itm, t], dim=1) + self.text_pos[: length + 1]
         keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
-        n = max(x.shape[0], img.shape[0])
-        x, img = x.expand(n, -1, -1), img.expand(n, -1, -1)
-        pad = (~keep).expand(n, -1)
+        pairs = len(image_index) if image_index is not None else max(x.shape[0], img.shape[0])
+        x = x.expand(pairs, -1, -1)
+        keep = keep.expand(pairs, -1)[:, None, None, :]
         for block in self.blocks:
-            x = block(x, pad, img)
+            assert isinstance(block, _Block)
+            # Keys and values once per image, then one row per pair.
+            k, v = block.cross_attn.keys(img)
+            if image_index is not None:
+                k, v = k[image_index], v[image_index]
+            elif k.shape[0] != pairs:
+                k, v = k.expand(pairs, -1, -1, -1), v.expand(pairs, -1, -1, -1)
+            x = block(x, keep, (k, v))
         return self.ln_out(x)
 
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
