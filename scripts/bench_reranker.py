@@ -61,7 +61,8 @@ def random_vit_reranker(arch: str, directory: Path, like: RerankerConfig | None 
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(directory / "open_clip_model.safetensors"))
     del model
     encoder = load_encoder(f"local-dir:{directory}", device="cpu")
-    shape = {} if like is None else {"width": like.width, "depth": like.depth, "heads": like.heads, "mlp_ratio": like.mlp_ratio}
+    keep = ("width", "depth", "heads", "mlp_ratio", "image_layer", "text_words", "image_depth")
+    shape = {} if like is None else {k: getattr(like, k) for k in keep}
     return Reranker(CrossAttentionITM(RerankerConfig.for_encoder(encoder, **shape)), encoder)
 
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             rr = random_vit_reranker(args.arch, Path(d), like)
             ms = latency_ms(rr, args.candidates, args.runs)
             cfg = rr.config
-            print(f"{args.arch} (random weights, reranker width {cfg.width} depth {cfg.depth}, {cfg.image_tokens}x{cfg.image_width} patch tokens): "
+            print(f"{args.arch} (random weights, reranker width {cfg.width} depth {cfg.depth} image depth {cfg.image_depth}, "
+                  f"{cfg.image_tokens}x{cfg.image_width} patch tokens of layer {cfg.image_layer}): "
                   f"{ms:.1f} ms for {args.candidates} candidates (median of {args.runs})")
 
 

@@ -470,6 +470,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mlm", type=float, default=0.0,
                    help="weight of image-conditioned masked content-word prediction on the positive pairs (ALBEF's MLM)")
     p.add_argument("--mlm-p", type=float, default=0.3, help="with --mlm: chance that each content word is masked")
+    p.add_argument("--save", type=Path,
+                   help="(plain --variant cross) save the trained model as a retrieval.rerank reranker in this folder, "
+                        "uncalibrated; scripts/train_reranker.py --init DIR continues, calibrates and evaluates it")
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
@@ -477,6 +480,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--spatial and --ordered need --variant grounded (they use its grounded places)")
     if args.mlm and (args.curriculum or args.variant != "cross"):
         p.error("--mlm goes with --variant cross and no --curriculum")
+    extras = (args.relational, args.steered, args.ordered, args.spatial, args.gated, args.oracle_gate)
+    if args.save and (args.variant != "cross" or any(extras) or args.layer not in ("final", "embed")
+                      and not args.layer.startswith("block")):
+        p.error("--save takes the plain cross variant (no --relational/--steered/--ordered/--spatial/--gated)")
     if args.oracle_gate and not args.ordered:
         p.error("--oracle-gate is a diagnostic for --ordered")
     torch.manual_seed(0)
@@ -547,7 +554,43 @@ def main(argv: list[str] | None = None) -> dict:
                   f"B-vs-R {result['B_vs_R']:.3f}" + ("" if grounding is None else f" colour-order {grounding:.3f}")
                   + f" ({time.time() - t0:.0f}s)", flush=True)
     print("image B/C/S/R prefers its own caption over B/C/S/R:", result.get("image_prefers_own_caption"))
+    if args.save:
+        print(f"saved {save_reranker(model, encoder, args, val)}")
     return result
+
+
+def save_reranker(model: LabITM, encoder: Encoder, args: argparse.Namespace, check: tuple) -> Path:
+    """Write the plain cross variant as a :class:`retrieval.rerank.Reranker`
+    (same computation; parameters renamed: the lab's MLPs have no dropout slot)."""
+    from retrieval.rerank import CrossAttentionITM, Reranker, RerankerConfig
+
+    cfg = RerankerConfig.for_encoder(
+        encoder, width=args.width, depth=args.depth, heads=args.heads, residual=False,
+        image_layer=args.layer, text_words=args.words, image_depth=args.image_depth,
+    )
+    module = CrossAttentionITM(cfg)
+    renames = {"pos_in.": "place_in.", "itm": "itm_token", ".ln1.": ".ln_attn.", ".ln2.": ".ln_mlp.", ".mlp.2.": ".mlp.3."}
+    state = {}
+    for name, value in model.state_dict().items():
+        if name == "grid":
+            continue
+        for old, new in renames.items():
+            name = new if name == old else name.replace(old, new)
+        state[name] = value
+    state["mask_token"] = module.mask_token.detach()
+    module.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():  # the same logits on held-out groups
+        s, _ = scores(model, check, np.arange(64), 4)
+        image, text, mask = check
+        ti, ii = group_pairs(16, 4)
+        mine = module(text[:64][ti], mask[:64][ti], image[:64], image_index=ii).view(-1, 4, 4)
+    diff = float((s - mine).abs().max())
+    print(f"saved reranker vs lab model on 256 held-out pairs: max logit difference {diff:.2e}")
+    if diff > 1e-3:
+        raise SystemExit("the saved reranker does not compute what the lab model does")
+    return Reranker(module, encoder).save(args.save)
+
 
 
 if __name__ == "__main__":

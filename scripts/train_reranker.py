@@ -462,7 +462,8 @@ def train_module(module: CrossAttentionITM, pool: Pool, args: argparse.Namespace
             loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(y))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
@@ -497,6 +498,42 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         a, b = hi - (hi - lo) / 1.618, lo + (hi - lo) / 1.618
         lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
     return float((lo + hi) / 2)
+
+
+def fit_dual_residual(module: CrossAttentionITM, pool: Pool, args: argparse.Namespace, groups: int = 1024) -> tuple[float, float]:
+    """Turn a reranker trained without the dual encoder into a residual one:
+    logit = a * dual cosine + b * its own logit, with a and b minimising the
+    listwise loss over ``groups`` sampled candidate groups (each query's
+    positive, its minimal-pair variants and dual-encoder near misses).
+
+    A reranker trained on minimal-pair groups alone tells the members of a
+    group apart but has never had to reject scenes that differ in other ways;
+    the dual cosine already ranks those, so together they rank both.
+    Returns (a, b)."""
+    rng = np.random.default_rng(args.seed + 11)
+    c, i, valid, n = sample_groups(pool, groups // 2, args.group_size, rng)
+    head = torch.from_numpy(pair_logits(module, pool, c, i)).double().view(n, -1)
+    cos = dual_cosine(pool, c, i).double().view(n, -1)
+    invalid = ~torch.from_numpy(valid)
+    w = torch.tensor([1.0, 10.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=0.5, max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        scores = (w[0] * head + w[1] * cos).masked_fill(invalid, -1e9)
+        loss = F.cross_entropy(scores, torch.zeros(n, dtype=torch.long))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    b, a = float(w[0].detach()), float(w[1].detach())
+    with torch.no_grad():
+        module.head.weight.mul_(b)
+        module.head.bias.mul_(b)
+    module.config.residual = True
+    module.dual_scale = torch.nn.Parameter(torch.tensor(a))
+    module.dual_bias = torch.nn.Parameter(torch.tensor(0.0))
+    return a, b
 
 
 def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -628,24 +665,25 @@ def card_section(args: argparse.Namespace, cfg: RerankerConfig, info: dict, m: d
         "## Reranker",
         "",
         "A cross-attention image-text matching model (ALBEF/BLIP style) over this model's frozen",
-        f"tokens: width {cfg.width}, {cfg.depth} blocks of [text self-attention, cross-attention to the",
-        f"{cfg.image_tokens} patch tokens, MLP], {cfg.heads} heads, a learned [ITM] token and a logit head"
-        + (";" if not cfg.residual else ","),
-        *(["residual on the dual encoder: logit = a * dual cosine + b + head(...), a initialised to the dual",
-           "encoder's logit scale and the head to zero, so it starts ranking exactly like the dual encoder;"]
-          if cfg.residual else []),
+        f"tokens: width {cfg.width}, {cfg.image_depth} image self-attention block(s) over the {cfg.image_tokens} patch tokens "
+        f"of layer `{cfg.image_layer}`",
+        f"(each with its fixed 2-D place), then {cfg.depth} blocks of [text self-attention, cross-attention to the patches,",
+        f"MLP], {cfg.heads} heads, a learned [ITM] token and a logit head; text tokens are the tower's outputs"
+        + (" beside its input word embeddings" if cfg.text_words else "") + (";" if not cfg.residual else ","),
         f"match probability = sigmoid((logit - {cfg.shift:.3f}) / {cfg.temperature:.3f}), shift and temperature fitted on a held-out",
         f"calibration split of balanced pairs. Files: `reranker.safetensors` (float16, {size_mb:.1f} MB), `reranker.json`.",
         "",
+        *([f"Started from `{args.init}` (see docs/benchmarks.md for how it was trained)."] if args.init else []),
         f"Trained by `{info['command']}` on CPU: {info['steps']} steps of "
+        + (f"{args.minimal_groups} minimal-pair groups of four (each image against each caption, softmax both ways) and "
+           if args.listwise and args.minimal_groups else "")
         + (f"{2 * args.groups} listwise groups of {args.group_size} candidates (softmax cross-entropy, both directions)"
            if args.listwise else f"{args.batch_size} pairs (BCE)") + " in",
         f"{info['seconds'] / 60:.1f} min (whole run {info['total_minutes']:.1f} min), on seeds {args.seed} (ordinary, "
         f"{info['n_ordinary']} scenes) and {args.seed + 1} (minimal pairs, {info['n_minimal']} scenes) with their swapped-colour,",
         "swapped-shape and reversed-relation scenes rendered as hard negatives, plus dual-encoder-mined",
-        "near misses in both directions" + ("; each group is a query with its positive, its scene's minimal-pair variants and"
-        " near misses filling the rest." if args.listwise else "; every positive pair comes with one negative anchored on it.")
-        + f" Evaluated on fresh seeds {EVAL_SEEDS[0]}",
+        "near misses in both directions. Evaluated on fresh seeds "
+        + f"{EVAL_SEEDS[0]}",
         f"(ordinary) and {EVAL_SEEDS[1]} (minimal pairs), used neither here nor for the dual encoder.",
         "",
         "| measure (held out) | dual encoder | re-ranked | target |",
@@ -695,6 +733,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="score from the cross-attention alone, not as a correction of the dual encoder's cosine")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm at this value (0: no clipping)")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -714,6 +753,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="weight of image-conditioned masked word prediction on the positive pairs (listwise only)")
     p.add_argument("--mlm-p", type=float, default=0.3, help="with --mlm: chance that each word is masked")
     p.add_argument("--init", type=Path, help="continue training the reranker saved in this folder")
+    p.add_argument("--fit-dual", action="store_true",
+                   help="with --init, for a reranker trained without the dual encoder: add the dual cosine, "
+                        "weights fitted listwise on mined and minimal-pair groups, before training on")
     p.add_argument("--hard-k", type=int, default=10, help="mined negatives kept per query")
     p.add_argument("--calib-fraction", type=float, default=0.1, help="share of keys held out to fit the temperature")
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the held-out evaluation and model card")
@@ -722,6 +764,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--card", type=Path, help="model card to update (default: README.md in --out when it is the model folder)")
     args = p.parse_args(argv)
+    if args.fit_dual and not args.init:
+        p.error("--fit-dual needs --init (a reranker trained without the dual encoder)")
     if args.mlm and not args.listwise:
         p.error("--mlm trains on the positive pair of each listwise group; drop --pointwise")
     if not 0 < args.mlm_p <= 1:
@@ -784,6 +828,12 @@ def main(argv: list[str] | None = None) -> Reranker:
                       canonical=args.curriculum > 0, **features)
     calib = build_pool(encoder, root, calib_recs, perturb=True, seed=args.seed + 7, hard_k=args.hard_k, **features)
     log(f"features ready after {time.monotonic() - t_start:.0f}s")
+    if args.fit_dual:
+        if cfg.residual:
+            raise SystemExit("--fit-dual: this reranker already builds on the dual encoder")
+        a, b = fit_dual_residual(module, pool, args)
+        log(f"residual on the dual encoder: logit = {a:.2f} * dual cosine + {b:.3f} * reranker logit")
+        info["fit_dual"] = {"dual_scale": a, "head_scale": b}
     info.update(train_module(module, pool, args))
     log(f"trained {info['steps']} steps in {info['seconds']:.0f}s")
     # Round to the float16 that gets saved, so this reranker scores exactly like the loaded one.
@@ -803,6 +853,7 @@ def main(argv: list[str] | None = None) -> Reranker:
         info["total_minutes"] = (time.monotonic() - t_start) / 60
         for k, v in metrics.items():
             print(f"{k} = {v:.4f}" if isinstance(v, float) else f"{k} = {v}", flush=True)
+        (Path(out) / "train_metrics.json").write_text(json.dumps({"info": info, "metrics": metrics}, indent=2) + "\n")
         if metrics["ord_t2i_r1_rerank"] < metrics["ord_t2i_r1_dual"] or metrics["mp_t2i_r1_rerank"] < metrics["mp_t2i_r1_dual"]:
             log(f"WARNING: re-ranking lowers held-out R@1; {out} holds a reranker that makes search worse, do not ship it")
         card = args.card or (out / "README.md" if encoder.spec.local_dir is not None and Path(out).resolve() == encoder.spec.local_dir else None)

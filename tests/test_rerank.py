@@ -300,3 +300,37 @@ def test_minimal_groups_train_each_image_against_its_swapped_captions(encoder, t
     pool.txt_tok, pool.txt_mask = pool.canon_tok, pool.canon_mask
     assert torch.allclose(canon, train.group_loss(module, pool, groups[:3]), atol=1e-5)
     assert not torch.allclose(canon, loss.detach(), atol=1e-3)
+
+
+def test_fit_dual_adds_the_dual_cosine_to_a_reranker_trained_without_it(encoder, tmp_path):
+    from argparse import Namespace
+
+    from retrieval.shapes import generate
+
+    train = _train_script()
+    records = generate(tmp_path / "data", 12, seed=5002, size=32)
+    pool = train.build_pool(encoder, tmp_path / "data", records, perturb=True, seed=1, hard_k=3)
+    torch.manual_seed(6)
+    module = CrossAttentionITM(RerankerConfig.for_encoder(encoder, width=32, depth=1, heads=2))
+    c, i = np.arange(8), pool.txt_img[np.arange(8)][::-1].copy()
+    before = train.pair_logits(module, pool, c, i)
+    a, b = train.fit_dual_residual(module, pool, Namespace(seed=0, group_size=4), groups=16)
+    assert module.config.residual
+    after = train.pair_logits(module, pool, c, i)  # the residual module adds a * cosine itself
+    np.testing.assert_allclose(after, b * before + a * train.dual_cosine(pool, c, i).numpy(), rtol=1e-4, atol=1e-4)
+    module.config.shift, module.config.temperature = 0.5, 2.0
+    Reranker(module, encoder).save(tmp_path / "rr")
+    loaded = Reranker.load(tmp_path / "rr", encoder)
+    assert loaded.config.residual and abs(float(loaded.module.dual_scale.detach()) - a) < 1e-2 * max(1.0, abs(a))
+
+
+def test_lab_model_saved_as_a_reranker_scores_the_same(tmp_path):
+    spec = importlib.util.spec_from_file_location("reranker_lab", ROOT / "scripts" / "reranker_lab.py")
+    lab = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = lab
+    spec.loader.exec_module(lab)
+    # the script itself refuses to save when the converted model's logits differ (> 1e-3)
+    lab.main(["--variant", "cross", "--words", "--layer", "embed", "--image-depth", "1", "--n", "64", "--val", "64",
+              "--steps", "2", "--every", "2", "--save", str(tmp_path / "rr")])
+    reranker = Reranker.load(tmp_path / "rr", load_encoder("shapes-tiny", device="cpu"))
+    assert (reranker.config.image_layer, reranker.config.text_words, reranker.config.image_depth) == ("embed", True, 1)
