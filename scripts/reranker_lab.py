@@ -79,6 +79,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from retrieval.encoders import Encoder, load_encoder  # noqa: E402
+from retrieval.rerank import _Attention as Attention  # noqa: E402  (keys/values once per image)
+from retrieval.rerank import grid_features  # noqa: E402
 from retrieval.shapes import samples  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,25 +88,6 @@ from probe_tokens import layer_tokens  # noqa: E402
 
 
 # ------------------------------------------------------------------- models
-class Attention(nn.Module):
-    """Multi-head attention whose keys/values can be computed once per image."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q, self.kv, self.out = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
-
-    def keys(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, length, w = y.shape
-        k, v = self.kv(y).view(n, length, 2, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        return k, v
-
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        n, length, w = x.shape
-        q = self.q(x).view(n, length, self.heads, w // self.heads).transpose(1, 2)
-        return self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, length, w))
-
-
 class GatedMLP(nn.Module):
     """SwiGLU-style MLP: ``out(silu(a x) * (b x))``. The product multiplies what
     the residual stream holds of the text with what cross-attention brought
@@ -152,15 +135,6 @@ class CrossBlock(nn.Module):
         x = x + self.self_attn(h, *self.self_attn.keys(h), mask)
         x = x + self.cross_attn(self.ln_cross(x), *kv)
         return x + self.mlp(self.ln_mlp(x))
-
-
-def grid_features(patches: int, freqs: int = 4) -> torch.Tensor:
-    """x, y in [-1, 1] and their sin/cos at ``freqs`` frequencies, one row per patch."""
-    side = int(round(patches**0.5))
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
-    xs, ys = xs.reshape(-1, 1), ys.reshape(-1, 1)
-    f = torch.arange(1, freqs + 1).float() * torch.pi / 2
-    return torch.cat([xs, ys, torch.sin(xs * f), torch.cos(xs * f), torch.sin(ys * f), torch.cos(ys * f)], 1)
 
 
 def with_centred(image: torch.Tensor) -> torch.Tensor:
