@@ -139,10 +139,12 @@ class ModelState:
         """The patch-token store, when this model has a reranker."""
         if self._tokens is None and self.reranker is not None and self.encoder.has_tokens:
             shape = self._token_shape()
-            self._tokens = TokenStore(self.dir / "tokens.f16", shape, layer=self.token_layer)
-            if self._tokens.reset:  # rows of another layer or shape are gone; re-encode on use
+            path = self.dir / "tokens.f16"
+            if not TokenStore.holds(path, shape, self.token_layer):
+                # Rows of another layer or shape are about to go: invalid first, re-encoded on use.
                 self.engine.store.clear_tokens(self.row.id)
                 self.engine.store.commit()
+            self._tokens = TokenStore(path, shape, layer=self.token_layer)
         return self._tokens
 
     @property

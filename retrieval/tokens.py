@@ -26,20 +26,30 @@ class TokenStore:
         self.shape = (int(shape[0]), int(shape[1]))
         self.layer = layer
         self.row_bytes = self.shape[0] * self.shape[1] * 2
-        #: True when rows of other shapes or another layer were dropped: the
-        #: caller must mark its rows invalid (they will be re-encoded on use).
-        self.reset = False
+        #: True when rows of other shapes or another layer were dropped; the
+        #: caller marks its rows invalid *before* opening (see :meth:`holds`).
+        self.reset = not self.holds(self.path, self.shape, layer)
         meta = self.path.with_suffix(".json")
-        if meta.exists():
-            saved = json.loads(meta.read_text())
-            if tuple(saved["shape"]) != self.shape or saved.get("layer", "final") != layer:
-                # Tokens of another model build or another layer (a new reranker): start over.
-                self.path.unlink(missing_ok=True)
-                self.reset = True
+        if self.reset:
+            # Tokens of another model build or another layer (a new reranker): start over.
+            self.path.unlink(missing_ok=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         meta.write_text(json.dumps({"shape": list(self.shape), "dtype": "float16", "layer": layer}))
         self.path.touch(exist_ok=True)
         self._fh = open(self.path, "r+b")
+
+    @staticmethod
+    def holds(path: str | os.PathLike[str], shape: tuple[int, int], layer: str = "final") -> bool:
+        """Whether the store at ``path`` keeps rows of this shape and layer (or none yet).
+
+        When it does not, opening it drops its rows: mark them invalid first,
+        so that a crash in between cannot leave rows marked valid that are gone.
+        """
+        meta = Path(path).with_suffix(".json")
+        if not meta.exists():
+            return True
+        saved = json.loads(meta.read_text())
+        return tuple(saved["shape"]) == (int(shape[0]), int(shape[1])) and saved.get("layer", "final") == layer
 
     @property
     def bytes_per_item(self) -> int:
