@@ -264,7 +264,7 @@ class Encoder:
             finally:
                 visual.output_tokens = False
             return pooled, tokens
-        module, cut = self._token_source(layer)
+        module, cut = self.token_source(layer)
         seen: list[torch.Tensor] = []
         hook = module.register_forward_hook(lambda _m, _i, out: seen.append(cut(out)))
         try:
@@ -273,8 +273,9 @@ class Encoder:
             hook.remove()
         return pooled, seen[0]
 
-    def _token_source(self, layer: str) -> tuple[Any, Callable[[Any], Any]]:
-        """The module whose output holds the patch tokens of ``layer``, and how to cut them out."""
+    def token_source(self, layer: str) -> tuple[Any, Callable[[Any], Any]]:
+        """The module whose output holds the patch tokens of ``layer`` (``embed``
+        or ``blockK``), and how to cut them out of it; ValueError for others."""
         visual = self.model.visual
         if layer == "embed":  # the patch embedding: what each patch alone shows (colour, local form)
             return visual.conv1, lambda out: out.flatten(2).transpose(1, 2)

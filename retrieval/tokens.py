@@ -26,12 +26,10 @@ class TokenStore:
         self.shape = (int(shape[0]), int(shape[1]))
         self.layer = layer
         self.row_bytes = self.shape[0] * self.shape[1] * 2
-        #: True when rows of other shapes or another layer were dropped; the
-        #: caller marks its rows invalid *before* opening (see :meth:`holds`).
-        self.reset = not self.holds(self.path, self.shape, layer)
         meta = self.path.with_suffix(".json")
-        if self.reset:
+        if not self.holds(self.path, self.shape, layer):
             # Tokens of another model build or another layer (a new reranker): start over.
+            # The caller marks its rows invalid before opening (see :meth:`holds`).
             self.path.unlink(missing_ok=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         meta.write_text(json.dumps({"shape": list(self.shape), "dtype": "float16", "layer": layer}))

@@ -38,7 +38,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -60,21 +60,19 @@ def layer_tokens(encoder: Encoder, images: list, names: Sequence[str] | None = N
     transformer block, class token dropped) and ``final`` (what the token store
     keeps). ``names`` picks some; default all but ``embed``.
     """
-    visual = encoder.model.visual
-    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    blocks = getattr(getattr(encoder.model.visual, "transformer", None), "resblocks", None)
     if blocks is None:
         raise SystemExit(f"{encoder.name}: not an open_clip ViT; nothing to probe")
-    extra = 1 if getattr(visual, "class_embedding", None) is not None else 0
-    stages: dict[str, Any] = {f"block{k}": blk for k, blk in enumerate(blocks)}
-    wanted = list(names) if names is not None else [*stages, "final"]
+    wanted = list(names) if names is not None else [*(f"block{k}" for k in range(len(blocks))), "final"]
     seen: dict[str, torch.Tensor] = {}
-    hooks = [stages[name].register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out[:, extra:]))
-             for name in wanted if name in stages]
-    if "embed" in wanted:
-        hooks.append(visual.conv1.register_forward_hook(
-            lambda _m, _i, out: seen.__setitem__("embed", out.flatten(2).transpose(1, 2))))
+    hooks = []
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
     try:
+        for name in wanted:
+            if name != "final":  # the encoder knows where each layer's tokens are and how to cut them out
+                module, cut = encoder.token_source(name)
+                hooks.append(module.register_forward_hook(
+                    lambda _m, _i, out, name=name, cut=cut: seen.__setitem__(name, cut(out))))
         for start in range(0, len(images), 256):
             final = encoder.image_tokens(encoder.image_batch(images[start : start + 256]))
             for name in wanted:

@@ -85,6 +85,7 @@ from retrieval.shapes import samples  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_tokens import layer_tokens  # noqa: E402
+from train_reranker import group_pairs as _group_pairs  # noqa: E402
 
 
 # ------------------------------------------------------------------- models
@@ -345,10 +346,8 @@ def encode(encoder: Encoder, n: int, seed: int, layer: str, canonical: bool = Fa
 
 def group_pairs(groups: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Text and image positions of every (image j, caption k) pair of each group, row-major."""
-    base = torch.arange(groups)[:, None, None] * size
-    ii = (base + torch.arange(size)[None, :, None]).expand(groups, size, size).reshape(-1)
-    ti = (base + torch.arange(size)[None, None, :]).expand(groups, size, size).reshape(-1)
-    return ti, ii
+    ti, ii = _group_pairs(groups, size)
+    return torch.from_numpy(ti), torch.from_numpy(ii)
 
 
 def scores(model: LabITM, data: tuple, idx: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -111,8 +111,6 @@ def build_pool(
     Patch tokens are taken at ``layer`` and text tokens carry word embeddings
     when ``words`` (the reranker's ``image_layer`` and ``text_words``);
     ``canonical`` also keeps the tokens of each generated scene's canonical key."""
-    from PIL import Image
-
     images: list = []
     path_index: dict[str, int] = {}
     texts: list[str] = []
@@ -386,6 +384,15 @@ def minimal_groups(pool: Pool) -> np.ndarray:
     return np.array(sorted(seen), np.int64).reshape(-1, 4)
 
 
+def group_pairs(groups: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Caption and image positions of every (image j, caption k) pair of each
+    group of ``size`` consecutive items, row-major: ``[group, image, caption]``."""
+    base = np.arange(groups)[:, None, None] * size
+    ii = (base + np.arange(size)[None, :, None]).repeat(size, 2).reshape(-1)
+    ti = (base + np.arange(size)[None, None, :]).repeat(size, 1).reshape(-1)
+    return ti, ii
+
+
 def group_loss(
     module: CrossAttentionITM, pool: Pool, groups: np.ndarray, canonical: np.ndarray | None = None
 ) -> torch.Tensor:
@@ -403,9 +410,7 @@ def group_loss(
         use = torch.from_numpy(np.repeat(canonical, size))
         text = torch.where(use[:, None, None], pool.canon_tok[caps], text)
         mask = torch.where(use[:, None], pool.canon_mask[caps], mask)
-    base = np.arange(g)[:, None, None] * size
-    ii = (base + np.arange(size)[None, :, None]).repeat(size, 2).reshape(-1)  # image j of the group
-    ti = (base + np.arange(size)[None, None, :]).repeat(size, 1).reshape(-1)  # caption k of the group
+    ti, ii = group_pairs(g, size)
     dual = dual_cosine(pool, caps[ti], imgs[ii])
     logits = module(text[ti], mask[ti], pool.img_tok[imgs], dual, image_index=torch.from_numpy(ii)).view(g, size, size)
     target = torch.arange(size).repeat(g)
@@ -469,9 +474,9 @@ def train_module(module: CrossAttentionITM, pool: Pool, args: argparse.Namespace
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         window.append(loss.item())
         if step == 1 or step % 50 == 0:
-            mlm_note = f" (minimal groups {np.mean(group_window):.4f})" if group_window else ""
-            mlm_note += f" (masked words {np.mean(mlm_window):.4f})" if mlm_window else ""
-            log(f"step {step} loss {np.mean(window):.4f}{mlm_note} (last {len(window)}) lr {lr:.2e} "
+            parts = f" (minimal groups {np.mean(group_window):.4f})" if group_window else ""
+            parts += f" (masked words {np.mean(mlm_window):.4f})" if mlm_window else ""
+            log(f"step {step} loss {np.mean(window):.4f}{parts} (last {len(window)}) lr {lr:.2e} "
                 f"elapsed {time.monotonic() - start:.0f}s")
             window, mlm_window, group_window = [], [], []
     module.eval()
