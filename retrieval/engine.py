@@ -804,13 +804,15 @@ class Engine:
             if query.target == "images":
                 assert query.text is not None
                 toks = self._candidate_tokens(state, ids, rows_i)
-                probs = reranker.score_images(query.text, toks, dual_scores=dual)
+                logits = reranker.logits_images(query.text, toks, dual_scores=dual)
             else:
                 assert query.image is not None
                 _, qtok = self._encode_query_image(query.image, with_tokens=True, token_layer=state.token_layer)
-                probs = reranker.score_texts(qtok, [rows_t[i].text for i in ids], dual_scores=dual)
-            rerank_scores = {i: float(p) for i, p in zip(ids, probs)}
-            ids.sort(key=lambda i: (-rerank_scores[i], -scores[i]))
+                logits = reranker.logits_texts(qtok, [rows_t[i].text for i in ids], dual_scores=dual)
+            # Order by the raw logit: probabilities of a sharp reranker round to 1.0 and would tie.
+            by_logit = dict(zip(ids, logits.tolist()))
+            ids.sort(key=lambda i: (-by_logit[i], -scores[i]))
+            rerank_scores = dict(zip(by_logit, reranker.probability(logits).tolist()))
             timings["rerank"] = time.perf_counter() - t2
         if query.threshold is not None:
             if reranker is not None:

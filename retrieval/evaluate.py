@@ -149,16 +149,16 @@ def _measure(eng: Any, pairs: list[Pair], candidates: int, rerank: bool) -> dict
         reordered = []
         for tid, cand, dual in zip(t_ids, t2i_ranked, t2i_scores):
             cand = cand[:candidates]
-            probs = reranker.score_images(
+            logits = reranker.logits_images(
                 text_of[tid], eng._candidate_tokens(state, cand, rows), dual_scores=np.asarray(dual[: len(cand)], np.float32)
             )
-            reordered.append([cand[j] for j in np.argsort(-np.asarray(probs), kind="stable")])
+            reordered.append([cand[j] for j in np.argsort(-logits, kind="stable")])
         report["t2i_reranked"] = recall_at([[img_key.get(i, "") for i in r] for r in reordered], t_keys)
         reordered = []
         for iid, cand, dual in zip(i_ids, i2t_ranked, i2t_scores):
             cand = cand[:candidates]
             tok = eng._candidate_tokens(state, [iid], rows)[0]
-            probs = reranker.score_texts(tok, [text_of[i] for i in cand], dual_scores=np.asarray(dual[: len(cand)], np.float32))
-            reordered.append([cand[j] for j in np.argsort(-np.asarray(probs), kind="stable")])
+            logits = reranker.logits_texts(tok, [text_of[i] for i in cand], dual_scores=np.asarray(dual[: len(cand)], np.float32))
+            reordered.append([cand[j] for j in np.argsort(-logits, kind="stable")])
         report["i2t_reranked"] = recall_at([[text_key.get(i, "") for i in r] for r in reordered], i_keys)
     return report

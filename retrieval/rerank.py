@@ -348,7 +348,6 @@ class Reranker:
         return self.module.config
 
     # ---------------------------------------------------------------- scoring
-    @torch.inference_mode()
     def score_images(self, text: str, image_tokens: np.ndarray, dual_scores: np.ndarray | None = None) -> np.ndarray:
         """Match probabilities of one text query against candidate images.
 
@@ -357,11 +356,31 @@ class Reranker:
         encoder's cosines of the candidates (a residual reranker builds on them).
         Returns ``(n,)`` float32 in [0, 1].
         """
+        return self.probability(self.logits_images(text, image_tokens, dual_scores))
+
+    def score_texts(
+        self, image_tokens: np.ndarray, texts: Sequence[str], dual_scores: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Match probabilities of one image query (its patch tokens ``(patches,
+        image_width)``) against candidate texts; ``dual_scores`` as in
+        :meth:`score_images`. Returns ``(n,)`` float32 in [0, 1]."""
+        return self.probability(self.logits_texts(image_tokens, texts, dual_scores))
+
+    def probability(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated match probabilities of raw logits."""
+        with torch.inference_mode():
+            return self.module.probability(torch.from_numpy(np.asarray(logits, np.float32))).numpy()
+
+    @torch.inference_mode()
+    def logits_images(self, text: str, image_tokens: np.ndarray, dual_scores: np.ndarray | None = None) -> np.ndarray:
+        """Raw logits behind :meth:`score_images`, float32 ``(n,)``: the same
+        order as the probabilities, without their saturation near 0 and 1, so
+        rank by these."""
         tokens = self._check_tokens(image_tokens, ndim=3)
         dual = self._dual(dual_scores, len(tokens))
         text_tok, mask = self.encoder.text_tokens([text], words=self.config.text_words)  # once per query
         out = [
-            self._probabilities(
+            self._logits(
                 text_tok, mask, self._tensor(tokens[start : start + self.batch_size]),
                 None if dual is None else dual[start : start + self.batch_size],
             )
@@ -370,12 +389,10 @@ class Reranker:
         return np.concatenate(out) if out else np.empty(0, np.float32)
 
     @torch.inference_mode()
-    def score_texts(
+    def logits_texts(
         self, image_tokens: np.ndarray, texts: Sequence[str], dual_scores: np.ndarray | None = None
     ) -> np.ndarray:
-        """Match probabilities of one image query (its patch tokens ``(patches,
-        image_width)``) against candidate texts; ``dual_scores`` as in
-        :meth:`score_images`. Returns ``(n,)`` float32 in [0, 1]."""
+        """Raw logits behind :meth:`score_texts` (see :meth:`logits_images`)."""
         image = self._tensor(self._check_tokens(image_tokens, ndim=2)[None])
         dual = self._dual(dual_scores, len(texts))
         out = []
@@ -383,7 +400,7 @@ class Reranker:
             text_tok, mask = self.encoder.text_tokens(
                 list(texts[start : start + self.batch_size]), words=self.config.text_words
             )
-            out.append(self._probabilities(
+            out.append(self._logits(
                 text_tok, mask, image, None if dual is None else dual[start : start + self.batch_size]
             ))
         return np.concatenate(out) if out else np.empty(0, np.float32)
@@ -403,17 +420,17 @@ class Reranker:
         ``dual_scores`` are the candidates' dual-encoder cosines.
         """
         if isinstance(query, str):
-            scores = self.score_images(query, np.asarray(candidates), dual_scores=dual_scores)
+            logits = self.logits_images(query, np.asarray(candidates), dual_scores=dual_scores)
         else:
-            scores = self.score_texts(np.asarray(query), list(candidates), dual_scores=dual_scores)
-        order = np.argsort(-scores, kind="stable")[:top_k]
-        return [RankedCandidate(int(i), float(scores[i])) for i in order]
+            logits = self.logits_texts(np.asarray(query), list(candidates), dual_scores=dual_scores)
+        order = np.argsort(-logits, kind="stable")[:top_k]
+        probs = self.probability(logits)
+        return [RankedCandidate(int(i), float(probs[i])) for i in order]
 
-    def _probabilities(
+    def _logits(
         self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, dual: torch.Tensor | None = None
     ) -> np.ndarray:
-        probs = self.module.probability(self.module(text, mask, image, dual))
-        return probs.cpu().numpy().astype(np.float32)
+        return self.module(text, mask, image, dual).cpu().numpy().astype(np.float32)
 
     def _dual(self, dual_scores: np.ndarray | None, n: int) -> torch.Tensor | None:
         if dual_scores is None:

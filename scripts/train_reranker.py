@@ -627,7 +627,7 @@ def pairwise_eval(reranker: Reranker, encoder: Encoder, pool: Pool, seed: int) -
             false_cap = other.caption(np.random.default_rng([seed, t]))
             i = pool.txt_img[t]
             v = encoder.encode_texts([true_cap, false_cap]) @ pool.img_vec[i]
-            p = reranker.score_texts(tok[i], [true_cap, false_cap], dual_scores=v)
+            p = reranker.logits_texts(tok[i], [true_cap, false_cap], dual_scores=v)
             rr.append(p[0] > p[1])
             dual.append(v[0] > v[1])
         out[f"pairwise_{name}_rerank"], out[f"pairwise_{name}_dual"] = float(np.mean(rr)), float(np.mean(dual))

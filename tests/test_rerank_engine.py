@@ -69,6 +69,27 @@ def test_rerank_reorders_but_never_drops(tmp_path, rr_model, photo_dir):
         assert [h.id for h in top3] == [h.id for h in rr.hits[:3]]
 
 
+def test_saturated_probabilities_still_rank_by_the_reranker(tmp_path, photo_dir):
+    # A sharp reranker: every probability rounds to 1.0, yet the order must be
+    # the reranker's (its raw logits), not the dual encoder's tie-break.
+    model_dir = write_tiny_model(tmp_path / "sharp")
+    add_random_reranker(model_dir)
+    cfg = json.loads((model_dir / "reranker.json").read_text())
+    cfg["shift"], cfg["temperature"] = -1e4, 1e-3
+    (model_dir / "reranker.json").write_text(json.dumps(cfg))
+    with Engine.open(tmp_path / "lib", model=f"local-dir:{model_dir}") as eng:
+        eng.index_folder(photo_dir)
+        dual = eng.search(SearchQuery(text="a red circle", k=12, rerank=False))
+        rr = eng.search(SearchQuery(text="a red circle", k=12, candidates=12))
+        assert {h.rerank_score for h in rr.hits} == {1.0}
+        assert [h.id for h in rr.hits] != [h.id for h in dual.hits]
+        reranker = eng.state().reranker
+        by_id = {h.id: h for h in dual.hits}
+        toks = eng._candidate_tokens(eng.state(), [h.id for h in rr.hits], eng.store.images_by_id([h.id for h in rr.hits]))
+        logits = reranker.logits_images("a red circle", toks, np.array([by_id[h.id].score for h in rr.hits], np.float32))
+        assert np.all(np.diff(logits) <= 0)  # hits in falling logit order
+
+
 def test_threshold_keeps_only_probable_hits(tmp_path, rr_model, photo_dir):
     with Engine.open(tmp_path / "lib", model=rr_model) as eng:
         eng.index_folder(photo_dir)
