@@ -679,6 +679,10 @@ def card_section(args: argparse.Namespace, cfg: RerankerConfig, info: dict, m: d
         f"calibration split of balanced pairs. Files: `reranker.safetensors` (float16, {size_mb:.1f} MB), `reranker.json`.",
         "",
         *([f"Started from `{args.init}` (see docs/benchmarks.md for how it was trained)."] if args.init else []),
+        *([f"Calibrated by `{info['command']}` (no further training; {info['total_minutes']:.1f} min) on a split of seeds",
+           f"{args.seed} (ordinary) and {args.seed + 1} (minimal pairs) with their swapped-colour, swapped-shape and",
+           "reversed-relation scenes and dual-encoder-mined near misses. Evaluated on fresh seeds "
+           + f"{EVAL_SEEDS[0]}"] if info["steps"] == 0 else [
         f"Trained by `{info['command']}` on CPU: {info['steps']} steps of "
         + (f"{args.minimal_groups} minimal-pair groups of four (each image against each caption, softmax both ways) and "
            if args.listwise and args.minimal_groups else "")
@@ -688,7 +692,7 @@ def card_section(args: argparse.Namespace, cfg: RerankerConfig, info: dict, m: d
         f"{info['n_ordinary']} scenes) and {args.seed + 1} (minimal pairs, {info['n_minimal']} scenes) with their swapped-colour,",
         "swapped-shape and reversed-relation scenes rendered as hard negatives, plus dual-encoder-mined",
         "near misses in both directions. Evaluated on fresh seeds "
-        + f"{EVAL_SEEDS[0]}",
+        + f"{EVAL_SEEDS[0]}"]),
         f"(ordinary) and {EVAL_SEEDS[1]} (minimal pairs), used neither here nor for the dual encoder.",
         "",
         "| measure (held out) | dual encoder | re-ranked | target |",
@@ -729,7 +733,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, help="folder for generated data (default: a temporary folder)")
     p.add_argument("--out", type=Path, help="output folder (default: the model's folder, else the reranker cache)")
     p.add_argument("--minutes", type=float, default=16.0, help="wall-clock cap on the training loop")
-    p.add_argument("--steps", type=int, help="cap on training steps")
+    p.add_argument("--steps", type=int, help="cap on training steps (0 with --init: only calibrate and evaluate)")
     p.add_argument("--batch-size", type=int, default=128, help="pairs per step with --pointwise (half positives)")
     p.add_argument("--pointwise", dest="listwise", action="store_false", help="BCE on pairs instead of listwise softmax")
     p.add_argument("--groups", type=int, default=12, help="listwise: query groups per direction per step")
@@ -769,6 +773,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--card", type=Path, help="model card to update (default: README.md in --out when it is the model folder)")
     args = p.parse_args(argv)
+    if args.steps == 0 and not args.init:
+        p.error("--steps 0 calibrates and evaluates a saved reranker; give it with --init")
     if args.fit_dual and not args.init:
         p.error("--fit-dual needs --init (a reranker trained without the dual encoder)")
     if args.mlm and not args.listwise:
@@ -839,7 +845,10 @@ def main(argv: list[str] | None = None) -> Reranker:
         a, b = fit_dual_residual(module, pool, args)
         log(f"residual on the dual encoder: logit = {a:.2f} * dual cosine + {b:.3f} * reranker logit")
         info["fit_dual"] = {"dual_scale": a, "head_scale": b}
-    info.update(train_module(module, pool, args))
+    if args.steps == 0:
+        info.update(steps=0, seconds=0.0, final_loss=None)
+    else:
+        info.update(train_module(module, pool, args))
     log(f"trained {info['steps']} steps in {info['seconds']:.0f}s")
     # Round to the float16 that gets saved, so this reranker scores exactly like the loaded one.
     module.load_state_dict({k: v.half().float() for k, v in module.state_dict().items()})
