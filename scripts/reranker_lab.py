@@ -61,6 +61,16 @@ Options added in the third session (see docs/benchmarks.md, "Diagnosis
 Added in the fourth session: ``--mlm W`` (with ``--mlm-p``), image-conditioned
 masked prediction of the content words of each true caption (ALBEF's MLM),
 read from the word embeddings alone, weighted ``W`` beside the group loss.
+
+Added in the fifth session: ``--ordinary N`` adds ``N`` ordinary scenes (one
+to three objects, any sizes; seed 4321) in groups of four the dual encoder
+finds alike (an anchor and three items with other keys from its mined near
+misses), ``--ordinary-groups`` of them per step beside the minimal groups, and
+reports within-group accuracy on held-out ordinary groups (seed 9) beside the
+dual encoder's own; ``--init DIR`` starts from a reranker ``--save`` wrote;
+``--residual A`` trains the model residual on the dual encoder (logit plus a
+learned multiple of the pair's dual cosine, starting at ``A``), as search
+uses it, so it need only learn what the dual encoder gets wrong.
 """
 
 from __future__ import annotations
@@ -85,6 +95,7 @@ from retrieval.shapes import samples  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_tokens import layer_tokens  # noqa: E402
+from train_reranker import _mine  # noqa: E402
 from train_reranker import group_pairs as _group_pairs  # noqa: E402
 
 
@@ -161,6 +172,10 @@ class LabITM(nn.Module):
         self.text_pos = nn.Parameter(torch.randn(context + 1, w) * 0.02)
         self.blocks = nn.ModuleList(CrossBlock(w, args.heads) for _ in range(args.depth))
         self.ln_out, self.head = nn.LayerNorm(w), nn.Linear(w, 1)
+        self.residual = args.residual is not None
+        if self.residual:
+            self.dual_scale = nn.Parameter(torch.tensor(float(args.residual)))
+            self.dual_bias = nn.Parameter(torch.tensor(0.0))
         self.relational = args.relational
         if self.relational:
             # Explicit product for relations: where the image puts the two
@@ -232,9 +247,12 @@ class LabITM(nn.Module):
         """Unit-length grounding features of text tokens and of patches (``x_img`` from :func:`with_centred`)."""
         return F.normalize(self.ground_text(text), dim=-1), F.normalize(self.ground_image(x_img + self.ground_pos), dim=-1)
 
-    def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, ti: torch.Tensor, ii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, ti: torch.Tensor, ii: torch.Tensor,
+                dual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of pairs (text ``ti[j]``, image ``ii[j]``) and, for ``grounded``,
-        the all-pairs late-interaction scores of the unique texts and images."""
+        the all-pairs late-interaction scores of the unique texts and images;
+        a residual model adds ``dual_scale * dual + dual_bias`` (``dual``: the
+        pairs' dual cosines)."""
         length = int(mask.sum(1).max())  # causal text tokens: padding after the last real one is inert
         text, mask = text[:, :length], mask[:, :length]
         x_img = with_centred(image)
@@ -262,6 +280,9 @@ class LabITM(nn.Module):
         for block, (k, v) in zip(self.blocks, kvs):
             x = block(x, keep, (k[ii], v[ii]))
         logit = self.head(self.ln_out(x[:, 0])).squeeze(-1)
+        if self.residual:
+            assert dual is not None, "a residual model needs the pairs' dual cosines"
+            logit = logit + self.dual_scale * dual + self.dual_bias
         if self.steered:
             pos = self.grid[:, :2]
             a = self.steer_obj(y).squeeze(-1)[ii][:, None, :] + self.steer_beta * (self.steer_dir(text) @ pos.T)[ti]
@@ -327,21 +348,79 @@ def encode_texts(encoder: Encoder, captions: list[str]) -> tuple[torch.Tensor, t
             torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks]))
 
 
-def encode(encoder: Encoder, n: int, seed: int, layer: str, canonical: bool = False, both: bool = False) -> tuple:
+def dual_vectors(encoder: Encoder, images: list, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dual encoder's normalised image and caption vectors."""
+    img = np.concatenate([encoder.encode_pil(images[s : s + 512]) for s in range(0, len(images), 512)])
+    return torch.from_numpy(img.astype(np.float32)), torch.from_numpy(encoder.encode_texts(captions).astype(np.float32))
+
+
+def encode(encoder: Encoder, n: int, seed: int, layer: str, canonical: bool = False, both: bool = False,
+           vectors: list | None = None) -> tuple:
     """Patch tokens of ``layer``, text tokens and text mask of ``n`` minimal-pair items.
 
     ``canonical`` captions each scene by its key ("small red circle left-of
     large blue square": subject first, only "left-of"/"above"), which takes
     parsing varied phrasings out of the task. ``both`` appends the canonical
-    captions' tokens and mask to the natural ones.
+    captions' tokens and mask to the natural ones. A ``vectors`` list gets the
+    dual encoder's image and caption vectors and the scene keys appended.
     """
     items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=True))
     captions = [x.scene.key() if canonical else x.caption for x in items]
     images = layer_tokens(encoder, [x.image for x in items], [layer])[layer]
     text, mask = encode_texts(encoder, captions)
+    if vectors is not None:
+        vectors.extend([*dual_vectors(encoder, [x.image for x in items], captions), [x.scene.key() for x in items]])
     if both:
         return (images, text, mask, *encode_texts(encoder, [x.scene.key() for x in items]))
     return images, text, mask
+
+
+class Alike:
+    """Per item, the items with other keys the dual encoder ranks highest
+    against it (caption to image and image to caption, ``k`` each), from which
+    groups of alike scenes are drawn."""
+
+    def __init__(self, img_vec: torch.Tensor, txt_vec: torch.Tensor, keys: list[str], k: int = 12) -> None:
+        self.img_vec, self.txt_vec = img_vec, txt_vec
+        self.key = np.unique(keys, return_inverse=True)[1]
+        img, txt = img_vec.numpy(), txt_vec.numpy()
+        self.near = np.concatenate([_mine(txt, img, self.key, self.key, k), _mine(img, txt, self.key, self.key, k)], 1)
+
+    def groups(self, anchors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Item indices of one group of four per anchor (anchor first), all keys distinct."""
+        out = np.empty((len(anchors), 4), np.int64)
+        for row, a in enumerate(anchors):
+            chosen, keys = [int(a)], {self.key[a]}
+            for c in self.near[a, rng.permutation(self.near.shape[1])]:
+                if self.key[c] not in keys:
+                    chosen.append(int(c))
+                    keys.add(self.key[c])
+                    if len(chosen) == 4:
+                        break
+            while len(chosen) < 4:  # too few alike items: fill with random ones of other keys
+                c = int(rng.integers(len(self.key)))
+                if self.key[c] not in keys:
+                    chosen.append(c)
+                    keys.add(self.key[c])
+            out[row] = chosen
+        return out
+
+    def dual_accuracy(self, groups: np.ndarray) -> dict:
+        """Within-group t2i and i2t accuracy of the dual encoder on ``groups``."""
+        s = np.einsum("gid,gjd->gij", self.img_vec.numpy()[groups], self.txt_vec.numpy()[groups])  # [group, image, caption]
+        target = np.arange(4)
+        return {"t2i": float((s.argmax(1) == target).mean()), "i2t": float((s.argmax(2) == target).mean())}
+
+
+class Ordinary(Alike):
+    """Ordinary scenes (one to three objects, any sizes) with their tokens."""
+
+    def __init__(self, encoder: Encoder, n: int, seed: int, layer: str, k: int = 12) -> None:
+        items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=False))
+        captions = [x.caption for x in items]
+        self.image = layer_tokens(encoder, [x.image for x in items], [layer])[layer]
+        self.text, self.mask = encode_texts(encoder, captions)
+        super().__init__(*dual_vectors(encoder, [x.image for x in items], captions), [x.scene.key() for x in items], k)
 
 
 def group_pairs(groups: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,10 +429,15 @@ def group_pairs(groups: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(ti), torch.from_numpy(ii)
 
 
-def scores(model: LabITM, data: tuple, idx: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def scores(model: LabITM, data: tuple, idx: np.ndarray, size: int,
+           vectors: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits ``[group, image, caption]`` of each group of ``size`` items
+    ``idx``; ``vectors`` (the items' dual image and caption vectors) for a
+    residual model."""
     image, text, mask = data
     ti, ii = group_pairs(len(idx) // size, size)
-    logits, late = model(text[idx], mask[idx], image[idx], ti, ii)
+    dual = None if vectors is None else (vectors[1][idx][ti] * vectors[0][idx][ii]).sum(-1)
+    logits, late = model(text[idx], mask[idx], image[idx], ti, ii, dual)
     return logits.view(-1, size, size), late  # [group, image, caption]
 
 
@@ -390,14 +474,31 @@ def grounding_order(model: LabITM, data: tuple, order: tuple) -> float:
     return float((torch.sign(found) == torch.sign(true)).float().mean())
 
 
-def evaluate(model: LabITM, data: tuple, order: tuple | None = None) -> dict:
+def evaluate(model: LabITM, data: tuple, order: tuple | None = None, ordinary: tuple | None = None,
+             vectors: tuple | None = None, mined: np.ndarray | None = None) -> dict:
+    """Within-group accuracy on held-out minimal groups and, given ``ordinary``
+    (an :class:`Ordinary` and its fixed groups), on held-out ordinary groups;
+    ``vectors`` are the held-out minimal items' dual vectors (residual models),
+    ``mined`` groups of alike held-out minimal items across groups."""
     model.eval()
     with torch.no_grad():
-        s, _ = scores(model, data, np.arange(len(data[0])), 4)
+        s, _ = scores(model, data, np.arange(len(data[0])), 4, vectors)
         grounding = grounding_order(model, data, order) if order is not None and model.grounded else None
+        if ordinary is not None:
+            pool, groups = ordinary
+            o, _ = scores(model, (pool.image, pool.text, pool.mask), groups.reshape(-1), 4,
+                          (pool.img_vec, pool.txt_vec) if model.residual else None)
+        if mined is not None:
+            m, _ = scores(model, data, mined.reshape(-1), 4, vectors)
     model.train()
     own, target = s.diagonal(dim1=1, dim2=2), torch.arange(4)
-    return {
+    extra = {} if ordinary is None else {
+        "ordinary_t2i": float((o.argmax(1) == target).float().mean()),
+        "ordinary_i2t": float((o.argmax(2) == target).float().mean()),
+    }
+    if mined is not None:
+        extra.update(mined_t2i=float((m.argmax(1) == target).float().mean()), mined_i2t=float((m.argmax(2) == target).float().mean()))
+    return {**extra,
         "grounded_colour_order": grounding,
         "t2i": float((s.argmax(1) == target).float().mean()),
         "i2t": float((s.argmax(2) == target).float().mean()),
@@ -446,6 +547,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--save", type=Path,
                    help="(plain --variant cross) save the trained model as a retrieval.rerank reranker in this folder, "
                         "uncalibrated; scripts/train_reranker.py --init DIR continues, calibrates and evaluates it")
+    p.add_argument("--ordinary", type=int, default=0,
+                   help="ordinary scenes (seed 4321) to train on beside the minimal groups, in groups of four alike scenes")
+    p.add_argument("--ordinary-groups", type=int, default=16, help="with --ordinary: ordinary groups per step")
+    p.add_argument("--mined-groups", type=int, default=0,
+                   help="(with --residual) groups of four alike minimal-pair items from different groups, mined by the "
+                        "dual encoder, per step: what search puts beside the true image")
+    p.add_argument("--init", type=Path, help="start from the weights of a reranker --save wrote (same shape options)")
+    p.add_argument("--residual", type=float, metavar="A",
+                   help="train residual on the dual encoder: logit + learned scale (from A) times the pair's dual cosine")
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
@@ -457,6 +567,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.save and (args.variant != "cross" or any(extras) or args.layer not in ("final", "embed")
                       and not args.layer.startswith("block")):
         p.error("--save takes the plain cross variant (no --relational/--steered/--ordered/--spatial/--gated)")
+    if args.ordinary and (args.curriculum or args.mlm):
+        p.error("--ordinary goes without --curriculum and --mlm")
+    if args.residual is not None and (args.curriculum or args.mlm or args.variant != "cross"):
+        p.error("--residual goes with --variant cross, without --curriculum and --mlm")
+    if args.mined_groups and args.residual is None:
+        p.error("--mined-groups needs --residual (it mines with the dual vectors)")
+    if args.init and (args.variant != "cross" or any(extras)):
+        p.error("--init takes the plain cross variant, as --save writes it")
     if args.oracle_gate and not args.ordered:
         p.error("--oracle-gate is a diagnostic for --ordered")
     torch.manual_seed(0)
@@ -466,10 +584,30 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model, device="cpu")
     t0 = time.time()
-    train = encode(encoder, args.n, 1234, args.layer, args.canonical_captions, both=args.curriculum > 0)
-    val = encode(encoder, args.val, 8, args.layer, args.canonical_captions)
+    train_vecs: list | None = [] if args.residual is not None else None
+    val_vecs: list | None = [] if args.residual is not None else None
+    train = encode(encoder, args.n, 1234, args.layer, args.canonical_captions, both=args.curriculum > 0, vectors=train_vecs)
+    val = encode(encoder, args.val, 8, args.layer, args.canonical_captions, vectors=val_vecs)
     order = colour_order(encoder, args.val, 8) if args.variant == "grounded" and not args.canonical_captions else None
-    print(f"encoded {args.n} + {args.val} items in {time.time() - t0:.0f}s", flush=True)
+    ordinary = held_ordinary = mined = held_mined = None
+    if args.mined_groups:
+        assert train_vecs is not None and val_vecs is not None
+        mined = Alike(train_vecs[0], train_vecs[1], train_vecs[2])
+        held = Alike(val_vecs[0], val_vecs[1], val_vecs[2])
+        held_mined = held.groups(np.arange(min(500, args.val)), np.random.default_rng(8))
+        base = held.dual_accuracy(held_mined)
+        print(f"held-out mined minimal groups, dual encoder: t2i {base['t2i']:.3f} i2t {base['i2t']:.3f}", flush=True)
+    if args.ordinary:
+        ordinary = Ordinary(encoder, args.ordinary, 4321, args.layer)
+        held = Ordinary(encoder, args.val, 9, args.layer)  # as many as held-out minimal items
+        held_ordinary = (held, held.groups(np.arange(min(500, args.val)), np.random.default_rng(9)))
+        base = held.dual_accuracy(held_ordinary[1])
+        print(f"held-out ordinary groups, dual encoder: t2i {base['t2i']:.3f} i2t {base['i2t']:.3f}", flush=True)
+        train = tuple(torch.cat([a, b]) for a, b in zip(train, (ordinary.image, ordinary.text, ordinary.mask)))
+        if train_vecs is not None:
+            train_vecs = [torch.cat([train_vecs[0], ordinary.img_vec]), torch.cat([train_vecs[1], ordinary.txt_vec])]
+    print(f"encoded {args.n} + {args.val} items{f' + {args.ordinary} ordinary' if args.ordinary else ''} "
+          f"in {time.time() - t0:.0f}s", flush=True)
     if args.mlm:
         from retrieval.shapes import COLORS, SHAPES, SIZES
 
@@ -482,6 +620,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"--mlm: {len(CONTENT_IDS)} content words", flush=True)
     image, text = train[0], train[1]
     model = LabITM(text.shape[-1], image.shape[-1], image.shape[1], text.shape[1], args)
+    if args.init:
+        load_saved(model, args.init)
     fast = [p for n, p in model.named_parameters() if n.startswith(("order_", "spatial_", "steer_"))]
     slow = [p for n, p in model.named_parameters() if not n.startswith(("order_", "spatial_", "steer_"))]
     opt = torch.optim.AdamW([{"params": slow}, {"params": fast, "lr": args.lr * args.head_lr_mult}], lr=args.lr, weight_decay=0.01)
@@ -493,6 +633,11 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(1, args.steps + 1):
         g = rng.integers(0, args.n // 4, args.groups)
         idx = (g[:, None] * 4 + members).reshape(-1)
+        if mined is not None:
+            idx = np.concatenate([idx, mined.groups(rng.integers(0, args.n, args.mined_groups), rng).reshape(-1)])
+        if ordinary is not None:  # ordinary groups after the minimal ones, indices past the minimal items
+            anchors = rng.integers(0, args.ordinary, args.ordinary_groups)
+            idx = np.concatenate([idx, args.n + ordinary.groups(anchors, rng).reshape(-1)])
         data = train[:3]
         if args.curriculum:
             share = min(1.0, max(args.canonical_floor, 2.0 - step / args.curriculum))  # 1 for N steps, then down over N
@@ -502,8 +647,8 @@ def main(argv: list[str] | None = None) -> dict:
             data = (train[0][idx], text, mask)
             s, late = scores(model, data, np.arange(len(idx)), size)
         else:
-            s, late = scores(model, data, idx, size)
-        rows = target.repeat(len(g))
+            s, late = scores(model, data, idx, size, train_vecs)
+        rows = target.repeat(len(idx) // size)
         loss = F.cross_entropy(s.reshape(-1, size), rows) + F.cross_entropy(s.transpose(1, 2).reshape(-1, size), rows)
         if args.mlm:
             cls = content_class[idx]
@@ -521,43 +666,62 @@ def main(argv: list[str] | None = None) -> dict:
         loss.backward()
         opt.step()
         if step % args.every == 0 or step == args.steps:
-            result = evaluate(model, val, order)
+            result = evaluate(model, val, order, held_ordinary, val_vecs, held_mined)
             grounding = result["grounded_colour_order"]
             print(("" if not args.mlm else f"mlm {mlm_loss.item():.3f} ") + f"step {step} loss {loss.item():.3f} held-out t2i {result['t2i']:.3f} i2t {result['i2t']:.3f} "
                   f"B-vs-R {result['B_vs_R']:.3f}" + ("" if grounding is None else f" colour-order {grounding:.3f}")
+                  + ("" if ordinary is None else f" ordinary t2i {result['ordinary_t2i']:.3f} i2t {result['ordinary_i2t']:.3f}")
+                  + ("" if mined is None else f" mined t2i {result['mined_t2i']:.3f} i2t {result['mined_i2t']:.3f}")
                   + f" ({time.time() - t0:.0f}s)", flush=True)
     print("image B/C/S/R prefers its own caption over B/C/S/R:", result.get("image_prefers_own_caption"))
     if args.save:
-        print(f"saved {save_reranker(model, encoder, args, val)}")
+        print(f"saved {save_reranker(model, encoder, args, val, val_vecs)}")
     return result
 
 
-def save_reranker(model: LabITM, encoder: Encoder, args: argparse.Namespace, check: tuple) -> Path:
+RENAMES = {"pos_in.": "place_in.", "itm": "itm_token", ".ln1.": ".ln_attn.", ".ln2.": ".ln_mlp.", ".mlp.2.": ".mlp.3."}
+
+
+def renamed(name: str) -> str:
+    """The name of a lab parameter in :class:`retrieval.rerank.CrossAttentionITM`."""
+    for old, new in RENAMES.items():
+        name = new if name == old else name.replace(old, new)
+    return name
+
+
+def load_saved(model: LabITM, folder: Path) -> None:
+    """Load the weights of a reranker :func:`save_reranker` wrote (renamed back)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "reranker.safetensors"))
+    own = model.state_dict()  # the grid, and a residual model's dual weights when the saved one has none
+    state = {name: saved.get(renamed(name), own[name]) if name in ("grid", "dual_scale", "dual_bias") else saved[renamed(name)]
+             for name in own}
+    model.load_state_dict(state)
+    print(f"started from {folder}", flush=True)
+
+
+def save_reranker(model: LabITM, encoder: Encoder, args: argparse.Namespace, check: tuple,
+                  check_vectors: list | None = None) -> Path:
     """Write the plain cross variant as a :class:`retrieval.rerank.Reranker`
     (same computation; parameters renamed: the lab's MLPs have no dropout slot)."""
     from retrieval.rerank import CrossAttentionITM, Reranker, RerankerConfig
 
     cfg = RerankerConfig.for_encoder(
-        encoder, width=args.width, depth=args.depth, heads=args.heads, residual=False,
+        encoder, width=args.width, depth=args.depth, heads=args.heads, residual=model.residual,
         image_layer=args.layer, text_words=args.words, image_depth=args.image_depth,
     )
     module = CrossAttentionITM(cfg)
-    renames = {"pos_in.": "place_in.", "itm": "itm_token", ".ln1.": ".ln_attn.", ".ln2.": ".ln_mlp.", ".mlp.2.": ".mlp.3."}
-    state = {}
-    for name, value in model.state_dict().items():
-        if name == "grid":
-            continue
-        for old, new in renames.items():
-            name = new if name == old else name.replace(old, new)
-        state[name] = value
+    state = {renamed(name): value for name, value in model.state_dict().items() if name != "grid"}
     state["mask_token"] = module.mask_token.detach()
     module.load_state_dict(state)
     model.eval()
     with torch.no_grad():  # the same logits on held-out groups
-        s, _ = scores(model, check, np.arange(64), 4)
+        s, _ = scores(model, check, np.arange(64), 4, check_vectors)
         image, text, mask = check
         ti, ii = group_pairs(16, 4)
-        mine = module(text[:64][ti], mask[:64][ti], image[:64], image_index=ii).view(-1, 4, 4)
+        dual = None if check_vectors is None else (check_vectors[1][:64][ti] * check_vectors[0][:64][ii]).sum(-1)
+        mine = module(text[:64][ti], mask[:64][ti], image[:64], dual, image_index=ii).view(-1, 4, 4)
     diff = float((s - mine).abs().max())
     print(f"saved reranker vs lab model on 256 held-out pairs: max logit difference {diff:.2e}")
     if diff > 1e-3:

@@ -21,6 +21,7 @@ from retrieval.rerank import (  # noqa: E402
     RankedCandidate,
     Reranker,
     RerankerConfig,
+    WEIGHTS_NAME,
     find_reranker,
 )
 
@@ -334,3 +335,33 @@ def test_lab_model_saved_as_a_reranker_scores_the_same(tmp_path):
               "--steps", "2", "--every", "2", "--save", str(tmp_path / "rr")])
     reranker = Reranker.load(tmp_path / "rr", load_encoder("shapes-tiny", device="cpu"))
     assert (reranker.config.image_layer, reranker.config.text_words, reranker.config.image_depth) == ("embed", True, 1)
+    # --init starts from saved weights: no steps, saved again, the same weights
+    lab.main(["--variant", "cross", "--words", "--layer", "embed", "--image-depth", "1", "--n", "64", "--val", "64",
+              "--steps", "0", "--init", str(tmp_path / "rr"), "--save", str(tmp_path / "again")])
+    from safetensors.torch import load_file
+
+    first, again = load_file(str(tmp_path / "rr" / WEIGHTS_NAME)), load_file(str(tmp_path / "again" / WEIGHTS_NAME))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    # residual on the dual encoder, with ordinary and mined groups: saved residual, its dual weight kept
+    lab.main(["--variant", "cross", "--words", "--layer", "embed", "--image-depth", "1", "--n", "64", "--val", "64",
+              "--steps", "2", "--every", "2", "--init", str(tmp_path / "rr"), "--residual", "20", "--ordinary", "64",
+              "--ordinary-groups", "2", "--mined-groups", "2", "--save", str(tmp_path / "residual")])
+    residual = Reranker.load(tmp_path / "residual", load_encoder("shapes-tiny", device="cpu"))
+    assert residual.config.residual and abs(float(residual.module.dual_scale.detach()) - 20) < 0.1
+
+
+def test_lab_ordinary_groups_hold_alike_scenes_with_distinct_keys():
+    lab = sys.modules.get("reranker_lab")
+    if lab is None:
+        spec = importlib.util.spec_from_file_location("reranker_lab", ROOT / "scripts" / "reranker_lab.py")
+        lab = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = lab
+        spec.loader.exec_module(lab)
+    pool = lab.Ordinary(load_encoder("shapes-tiny", device="cpu"), 200, 9, "embed", k=6)
+    groups = pool.groups(np.arange(50), np.random.default_rng(0))
+    assert groups.shape == (50, 4) and (groups[:, 0] == np.arange(50)).all()
+    assert all(len(set(pool.key[g])) == 4 for g in groups)
+    # the others come from the anchor's mined near misses, ranked above most items by the dual encoder
+    assert all(set(g[1:]) <= set(pool.near[g[0]]) for g in groups)
+    dual = pool.dual_accuracy(groups)
+    assert 0.0 < dual["t2i"] < 1.0 and 0.0 < dual["i2t"] < 1.0
