@@ -138,7 +138,8 @@ class ModelState:
     def tokens(self) -> TokenStore | None:
         """The patch-token store, when this model has a reranker."""
         if self._tokens is None and self.reranker is not None and self.encoder.has_tokens:
-            shape = self._token_shape()
+            cfg = self.reranker.config  # checked against the encoder when the reranker loaded
+            shape = (cfg.image_tokens, cfg.image_width)
             path = self.dir / "tokens.f16"
             if not TokenStore.holds(path, shape, self.token_layer):
                 # Rows of another layer or shape are about to go: invalid first, re-encoded on use.
@@ -151,15 +152,6 @@ class ModelState:
     def token_layer(self) -> str:
         """The vision-tower layer whose patch tokens this model's reranker reads."""
         return self.reranker.config.image_layer if self.reranker is not None else "final"
-
-    def _token_shape(self) -> tuple[int, int]:
-        import torch
-
-        enc = self.encoder
-        x = torch.zeros(1, 3, enc.image_size, enc.image_size)
-        _, tok = enc.encode_images(x, with_tokens=True, token_layer=self.token_layer)
-        assert tok is not None
-        return tok.shape[1], tok.shape[2]
 
     # ------------------------------------------------------------ reconcile
     def _reconcile_images(self) -> None:
