@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Train the reranker bundled with shapes-tiny, end to end on CPU, and write it
+# (reranker.safetensors, reranker.json, the card's "Reranker" section) into
+# retrieval/models/shapes-tiny/. About 80 minutes on two cores.
+#
+#   bash scripts/train_shapes_reranker.sh [WORK_DIR]
+#
+# 1. Relations first: minimal-pair groups only (a scene, its colours swapped,
+#    shapes swapped, relation reversed; each image against each caption),
+#    canonical captions for 400 steps, then the real ones. Within-group
+#    accuracy sits at chance until about step 1,000, then jumps.
+# 2. Then everything search puts beside the true item: residual on the dual
+#    cosine (weight 40), ordinary scenes in groups of four the dual encoder
+#    finds alike, and alike minimal-pair items from different groups.
+# 3. Choose the dual-cosine weight on fresh validation scenes, calibrate the
+#    match probability, evaluate on held-out seeds 11 and 12, write the card.
+#
+# Numbers and the machine they ran on: docs/benchmarks.md, "Fifth session".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+WORK=${1:-$(mktemp -d -t crossfind-reranker-XXXXXX)}
+SHAPE=(--variant cross --words --layer embed --image-depth 1 --depth 2 --threads 2)
+echo "work folder: $WORK"
+"$PY" scripts/reranker_lab.py "${SHAPE[@]}" --curriculum 400 --steps 2600 --every 250 --n 60000 \
+    --save "$WORK/relations"
+"$PY" scripts/reranker_lab.py "${SHAPE[@]}" --init "$WORK/relations" --residual 40 --ordinary 30000 \
+    --mined-groups 16 --steps 1200 --every 100 --n 60000 --save "$WORK/search"
+"$PY" scripts/train_reranker.py --model shapes-tiny --init "$WORK/search" --steps 0 --tune-dual --threads 2 \
+    --out retrieval/models/shapes-tiny
