@@ -801,10 +801,10 @@ class Engine:
                 assert query.image is not None
                 _, qtok = self._encode_query_image(query.image, with_tokens=True, token_layer=state.token_layer)
                 logits = reranker.logits_texts(qtok, [rows_t[i].text for i in ids], dual_scores=dual)
+            rerank_scores = dict(zip(ids, reranker.probability(logits).tolist()))
             # Order by the raw logit: probabilities of a sharp reranker round to 1.0 and would tie.
             by_logit = dict(zip(ids, logits.tolist()))
             ids.sort(key=lambda i: (-by_logit[i], -scores[i]))
-            rerank_scores = dict(zip(by_logit, reranker.probability(logits).tolist()))
             timings["rerank"] = time.perf_counter() - t2
         if query.threshold is not None:
             if reranker is not None:
