@@ -822,6 +822,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--card", type=Path, help="model card to update (default: README.md in --out when it is the model folder)")
     args = p.parse_args(argv)
+    if args.tune_dual and args.data is not None:
+        p.error("--tune-dual chooses the weight on generated shapes scenes; it goes without --data")
     if args.steps == 0 and not args.init:
         p.error("--steps 0 calibrates and evaluates a saved reranker; give it with --init")
     if args.fit_dual and not args.init:
@@ -881,6 +883,8 @@ def main(argv: list[str] | None = None) -> Reranker:
             with torch.no_grad():
                 module.dual_scale.fill_(scale)
             log(f"residual reranker: dual_scale initialised to {scale:.2f}")
+    if args.tune_dual and not (cfg.residual or args.fit_dual):
+        raise SystemExit("--tune-dual: this reranker does not build on the dual encoder (see --fit-dual)")
     train_recs, calib_recs = split_records(records, args.calib_fraction, args.seed)
     log(f"{len(train_recs)} training and {len(calib_recs)} calibration records")
     features = {"layer": cfg.image_layer, "words": cfg.text_words}
@@ -899,8 +903,6 @@ def main(argv: list[str] | None = None) -> Reranker:
     else:
         info.update(train_module(module, pool, args))
     if args.tune_dual:
-        if not cfg.residual:
-            raise SystemExit("--tune-dual: this reranker does not build on the dual encoder (see --fit-dual)")
         info["tune_dual"] = tune_dual_scale(module, encoder, args, work)
         log(f"dual-cosine weight {info['tune_dual']['dual_scale']:.0f}")
     log(f"trained {info['steps']} steps in {info['seconds']:.0f}s")

@@ -325,6 +325,27 @@ def test_fit_dual_adds_the_dual_cosine_to_a_reranker_trained_without_it(encoder,
     assert loaded.config.residual and abs(float(loaded.module.dual_scale.detach()) - a) < 1e-2 * max(1.0, abs(a))
 
 
+def test_tune_dual_keeps_a_weight_that_does_not_cost_ordinary_recall(encoder, tmp_path):
+    from argparse import Namespace
+
+    train = _train_script()
+    torch.manual_seed(7)
+    module = CrossAttentionITM(RerankerConfig.for_encoder(encoder, width=32, depth=1, heads=2, residual=True))
+    # head at zero: re-ranking by s * cosine is the dual encoder's order for every weight s
+    info = train.tune_dual_scale(module, encoder, Namespace(tune_n=40), tmp_path / "work")
+    assert info["ordinary_r1"] == pytest.approx([info["ordinary_dual_r1"]] * len(info["grid"]))
+    assert info["minimal_r1"] == pytest.approx([info["minimal_dual_r1"]] * len(info["grid"]))
+    assert info["dual_scale"] == info["grid"][0] == float(module.dual_scale.detach())
+    # a head that disagrees: the kept weight never ranks ordinary scenes below the dual encoder when one exists
+    with torch.no_grad():
+        module.head.weight.normal_(0, 5.0)
+    info = train.tune_dual_scale(module, encoder, Namespace(tune_n=40), tmp_path / "work")
+    kept = info["grid"].index(info["dual_scale"])
+    ok = [r >= info["ordinary_dual_r1"] for r in info["ordinary_r1"]]
+    assert (not any(ok)) or ok[kept]
+    assert float(module.dual_scale.detach()) == info["dual_scale"]
+
+
 def test_lab_model_saved_as_a_reranker_scores_the_same(tmp_path):
     spec = importlib.util.spec_from_file_location("reranker_lab", ROOT / "scripts" / "reranker_lab.py")
     lab = importlib.util.module_from_spec(spec)
