@@ -429,6 +429,12 @@ def group_pairs(groups: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(ti), torch.from_numpy(ii)
 
 
+def pair_cosines(vectors: tuple, idx: np.ndarray | slice, ti: torch.Tensor, ii: torch.Tensor) -> torch.Tensor:
+    """Dual cosines of the pairs (caption ``idx[ti[j]]``, image ``idx[ii[j]]``);
+    ``vectors`` are the items' dual image and caption vectors."""
+    return (vectors[1][idx][ti] * vectors[0][idx][ii]).sum(-1)
+
+
 def scores(model: LabITM, data: tuple, idx: np.ndarray, size: int,
            vectors: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits ``[group, image, caption]`` of each group of ``size`` items
@@ -436,7 +442,7 @@ def scores(model: LabITM, data: tuple, idx: np.ndarray, size: int,
     residual model."""
     image, text, mask = data
     ti, ii = group_pairs(len(idx) // size, size)
-    dual = None if vectors is None else (vectors[1][idx][ti] * vectors[0][idx][ii]).sum(-1)
+    dual = None if vectors is None else pair_cosines(vectors, idx, ti, ii)
     logits, late = model(text[idx], mask[idx], image[idx], ti, ii, dual)
     return logits.view(-1, size, size), late  # [group, image, caption]
 
@@ -720,14 +726,13 @@ def save_reranker(model: LabITM, encoder: Encoder, args: argparse.Namespace, che
         s, _ = scores(model, check, np.arange(64), 4, check_vectors)
         image, text, mask = check
         ti, ii = group_pairs(16, 4)
-        dual = None if check_vectors is None else (check_vectors[1][:64][ti] * check_vectors[0][:64][ii]).sum(-1)
+        dual = None if check_vectors is None else pair_cosines(check_vectors, slice(0, 64), ti, ii)
         mine = module(text[:64][ti], mask[:64][ti], image[:64], dual, image_index=ii).view(-1, 4, 4)
     diff = float((s - mine).abs().max())
     print(f"saved reranker vs lab model on 256 held-out pairs: max logit difference {diff:.2e}")
     if diff > 1e-3:
         raise SystemExit("the saved reranker does not compute what the lab model does")
     return Reranker(module, encoder).save(args.save)
-
 
 
 if __name__ == "__main__":

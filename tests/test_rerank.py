@@ -130,12 +130,19 @@ def test_wrong_token_shape_is_a_clear_error(reranker):
         reranker.score_images("x", np.zeros((2, 9, 48), np.float16))
 
 
-def _train_script():
-    spec = importlib.util.spec_from_file_location("train_reranker", ROOT / "scripts" / "train_reranker.py")
+def _script(name: str):
+    """Import ``scripts/NAME.py`` (once; later calls get the same module)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _train_script():
+    return _script("train_reranker")
 
 
 @pytest.mark.parametrize("features", [[], ["--image-layer", "embed", "--words", "--image-depth", "1", "--mlm", "1", "--curriculum", "2"]])
@@ -347,10 +354,7 @@ def test_tune_dual_keeps_a_weight_that_does_not_cost_ordinary_recall(encoder, tm
 
 
 def test_lab_model_saved_as_a_reranker_scores_the_same(tmp_path):
-    spec = importlib.util.spec_from_file_location("reranker_lab", ROOT / "scripts" / "reranker_lab.py")
-    lab = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = lab
-    spec.loader.exec_module(lab)
+    lab = _script("reranker_lab")
     # the script itself refuses to save when the converted model's logits differ (> 1e-3)
     lab.main(["--variant", "cross", "--words", "--layer", "embed", "--image-depth", "1", "--n", "64", "--val", "64",
               "--steps", "2", "--every", "2", "--save", str(tmp_path / "rr")])
@@ -372,12 +376,7 @@ def test_lab_model_saved_as_a_reranker_scores_the_same(tmp_path):
 
 
 def test_lab_ordinary_groups_hold_alike_scenes_with_distinct_keys():
-    lab = sys.modules.get("reranker_lab")
-    if lab is None:
-        spec = importlib.util.spec_from_file_location("reranker_lab", ROOT / "scripts" / "reranker_lab.py")
-        lab = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = lab
-        spec.loader.exec_module(lab)
+    lab = _script("reranker_lab")
     pool = lab.Ordinary(load_encoder("shapes-tiny", device="cpu"), 200, 9, "embed", k=6)
     groups = pool.groups(np.arange(50), np.random.default_rng(0))
     assert groups.shape == (50, 4) and (groups[:, 0] == np.arange(50)).all()
