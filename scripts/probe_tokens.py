@@ -53,12 +53,16 @@ from retrieval.shapes import COLORS, samples  # noqa: E402
 MEMBERS = ("B", "C", "S", "R")  # base, colours swapped, shapes swapped, relation reversed
 
 
-def layer_tokens(encoder: Encoder, images: list, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+def layer_tokens(
+    encoder: Encoder, images: list, names: Sequence[str] | None = None, vectors: bool = False
+) -> dict[str, torch.Tensor]:
     """Patch tokens of the vision tower's stages for ``images``.
 
     Stages: ``embed`` (the patch embedding), ``block0`` ... (the output of each
     transformer block, class token dropped) and ``final`` (what the token store
-    keeps). ``names`` picks some; default all but ``embed``.
+    keeps). ``names`` picks some; default all but ``embed``. ``vectors`` adds
+    the key ``"vectors"``: the images' normalised embeddings, from the same
+    forward pass.
     """
     blocks = getattr(getattr(encoder.model.visual, "transformer", None), "resblocks", None)
     if blocks is None:
@@ -66,8 +70,11 @@ def layer_tokens(encoder: Encoder, images: list, names: Sequence[str] | None = N
     wanted = list(names) if names is not None else [*(f"block{k}" for k in range(len(blocks))), "final"]
     seen: dict[str, torch.Tensor] = {}
     hooks = []
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in [*wanted, *(["vectors"] if vectors else [])]}
     try:
+        if vectors:  # the tower's output: (pooled, tokens) while image_tokens asks for tokens
+            hooks.append(encoder.model.visual.register_forward_hook(
+                lambda _m, _i, out: seen.__setitem__("vectors", F.normalize(out[0].float(), dim=-1))))
         for name in wanted:
             if name != "final":  # the encoder knows where each layer's tokens are and how to cut them out
                 module, cut = encoder.token_source(name)
@@ -75,7 +82,7 @@ def layer_tokens(encoder: Encoder, images: list, names: Sequence[str] | None = N
                     lambda _m, _i, out, name=name, cut=cut: seen.__setitem__(name, cut(out))))
         for start in range(0, len(images), 256):
             final = encoder.image_tokens(encoder.image_batch(images[start : start + 256]))
-            for name in wanted:
+            for name in parts:
                 parts[name].append((final if name == "final" else seen[name]).float().cpu())
     finally:
         for h in hooks:

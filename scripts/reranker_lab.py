@@ -348,12 +348,6 @@ def encode_texts(encoder: Encoder, captions: list[str]) -> tuple[torch.Tensor, t
             torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks]))
 
 
-def dual_vectors(encoder: Encoder, images: list, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dual encoder's normalised image and caption vectors."""
-    img = np.concatenate([encoder.encode_pil(images[s : s + 512]) for s in range(0, len(images), 512)])
-    return torch.from_numpy(img.astype(np.float32)), torch.from_numpy(encoder.encode_texts(captions).astype(np.float32))
-
-
 def encode(encoder: Encoder, n: int, seed: int, layer: str, canonical: bool = False, both: bool = False,
            vectors: list | None = None) -> tuple:
     """Patch tokens of ``layer``, text tokens and text mask of ``n`` minimal-pair items.
@@ -366,10 +360,11 @@ def encode(encoder: Encoder, n: int, seed: int, layer: str, canonical: bool = Fa
     """
     items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=True))
     captions = [x.scene.key() if canonical else x.caption for x in items]
-    images = layer_tokens(encoder, [x.image for x in items], [layer])[layer]
+    features = layer_tokens(encoder, [x.image for x in items], [layer], vectors=vectors is not None)
+    images = features[layer]
     text, mask = encode_texts(encoder, captions)
     if vectors is not None:
-        vectors.extend([*dual_vectors(encoder, [x.image for x in items], captions), [x.scene.key() for x in items]])
+        vectors.extend([features["vectors"], torch.from_numpy(encoder.encode_texts(captions)), [x.scene.key() for x in items]])
     if both:
         return (images, text, mask, *encode_texts(encoder, [x.scene.key() for x in items]))
     return images, text, mask
@@ -418,9 +413,11 @@ class Ordinary(Alike):
     def __init__(self, encoder: Encoder, n: int, seed: int, layer: str, k: int = 12) -> None:
         items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=False))
         captions = [x.caption for x in items]
-        self.image = layer_tokens(encoder, [x.image for x in items], [layer])[layer]
+        features = layer_tokens(encoder, [x.image for x in items], [layer], vectors=True)
+        self.image = features[layer]
         self.text, self.mask = encode_texts(encoder, captions)
-        super().__init__(*dual_vectors(encoder, [x.image for x in items], captions), [x.scene.key() for x in items], k)
+        super().__init__(features["vectors"], torch.from_numpy(encoder.encode_texts(captions)),
+                         [x.scene.key() for x in items], k)
 
 
 def group_pairs(groups: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
