@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the reranker bundled with shapes-tiny, end to end on CPU, and write it
 # (reranker.safetensors, reranker.json, the card's "Reranker" section) into
-# retrieval/models/shapes-tiny/. About 80 minutes on two cores.
+# retrieval/models/shapes-tiny/. About 75 minutes on two cores.
 #
 #   bash scripts/train_shapes_reranker.sh [WORK_DIR]
 #
