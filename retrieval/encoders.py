@@ -88,6 +88,49 @@ def parse_spec(spec: str) -> ModelSpec:
     return ModelSpec(spec, arch, tag, None)
 
 
+#: Weight files up to this size are fingerprinted by content, larger ones by size and time.
+_HASH_LIMIT = 64 << 20
+
+
+def weights_fingerprint(ms: ModelSpec) -> str | None:
+    """What the weights of a spec that names local files are, in a few characters.
+
+    For ``local-dir:`` and bundled models (the config and weight files in the
+    folder, not a reranker's) and checkpoint paths, a hash of each file's
+    content (files up to 64 MB) or its size and modification time (larger
+    ones). None for weights named by a pretrained tag or a hub repository,
+    which do not change under their name. A library compares it with the one
+    it recorded, so a model retrained in place does not go on searching
+    vectors of its old weights.
+    """
+    import hashlib
+
+    if ms.local_dir is not None:
+        if not ms.local_dir.is_dir():
+            return None
+        files = sorted(
+            p for p in ms.local_dir.iterdir()
+            if p.is_file() and not p.name.startswith("reranker")
+            and (p.name == "open_clip_config.json" or p.suffix in (".safetensors", ".bin", ".pth", ".pt"))
+        )
+    elif ms.pretrained is not None and os.path.sep in ms.pretrained:
+        files = [Path(ms.pretrained)]
+    else:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        try:
+            st = path.stat()
+            digest.update(f"{path.name}:{st.st_size}:".encode())
+            if st.st_size <= _HASH_LIMIT:
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+            else:
+                digest.update(str(st.st_mtime_ns).encode())
+        except OSError:
+            continue  # a missing file: loading the model will say so
+    return digest.hexdigest()[:16]
+
+
 def pick_device(device: str | None = None) -> str:
     """``device`` if given, else CUDA when available, else CPU."""
     if device:

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +30,7 @@ from sqlalchemy import select
 from index import VectorIndex
 
 from .corpus import read_corpus
-from .encoders import DEFAULT_MODEL, Encoder, ModelSpec, load_encoder, parse_spec
+from .encoders import DEFAULT_MODEL, Encoder, ModelSpec, load_encoder, parse_spec, weights_fingerprint
 from .errors import LibraryError, QueryError
 from .imageio import ImageLoadError, LoadedImage, load_image
 from .pipeline import default_workers, load_batches
@@ -81,6 +82,35 @@ class ModelState:
         self._tokens: TokenStore | None = None
         self._reranker: Any = False  # False: not looked up yet
         self.dir = engine.library_dir / "models" / spec.slug
+        self.weights_changed = self._check_weights()
+
+    def _check_weights(self) -> bool:
+        """Drop this model's vectors, tokens and cached query vectors when its
+        weights are not the ones they were computed with (a local model
+        retrained in place); whether they were dropped.
+
+        The files go first, then one commit drops the rows and records the new
+        fingerprint: a crash in between leaves the old fingerprint, so the next
+        open drops again.
+        """
+        now = weights_fingerprint(self.spec)
+        if now is None:
+            return False
+        store, key = self.engine.store, f"weights:{self.spec.spec}"
+        before = store.get_setting(key)
+        if before == now:
+            return False
+        changed = before is not None and store.find_model(self.spec.spec) is not None
+        if changed:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            store.forget_model(self.spec.spec)
+            LOG.warning(
+                "the weights of model %s changed since this library was indexed with it: its vectors were dropped; "
+                "run `crossfind index PATH` (and `add-texts`) again to re-embed with the new weights", self.spec.spec,
+            )
+        store.set_setting(key, now)
+        store.commit()
+        return changed
 
     # ------------------------------------------------------------ lazy parts
     @property
@@ -756,8 +786,9 @@ class Engine:
         state = self.state()
         model = self.store.find_model(state.spec.spec)
         if model is None:
+            why = " since its weights changed" if state.weights_changed else ""
             raise LibraryError(
-                f"nothing is indexed with model {state.spec.spec!r} in {self.library_dir}; "
+                f"nothing is indexed with model {state.spec.spec!r} in {self.library_dir}{why}; "
                 "run `crossfind index PATH` (or add-texts) with it first"
             )
         notes: list[str] = []

@@ -224,6 +224,18 @@ class Store:
             raise LibraryError(f"model {spec!r} was indexed with dimension {row.dim}, now it gives {dim}")
         return row
 
+    def forget_model(self, spec: str) -> bool:
+        """Drop what a model computed: its row with every vector row (cascade),
+        its cached query vectors and its index generations; items stay. Whether
+        it had a row."""
+        row = self.find_model(spec)
+        if row is not None:
+            self.session.delete(row)
+        self.session.execute(update(Query).where(Query.model == spec).values(text_vector=None))
+        self.session.execute(delete(Setting).where(Setting.key.in_([f"generation:{spec}:{kind}" for kind in ("images", "texts")])))
+        self.session.flush()
+        return row is not None
+
     def find_model(self, spec: str) -> Model | None:
         return self.session.scalar(select(Model).where(Model.spec == spec))
 

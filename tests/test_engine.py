@@ -151,3 +151,62 @@ def test_errors_are_clear(tmp_path, tiny_model):
             eng.search_image(tmp_path / "missing.jpg")
         with pytest.raises(QueryError, match="target"):
             eng.search_text("x", target="sounds")
+
+
+def test_model_retrained_in_place_drops_its_old_vectors(tmp_path, photo_dir, caplog):
+    from conftest import write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "model", seed=0)
+    spec, lib = f"local-dir:{model_dir}", tmp_path / "lib"
+    corpus = tmp_path / "caps.txt"
+    corpus.write_text("a red circle\na green star\n")
+    with Engine.open(lib, model=spec) as eng:
+        eng.index_folder(photo_dir)
+        eng.add_texts(corpus)
+        eng.search_text("a photo of noise", k=3)  # caches the query's vector
+        old = eng.encoder.encode_texts(["a photo of noise"])[0]
+    with Engine.open(lib, model=spec) as eng:  # same weights: everything kept
+        assert eng.status()["models"][0]["image_vectors"] == 12 and not eng.state().weights_changed
+    (model_dir / "open_clip_model.safetensors").unlink()  # retrained in place: same spec, new weights
+    write_tiny_model(model_dir, seed=3)
+    with Engine.open(lib, model=spec) as eng:
+        state = eng.state()
+        assert state.weights_changed and "weights of model" in caplog.text
+        assert eng.status()["models"] == [] and not state.dir.exists()
+        assert eng.store.text_vector(state.spec.spec, "a photo of noise") is None  # cached query vector gone too
+        with pytest.raises(LibraryError, match="since its weights changed"):
+            eng.search_text("a photo of noise", k=3)
+        rep = eng.index_folder(photo_dir)
+        assert rep.encoded == 12
+        eng.add_texts(corpus)
+        assert eng.status()["models"][0]["text_vectors"] == 2
+        q = eng.encoder.encode_texts(["a photo of noise"])[0]
+        assert not np.allclose(q, old)
+        hits = eng.search_text("a photo of noise", k=5)
+        assert [h.path for h in hits] == brute_force(eng, photo_dir, q, 5)  # searched with the new weights' vectors
+    with Engine.open(lib, model=spec) as eng:  # and recorded: no second drop
+        assert not eng.state().weights_changed and eng.status()["models"][0]["image_vectors"] == 12
+
+
+def test_weights_change_survives_a_crash_while_dropping(tmp_path, photo_dir, monkeypatch):
+    from conftest import write_tiny_model
+
+    from retrieval.store import Store
+
+    model_dir = write_tiny_model(tmp_path / "model", seed=0)
+    spec, lib = f"local-dir:{model_dir}", tmp_path / "lib"
+    with Engine.open(lib, model=spec) as eng:
+        eng.index_folder(photo_dir)
+    (model_dir / "open_clip_model.safetensors").unlink()
+    write_tiny_model(model_dir, seed=3)
+
+    def crash(self, spec):
+        raise KeyboardInterrupt  # killed after the files went, before the rows did
+
+    with monkeypatch.context() as m:
+        m.setattr(Store, "forget_model", crash)
+        with pytest.raises(KeyboardInterrupt):
+            Engine.open(lib, model=spec).state()
+    with Engine.open(lib, model=spec) as eng:  # the next open drops again, then works
+        assert eng.state().weights_changed and eng.status()["models"] == []
+        assert eng.index_folder(photo_dir).encoded == 12
