@@ -298,23 +298,29 @@ class Encoder:
         return np.ascontiguousarray(vec, dtype=np.float32), tok
 
     def _visual_with_tokens(self, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The vision tower's pooled output and its patch tokens at ``layer``."""
+        """The vision tower's pooled output and its patch tokens at ``layer``
+        (``"embed+final"``: both layers' tokens side by side, one forward pass)."""
+        import torch
+
         visual = self.model.visual
-        if layer == "final":
-            visual.output_tokens = True
-            try:
-                pooled, tokens = visual(x)
-            finally:
-                visual.output_tokens = False
-            return pooled, tokens
-        module, cut = self.token_source(layer)
-        seen: list[torch.Tensor] = []
-        hook = module.register_forward_hook(lambda _m, _i, out: seen.append(cut(out)))
+        parts = layer.split("+")
+        seen: dict[str, torch.Tensor] = {}
+        hooks = []
         try:
-            pooled = visual(x)
+            for part in parts:
+                if part != "final":
+                    module, cut = self.token_source(part)
+                    hooks.append(module.register_forward_hook(
+                        lambda _m, _i, out, part=part, cut=cut: seen.__setitem__(part, cut(out))))
+            visual.output_tokens = "final" in parts
+            out = visual(x)
         finally:
-            hook.remove()
-        return pooled, seen[0]
+            visual.output_tokens = False
+            for hook in hooks:
+                hook.remove()
+        pooled, seen["final"] = out if "final" in parts else (out, out)
+        tokens = [seen[part] for part in parts]
+        return pooled, tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=-1)
 
     def token_source(self, layer: str) -> tuple[Any, Callable[[Any], Any]]:
         """The module whose output holds the patch tokens of ``layer`` (``embed``
@@ -415,7 +421,9 @@ class Encoder:
 
         ``layer``: ``final`` (the tower's output tokens before pooling),
         ``embed`` (the patch embedding, before any attention) or ``blockK``
-        (the output of transformer block K, class token dropped).
+        (the output of transformer block K, class token dropped); several
+        joined by ``+`` (``embed+final``) give each patch's tokens of those
+        layers side by side, ``(n, patches, width * layers)``.
         """
         import torch
 

@@ -169,7 +169,7 @@ class ModelState:
         """The patch-token store, when this model has a reranker."""
         if self._tokens is None and self.reranker is not None and self.encoder.has_tokens:
             cfg = self.reranker.config  # checked against the encoder when the reranker loaded
-            shape = (cfg.image_tokens, cfg.image_width)
+            shape = (cfg.image_tokens, cfg.image_features)
             path = self.dir / "tokens.f16"
             if not TokenStore.holds(path, shape, self.token_layer):
                 # Rows of another layer or shape are about to go: invalid first, re-encoded on use.

@@ -68,7 +68,7 @@ class RerankerConfig:
     temperature: float = 1.0  # calibration: probability = sigmoid((logit - shift) / temperature)
     shift: float = 0.0  # calibration offset (Platt scaling together with ``temperature``)
     residual: bool = False  # logit = dual_scale * dual cosine + dual_bias + cross-attention correction
-    image_layer: str = "final"  # where patch tokens are taken: final, embed or blockK (Encoder.image_tokens)
+    image_layer: str = "final"  # where patch tokens are taken: final, embed, blockK or several joined by + (Encoder.image_tokens)
     text_words: bool = False  # text tokens carry the tower's input word embeddings too (Encoder.text_tokens)
     image_depth: int = 0  # image self-attention blocks before the text attends to the patches
 
@@ -97,6 +97,16 @@ class RerankerConfig:
     def text_features(self) -> int:
         """Width of each text token the module reads (doubled with ``text_words``)."""
         return self.text_width * (2 if self.text_words else 1)
+
+    @property
+    def image_layers(self) -> int:
+        """How many vision layers each patch's tokens come from (``embed+final``: 2)."""
+        return len(self.image_layer.split("+"))
+
+    @property
+    def image_features(self) -> int:
+        """Width of each stored patch token: ``image_width`` per layer."""
+        return self.image_width * self.image_layers
 
 
 def _patch_count(encoder: Encoder) -> int:
@@ -178,6 +188,11 @@ class _Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
 
+def _with_centred(tokens: torch.Tensor) -> torch.Tensor:
+    """Each patch token beside itself minus the image's mean token (what is local)."""
+    return torch.cat([tokens, tokens - tokens.mean(dim=1, keepdim=True)], dim=-1)
+
+
 def grid_features(patches: int, freqs: int = 4) -> torch.Tensor:
     """Each patch's place on its square grid: x, y in [-1, 1] and their sin/cos at ``freqs`` frequencies."""
     side = int(round(patches**0.5))
@@ -194,7 +209,8 @@ class CrossAttentionITM(nn.Module):
 
     ``forward(text, mask, image)`` takes text tokens ``(n, L, text_features)``
     (see :attr:`RerankerConfig.text_features`), their padding mask ``(n, L)``
-    (True on real tokens) and patch tokens ``(n, P, image_width)``; either side
+    (True on real tokens) and patch tokens ``(n, P, image_features)`` (each
+    layer's ``image_width`` side by side, see ``image_layer``); either side
     may have batch size 1 and is then shared by all ``n`` pairs (one query
     against many candidates). ``dual`` (optional, ``(n,)``) holds the dual
     encoder's cosine of each pair; a residual reranker (``config.residual``)
@@ -214,6 +230,11 @@ class CrossAttentionITM(nn.Module):
         w = config.width
         self.text_in = nn.Sequential(nn.LayerNorm(config.text_features), nn.Linear(config.text_features, w))
         self.image_in = nn.Sequential(nn.LayerNorm(2 * config.image_width), nn.Linear(2 * config.image_width, w))
+        # One projection per further layer (``image_layer`` "embed+final"), added to the first.
+        self.extra_in = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(2 * config.image_width), nn.Linear(2 * config.image_width, w))
+            for _ in range(config.image_layers - 1)
+        )
         grid = grid_features(config.image_tokens)
         self.register_buffer("grid", grid, persistent=False)
         self.place_in = nn.Linear(grid.shape[1], w)
@@ -243,12 +264,16 @@ class CrossAttentionITM(nn.Module):
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """The patches as the text sees them, ``(n, P, width)``; compute once per image."""
-        if image.shape[1] != self.config.image_tokens:
-            raise ValueError(f"expected {self.config.image_tokens} patch tokens per image, got {image.shape[1]}")
-        image = image.to(self.head.weight.dtype)
-        image = torch.cat([image, image - image.mean(dim=1, keepdim=True)], dim=-1)
+        if image.shape[1:] != (self.config.image_tokens, self.config.image_features):
+            raise ValueError(
+                f"expected patch tokens of shape ({self.config.image_tokens}, {self.config.image_features}) per image, "
+                f"got {tuple(image.shape[1:])}"
+            )
+        parts = image.to(self.head.weight.dtype).chunk(self.config.image_layers, dim=-1)
         grid: torch.Tensor = self.grid  # type: ignore[assignment]
-        y = self.image_in(image) + self.image_pos + self.place_in(grid.to(image.dtype))
+        y = self.image_in(_with_centred(parts[0])) + self.image_pos + self.place_in(grid.to(parts[0].dtype))
+        for proj, part in zip(self.extra_in, parts[1:]):
+            y = y + proj(_with_centred(part))
         for block in self.image_blocks:
             y = block(y)
         return self.ln_image(y)
@@ -351,7 +376,7 @@ class Reranker:
     def score_images(self, text: str, image_tokens: np.ndarray, dual_scores: np.ndarray | None = None) -> np.ndarray:
         """Match probabilities of one text query against candidate images.
 
-        ``image_tokens`` is ``(n, patches, image_width)``, typically float16 rows
+        ``image_tokens`` is ``(n, patches, image_features)``, typically float16 rows
         read from the index's token store; ``dual_scores`` ``(n,)`` the dual
         encoder's cosines of the candidates (a residual reranker builds on them).
         Returns ``(n,)`` float32 in [0, 1].
@@ -362,7 +387,7 @@ class Reranker:
         self, image_tokens: np.ndarray, texts: Sequence[str], dual_scores: np.ndarray | None = None
     ) -> np.ndarray:
         """Match probabilities of one image query (its patch tokens ``(patches,
-        image_width)``) against candidate texts; ``dual_scores`` as in
+        image_features)``) against candidate texts; ``dual_scores`` as in
         :meth:`score_images`. Returns ``(n,)`` float32 in [0, 1]."""
         return self.probability(self.logits_texts(image_tokens, texts, dual_scores))
 
@@ -449,7 +474,7 @@ class Reranker:
 
     def _check_tokens(self, tokens: np.ndarray, ndim: int) -> np.ndarray:
         tokens = np.asarray(tokens)
-        want = (self.config.image_tokens, self.config.image_width)
+        want = (self.config.image_tokens, self.config.image_features)
         if tokens.ndim != ndim or (tokens.size and tuple(tokens.shape[-2:]) != want):
             lead = "(n, " if ndim == 3 else "("
             raise ValueError(f"patch tokens must have shape {lead}{want[0]}, {want[1]}), got {tokens.shape}")

@@ -39,7 +39,7 @@ def latency_ms(reranker: Reranker, candidates: int = 50, runs: int = 50, seed: i
     """Median milliseconds of ``score_images`` for one text query against ``candidates`` stored token rows."""
     cfg = reranker.config
     rng = np.random.default_rng(seed)
-    tokens = rng.standard_normal((candidates, cfg.image_tokens, cfg.image_width)).astype(np.float16)
+    tokens = rng.standard_normal((candidates, cfg.image_tokens, cfg.image_features)).astype(np.float16)
     for _ in range(3):  # warm-up: allocator, thread pool
         reranker.score_images(QUERY, tokens)
     times = []
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             ms = latency_ms(rr, args.candidates, args.runs)
             cfg = rr.config
             print(f"{args.arch} (random weights, reranker width {cfg.width} depth {cfg.depth} image depth {cfg.image_depth}, "
-                  f"{cfg.image_tokens}x{cfg.image_width} patch tokens of layer {cfg.image_layer}): "
+                  f"{cfg.image_tokens}x{cfg.image_features} patch tokens of layer {cfg.image_layer}): "
                   f"{ms:.1f} ms for {args.candidates} candidates (median of {args.runs})")
 
 

@@ -159,11 +159,19 @@ class LabITM(nn.Module):
 
     def __init__(self, text_width: int, image_width: int, patches: int, context: int, args: argparse.Namespace) -> None:
         super().__init__()
-        w, iw = args.width, 2 * image_width
+        self.layers = len(args.layer.split("+"))
+        w, iw = args.width, 2 * image_width // self.layers
         self.grounded = args.variant == "grounded"
         self.register_buffer("grid", grid_features(patches))
         self.text_in = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, w))
         self.image_in = nn.Sequential(nn.LayerNorm(iw), nn.Linear(iw, w))
+        # Further layers (--layer embed+final): one projection each, added; zero
+        # at the start, so a model started from a one-layer reranker (--init)
+        # computes what it did until training gives the new layer a say.
+        self.extra_in = nn.ModuleList(nn.Sequential(nn.LayerNorm(iw), nn.Linear(iw, w)) for _ in range(self.layers - 1))
+        for proj in self.extra_in:
+            nn.init.zeros_(proj[1].weight)
+            nn.init.zeros_(proj[1].bias)
         self.pos_in = nn.Linear(self.grid.shape[1], w)
         self.image_pos = nn.Parameter(torch.randn(patches, w) * 0.02)
         self.image_blocks = nn.ModuleList(SelfBlock(w, args.heads) for _ in range(args.image_depth))
@@ -232,7 +240,7 @@ class LabITM(nn.Module):
         text, mask, masked = text[:, :length], mask[:, :length], masked[:, :length]
         if WORDS:
             text = torch.cat([torch.zeros_like(text[..., : text.shape[-1] // 2]), text[..., text.shape[-1] // 2 :]], -1)
-        y = self.image_in(with_centred(image)) + self.image_pos + self.pos_in(self.grid)
+        y = self.image_stream(image)
         for block in self.image_blocks:
             y = block(y)
         y = self.ln_image(y)
@@ -242,6 +250,14 @@ class LabITM(nn.Module):
         for block in self.blocks:
             x = block(x, keep, block.cross_attn.keys(y))
         return self.mlm_head(x[:, 1:][masked])
+
+    def image_stream(self, image: torch.Tensor) -> torch.Tensor:
+        """Each patch's layers (centred, projected and summed), learned position and grid place."""
+        parts = image.chunk(self.layers, dim=-1)
+        y = self.image_in(with_centred(parts[0])) + self.image_pos + self.pos_in(self.grid)
+        for proj, part in zip(self.extra_in, parts[1:]):
+            y = y + proj(with_centred(part))
+        return y
 
     def ground(self, text: torch.Tensor, x_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-length grounding features of text tokens and of patches (``x_img`` from :func:`with_centred`)."""
@@ -256,7 +272,7 @@ class LabITM(nn.Module):
         length = int(mask.sum(1).max())  # causal text tokens: padding after the last real one is inert
         text, mask = text[:, :length], mask[:, :length]
         x_img = with_centred(image)
-        y = self.image_in(x_img) + self.image_pos + self.pos_in(self.grid)
+        y = self.image_stream(image)
         for block in self.image_blocks:
             y = block(y)
         y = self.ln_image(y)
@@ -360,8 +376,8 @@ def encode(encoder: Encoder, n: int, seed: int, layer: str, canonical: bool = Fa
     """
     items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=True))
     captions = [x.scene.key() if canonical else x.caption for x in items]
-    features = layer_tokens(encoder, [x.image for x in items], [layer], vectors=vectors is not None)
-    images = features[layer]
+    features = layer_tokens(encoder, [x.image for x in items], layer.split("+"), vectors=vectors is not None)
+    images = torch.cat([features[part] for part in layer.split("+")], -1)
     text, mask = encode_texts(encoder, captions)
     if vectors is not None:
         vectors.extend([features["vectors"], torch.from_numpy(encoder.encode_texts(captions)), [x.scene.key() for x in items]])
@@ -413,8 +429,8 @@ class Ordinary(Alike):
     def __init__(self, encoder: Encoder, n: int, seed: int, layer: str, k: int = 12) -> None:
         items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=False))
         captions = [x.caption for x in items]
-        features = layer_tokens(encoder, [x.image for x in items], [layer], vectors=True)
-        self.image = features[layer]
+        features = layer_tokens(encoder, [x.image for x in items], layer.split("+"), vectors=True)
+        self.image = torch.cat([features[part] for part in layer.split("+")], -1)
         self.text, self.mask = encode_texts(encoder, captions)
         super().__init__(features["vectors"], torch.from_numpy(encoder.encode_texts(captions)),
                          [x.scene.key() for x in items], k)
@@ -567,8 +583,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mlm and (args.curriculum or args.variant != "cross"):
         p.error("--mlm goes with --variant cross and no --curriculum")
     extras = (args.relational, args.steered, args.ordered, args.spatial, args.gated, args.oracle_gate)
-    if args.save and (args.variant != "cross" or any(extras) or args.layer not in ("final", "embed")
-                      and not args.layer.startswith("block")):
+    if "+" in args.layer and args.variant != "cross":
+        p.error("--layer A+B goes with --variant cross")
+    if args.save and (args.variant != "cross" or any(extras)):
         p.error("--save takes the plain cross variant (no --relational/--steered/--ordered/--spatial/--gated)")
     if args.ordinary and (args.curriculum or args.mlm):
         p.error("--ordinary goes without --curriculum and --mlm")
@@ -698,7 +715,8 @@ def load_saved(model: LabITM, folder: Path) -> None:
 
     saved = load_file(str(folder / "reranker.safetensors"))
     own = model.state_dict()  # the grid, and a residual model's dual weights when the saved one has none
-    state = {name: saved.get(renamed(name), own[name]) if name in ("grid", "dual_scale", "dual_bias") else saved[renamed(name)]
+    kept = ("grid", "dual_scale", "dual_bias")  # and new layers' projections (--layer embed+final from embed)
+    state = {name: saved.get(renamed(name), own[name]) if name in kept or name.startswith("extra_in.") else saved[renamed(name)]
              for name in own}
     model.load_state_dict(state)
     print(f"started from {folder}", flush=True)

@@ -792,7 +792,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--image-layer", default="final",
-                   help="vision-tower layer whose patch tokens the reranker reads: final, embed or blockK (default: final)")
+                   help="vision-tower layer whose patch tokens the reranker reads: final, embed, blockK, or two joined by + (embed+final: each patch's tokens of both; default: final)")
     p.add_argument("--words", action="store_true",
                    help="give the reranker the text tower's input word embeddings beside its output tokens")
     p.add_argument("--image-depth", type=int, default=0, help="image self-attention blocks before cross-attention")

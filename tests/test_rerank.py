@@ -184,6 +184,14 @@ def test_patch_tokens_of_other_layers_and_word_embeddings(encoder):
     np.testing.assert_allclose(stored.astype(np.float32), embed.numpy(), atol=2e-3)
     with pytest.raises(ValueError, match="unknown token layer 'block9'.*block0"):
         encoder.image_tokens(pix, layer="block9")
+    # several layers at once: side by side, from one forward pass that also pools as usual
+    two = encoder.image_tokens(pix, layer="embed+final")
+    assert two.shape == (3, 16, 96) and torch.allclose(two, torch.cat([embed, final], -1))
+    vec, stored2 = encoder.encode_images(pix, with_tokens=True, token_layer="embed+final")
+    np.testing.assert_array_equal(vec, encoder.encode_images(pix)[0])
+    np.testing.assert_allclose(stored2.astype(np.float32), two.numpy(), atol=2e-3)
+    with pytest.raises(ValueError, match="unknown token layer 'bogus'"):
+        encoder.image_tokens(pix, layer="embed+bogus")
     plain, mask = encoder.text_tokens(["a red circle", "a blue square left of a green star"])
     both, mask2 = encoder.text_tokens(["a red circle", "a blue square left of a green star"], words=True)
     assert both.shape == (*plain.shape[:2], 2 * plain.shape[2]) and torch.equal(mask, mask2)
@@ -208,6 +216,25 @@ def test_reranker_reads_the_tokens_its_config_names(encoder):
         grouped = rr.module(text.expand(3, -1, -1), mask.expand(3, -1), torch.from_numpy(embed), image_index=idx)
         direct = rr.module(text.expand(3, -1, -1), mask.expand(3, -1), torch.from_numpy(embed[[2, 0, 2]]))
     assert torch.allclose(grouped, direct, atol=1e-5)
+
+
+def test_two_layer_reranker_reads_both_layers_of_each_patch(encoder, tmp_path):
+    torch.manual_seed(5)
+    cfg = RerankerConfig.for_encoder(encoder, width=32, depth=1, heads=2, image_layer="embed+final")
+    assert cfg.image_features == 2 * cfg.image_width
+    rr = Reranker(CrossAttentionITM(cfg), encoder)
+    toks = encoder.encode_images(encoder.image_batch(_images(3)), with_tokens=True, token_layer="embed+final")[1]
+    base = rr.logits_images("a red circle", toks)
+    for half in (slice(0, 48), slice(48, 96)):  # a change in either layer's tokens changes the score
+        other = toks.copy()
+        other[..., half] = other[..., half][::-1]
+        assert not np.allclose(rr.logits_images("a red circle", other), base)
+    with pytest.raises(ValueError, match=r"shape \(n, 16, 96\)"):
+        rr.logits_images("a red circle", toks[..., :48])
+    rr.save(tmp_path / "two")
+    again = Reranker.load(tmp_path / "two", encoder)
+    assert again.config.image_layer == "embed+final"
+    np.testing.assert_allclose(again.logits_images("a red circle", toks), base, atol=1e-3)  # saved as float16
 
 
 def test_no_reranker_found_is_none(encoder, tmp_path, monkeypatch):
@@ -373,6 +400,17 @@ def test_lab_model_saved_as_a_reranker_scores_the_same(tmp_path):
               "--ordinary-groups", "2", "--mined-groups", "2", "--save", str(tmp_path / "residual")])
     residual = Reranker.load(tmp_path / "residual", load_encoder("shapes-tiny", device="cpu"))
     assert residual.config.residual and abs(float(residual.module.dual_scale.detach()) - 20) < 0.1
+    # a second layer's tokens (embed+final) from a one-layer reranker: it starts out scoring exactly like it
+    lab.main(["--variant", "cross", "--words", "--layer", "embed+final", "--image-depth", "1", "--n", "64", "--val", "64",
+              "--steps", "0", "--init", str(tmp_path / "residual"), "--residual", "20", "--save", str(tmp_path / "two")])
+    two = Reranker.load(tmp_path / "two", residual.encoder)
+    assert two.config.image_layer == "embed+final"
+    pix = two.encoder.image_batch(_images(4))
+    one_toks = two.encoder.encode_images(pix, with_tokens=True, token_layer="embed")[1]
+    two_toks = two.encoder.encode_images(pix, with_tokens=True, token_layer="embed+final")[1]
+    dual = np.linspace(0.1, 0.4, 4, dtype=np.float32)
+    np.testing.assert_allclose(two.logits_images("a red circle left of a blue square", two_toks, dual),
+                               residual.logits_images("a red circle left of a blue square", one_toks, dual), atol=1e-4)
 
 
 def test_lab_ordinary_groups_hold_alike_scenes_with_distinct_keys():

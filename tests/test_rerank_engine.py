@@ -133,7 +133,8 @@ def test_library_indexed_before_the_reranker_still_reranks(tmp_path, photo_dir):
         np.testing.assert_allclose([h.rerank_score for h in again.hits], [h.rerank_score for h in first.hits], atol=1e-4)
 
 
-def test_reranker_of_another_layer_starts_the_token_store_over(tmp_path, photo_dir):
+@pytest.mark.parametrize("layer", ["embed", "embed+final"])
+def test_reranker_of_another_layer_starts_the_token_store_over(tmp_path, photo_dir, layer):
     model_dir = write_tiny_model(tmp_path / "model")
     spec = f"local-dir:{model_dir}"
     add_random_reranker(model_dir)
@@ -141,16 +142,17 @@ def test_reranker_of_another_layer_starts_the_token_store_over(tmp_path, photo_d
     with Engine.open(lib, model=spec) as eng:
         eng.index_folder(photo_dir)
         assert eng.status()["models"][0]["image_tokens"] == 12  # final-layer tokens
-    add_random_reranker(model_dir, seed=1, image_layer="embed", text_words=True)
+    add_random_reranker(model_dir, seed=1, image_layer=layer, text_words=True)
     with Engine.open(lib, model=spec) as eng:
         state = eng.state()
-        assert state.token_layer == "embed" and state.tokens.layer == "embed"
+        assert state.token_layer == layer and state.tokens.layer == layer
+        assert state.tokens.shape[1] == state.reranker.config.image_width * len(layer.split("+"))
         assert eng.status()["models"][0]["image_tokens"] == 0  # the final-layer rows no longer count
         res = eng.search(SearchQuery(text="a green star", k=12, candidates=12))
         assert res.reranked and eng.status()["models"][0]["image_tokens"] == 12
         enc, reranker = eng.encoder, state.reranker
         pix = enc.image_batch([load_image(h.path, enc.image_size).image for h in res.hits])
-        _, toks = enc.encode_images(pix, with_tokens=True, token_layer="embed")
+        _, toks = enc.encode_images(pix, with_tokens=True, token_layer=layer)
         np.testing.assert_allclose(reranker.score_images("a green star", toks), [h.rerank_score for h in res.hits], atol=1e-3)
         np.testing.assert_array_equal(state.tokens.read([h.id for h in res.hits]), toks)
 
