@@ -318,9 +318,10 @@ class Encoder:
             visual.output_tokens = False
             for hook in hooks:
                 hook.remove()
-        pooled, seen["final"] = out if "final" in parts else (out, out)
+        if "final" in parts:
+            out, seen["final"] = out
         tokens = [seen[part] for part in parts]
-        return pooled, tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=-1)
+        return out, tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=-1)
 
     def token_source(self, layer: str) -> tuple[Any, Callable[[Any], Any]]:
         """The module whose output holds the patch tokens of ``layer`` (``embed``
