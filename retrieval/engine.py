@@ -156,18 +156,22 @@ class ModelState:
         if self._reranker is False:
             from .rerank_files import reranker_dir
 
-            if reranker_dir(self.spec) is None:  # decided without loading torch
+            where = reranker_dir(self.spec)  # decided without loading torch
+            if where is None:
                 self._reranker = None
             else:
-                from .rerank import find_reranker
+                from .rerank import Reranker
 
-                self._reranker = find_reranker(self.encoder)
+                # The encoder only when the reranker needs it: a query asked
+                # before is re-scored from its kept tokens without it.
+                encoder = self._encoder if self._encoder is not None else (lambda: self.encoder)
+                self._reranker = Reranker.load(where, encoder, model=self.spec.spec)
         return self._reranker
 
     @property
     def tokens(self) -> TokenStore | None:
         """The patch-token store, when this model has a reranker."""
-        if self._tokens is None and self.reranker is not None and self.encoder.has_tokens:
+        if self._tokens is None and self.reranker is not None and (self._encoder is None or self._encoder.has_tokens):
             cfg = self.reranker.config  # checked against the encoder when the reranker loaded
             shape = (cfg.image_tokens, cfg.image_features)
             path = self.dir / "tokens.f16"
@@ -305,6 +309,7 @@ class Engine:
         self.device = device
         self._models: dict[str, ModelState] = {}
         self._text_vectors: dict[tuple[str, str], np.ndarray] = {}
+        self._query_tokens: dict[tuple[str, str], np.ndarray] = {}  # reranker tokens of text queries
         self._model_spec = model
         if encoder is not None:
             self._models[encoder.spec.spec] = ModelState(self, encoder.spec, encoder)
@@ -712,6 +717,21 @@ class Engine:
             self._text_vectors[key] = vec
         return vec
 
+    def _text_query_tokens(self, state: ModelState, text: str) -> np.ndarray:
+        """The reranker's tokens of a text query: from this session or the
+        search history when it was re-ranked before (no encoder load), else encoded."""
+        key = (state.spec.spec, text)
+        tok = self._query_tokens.get(key)
+        if tok is None:
+            raw = self.store.text_tokens(state.spec.spec, text)
+            row = 4 * state.reranker.config.text_features  # a reranker of other text features: encode again
+            if raw is not None and len(raw) and len(raw) % row == 0:
+                tok = np.frombuffer(raw, dtype=np.float32).reshape(-1, row // 4).copy()
+            else:
+                tok = state.reranker.query_tokens(text)
+            self._query_tokens[key] = tok
+        return tok
+
     def _open_query_image(self, image: ImageInput) -> LoadedImage:
         from PIL import Image as PILImage
 
@@ -821,13 +841,15 @@ class Engine:
         timings["index"] = time.perf_counter() - t1
 
         rerank_scores: dict[int, float] = {}
+        kept_tokens: np.ndarray | None = None  # the text query's reranker tokens, kept in the history
         if reranker is not None and ids:
             t2 = time.perf_counter()
             dual = np.array([scores[i] for i in ids], np.float32)
             if query.target == "images":
                 assert query.text is not None
                 toks = self._candidate_tokens(state, ids, rows_i)
-                logits = reranker.logits_images(query.text, toks, dual_scores=dual)
+                kept_tokens = self._text_query_tokens(state, query.text)
+                logits = reranker.logits_images(kept_tokens, toks, dual_scores=dual)
             else:
                 assert query.image is not None
                 _, qtok = self._encode_query_image(query.image, with_tokens=True, token_layer=state.token_layer)
@@ -865,6 +887,7 @@ class Engine:
             seconds=seconds,
             created_at=utcnow(),
             text_vector=self._text_vectors[(state.spec.spec, query.text)].tobytes() if query.text is not None else None,
+            text_tokens=kept_tokens.tobytes() if kept_tokens is not None else None,
         )
         results = [Result(rank=h.rank, kind=h.kind, item_id=h.id, path=h.path, text=h.text, score=h.score, rerank_score=h.rerank_score) for h in hits]
         qid = self.store.add_query(qrow, results)

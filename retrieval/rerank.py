@@ -23,7 +23,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -360,13 +360,39 @@ class Reranker:
     :meth:`Encoder.encode_images` returns them with ``with_tokens=True``), so
     reranking never needs the image files. Build one with :meth:`load` or
     :func:`find_reranker`.
+
+    ``encoder`` may also be a function returning it, called (and the reranker
+    checked against it) only when text must be encoded: a query whose tokens
+    were kept (:meth:`query_tokens`) is re-scored without loading the encoder.
     """
 
-    def __init__(self, module: CrossAttentionITM, encoder: Encoder, batch_size: int = 256) -> None:
-        _check_compatible(module.config, encoder, where="this reranker")
-        self.module = module.to(device=encoder.device, dtype=encoder.dtype).eval()
-        self.encoder = encoder
+    def __init__(
+        self, module: CrossAttentionITM, encoder: Encoder | Callable[[], Encoder], batch_size: int = 256,
+        where: str = "this reranker",
+    ) -> None:
+        self.module = module.eval()
         self.batch_size = batch_size
+        self._where = where
+        self._encoder: Encoder | None = None
+        self._load_encoder: Callable[[], Encoder] | None = None
+        if callable(encoder):
+            self._load_encoder = encoder
+        else:
+            self._bind(encoder)
+
+    def _bind(self, encoder: Encoder) -> None:
+        _check_compatible(self.config, encoder, where=self._where)
+        self.module.to(device=encoder.device, dtype=encoder.dtype)
+        self._encoder = encoder
+
+    @property
+    def encoder(self) -> Encoder:
+        """The dual encoder this reranker belongs to (loaded on first use when given lazily)."""
+        if self._encoder is None:
+            assert self._load_encoder is not None
+            self._bind(self._load_encoder())
+        assert self._encoder is not None
+        return self._encoder
 
     @property
     def config(self) -> RerankerConfig:
@@ -397,13 +423,30 @@ class Reranker:
             return self.module.probability(torch.from_numpy(np.asarray(logits, np.float32))).numpy()
 
     @torch.inference_mode()
-    def logits_images(self, text: str, image_tokens: np.ndarray, dual_scores: np.ndarray | None = None) -> np.ndarray:
+    def query_tokens(self, text: str) -> np.ndarray:
+        """The text tower's tokens of one query as this reranker reads them,
+        float32 ``(length, text_features)``; pass them to :meth:`logits_images`
+        instead of the text to score it again without the encoder."""
+        tok, mask = self.encoder.text_tokens([text], words=self.config.text_words)
+        return tok[0][mask[0]].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def logits_images(
+        self, text: str | np.ndarray, image_tokens: np.ndarray, dual_scores: np.ndarray | None = None
+    ) -> np.ndarray:
         """Raw logits behind :meth:`score_images`, float32 ``(n,)``: the same
         order as the probabilities, without their saturation near 0 and 1, so
-        rank by these."""
+        rank by these. ``text`` is the query, or its :meth:`query_tokens`."""
         tokens = self._check_tokens(image_tokens, ndim=3)
         dual = self._dual(dual_scores, len(tokens))
-        text_tok, mask = self.encoder.text_tokens([text], words=self.config.text_words)  # once per query
+        if isinstance(text, str):
+            text_tok, mask = self.encoder.text_tokens([text], words=self.config.text_words)  # once per query
+        else:
+            kept = np.asarray(text, dtype=np.float32)
+            if kept.ndim != 2 or kept.shape[1] != self.config.text_features or not len(kept):
+                raise ValueError(f"query tokens must have shape (length, {self.config.text_features}), got {kept.shape}")
+            text_tok = torch.from_numpy(kept.copy())[None].to(self._device)
+            mask = torch.ones(text_tok.shape[:2], dtype=torch.bool, device=self._device)
         out = [
             self._logits(
                 text_tok, mask, self._tensor(tokens[start : start + self.batch_size]),
@@ -470,7 +513,11 @@ class Reranker:
     def _tensor(self, tokens: np.ndarray) -> torch.Tensor:
         # Stored tokens are float16; casting fresh ones the same way keeps both paths identical.
         # Always a copy: rows may come from a read-only memmap.
-        return torch.from_numpy(np.array(tokens, dtype=np.float16, order="C")).to(self.encoder.device)
+        return torch.from_numpy(np.array(tokens, dtype=np.float16, order="C")).to(self._device)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.module.head.weight.device
 
     def _check_tokens(self, tokens: np.ndarray, ndim: int) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -496,23 +543,30 @@ class Reranker:
         return out
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], encoder: Encoder) -> Reranker:
-        """Load the reranker saved in ``directory`` for ``encoder``.
+    def load(
+        cls, directory: str | os.PathLike[str], encoder: Encoder | Callable[[], Encoder], model: str | None = None
+    ) -> Reranker:
+        """Load the reranker saved in ``directory`` for ``encoder`` (or a
+        function returning it, see :class:`Reranker`; ``model`` names it in
+        messages then).
 
-        Raises :class:`ModelNotAvailable` when the files are missing or the
-        reranker was trained for a model with other token shapes.
+        Raises :class:`ModelNotAvailable` when the files are missing or do not
+        fit the config, or the reranker was trained for a model with other
+        token shapes (checked when the encoder is at hand).
         """
         from safetensors.torch import load_file
 
+        name = model or (encoder.name if not callable(encoder) else "MODEL")
         where = Path(directory)
         weights, cfg_path = where / WEIGHTS_NAME, where / CONFIG_NAME
         if not (weights.is_file() and cfg_path.is_file()):
             raise ModelNotAvailable(
                 f"no reranker in {where} (needs {WEIGHTS_NAME} and {CONFIG_NAME}); "
-                f"train one with scripts/train_reranker.py --model {encoder.name}"
+                f"train one with scripts/train_reranker.py --model {name}"
             )
         config = RerankerConfig.from_json(cfg_path.read_text())
-        _check_compatible(config, encoder, where=str(where))
+        if not callable(encoder):
+            _check_compatible(config, encoder, where=str(where))
         module = CrossAttentionITM(config)
         try:
             module.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
@@ -520,9 +574,9 @@ class Reranker:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelNotAvailable(
                 f"reranker weights in {where} do not fit {CONFIG_NAME} ({first}); retrain with "
-                f"scripts/train_reranker.py --model {encoder.name}, or search with --no-rerank"
+                f"scripts/train_reranker.py --model {name}, or search with --no-rerank"
             ) from exc
-        return cls(module, encoder)
+        return cls(module, encoder, where=str(where))
 
 
 def find_reranker(encoder: Encoder) -> Reranker | None:

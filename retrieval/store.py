@@ -130,6 +130,7 @@ class Query(Base):
     reranked: Mapped[bool] = mapped_column(Boolean, default=False)
     seconds: Mapped[float] = mapped_column(Float)
     text_vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32 embedding of ``text``
+    text_tokens: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float16 reranker tokens of ``text``
 
 
 class Result(Base):
@@ -231,7 +232,7 @@ class Store:
         row = self.find_model(spec)
         if row is not None:
             self.session.delete(row)
-        self.session.execute(update(Query).where(Query.model == spec).values(text_vector=None))
+        self.session.execute(update(Query).where(Query.model == spec).values(text_vector=None, text_tokens=None))
         self.session.execute(delete(Setting).where(Setting.key.in_([f"generation:{spec}:{kind}" for kind in ("images", "texts")])))
         self.session.flush()
         return row is not None
@@ -378,6 +379,16 @@ class Store:
         q = (
             select(Query.text_vector)
             .where(Query.model == model, Query.text == text, Query.text_vector.is_not(None))
+            .order_by(Query.id.desc())
+            .limit(1)
+        )
+        return self.session.scalar(q)
+
+    def text_tokens(self, model: str, text: str) -> bytes | None:
+        """The stored reranker tokens of a text asked before with this model, if any."""
+        q = (
+            select(Query.text_tokens)
+            .where(Query.model == model, Query.text == text, Query.text_tokens.is_not(None))
             .order_by(Query.id.desc())
             .limit(1)
         )

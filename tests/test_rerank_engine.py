@@ -212,3 +212,25 @@ def test_damaged_reranker_is_a_clear_error(tmp_path, photo_dir):
     with Engine.open(tmp_path / "lib", model=f"local-dir:{model_dir}") as eng:
         with pytest.raises(ModelNotAvailable, match="do not fit"):
             eng.index_folder(photo_dir)
+
+
+def test_repeated_reranked_query_needs_no_encoder(tmp_path, rr_model, photo_dir):
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model=rr_model) as eng:
+        eng.index_folder(photo_dir)
+        first = eng.search(SearchQuery(text="a red circle", k=6, candidates=12))
+    with Engine.open(lib, model=rr_model) as eng:
+        again = eng.search(SearchQuery(text="a red circle", k=6, candidates=12))
+        state = eng.state()
+        assert again.reranked and state._encoder is None and state.reranker._encoder is None  # tokens from the history
+        assert [(h.id, h.rerank_score) for h in again.hits] == [(h.id, h.rerank_score) for h in first.hits]
+        new = eng.search(SearchQuery(text="a green star", k=6, candidates=12))
+        assert new.reranked and state._encoder is not None and state.reranker.encoder is state._encoder
+        # the kept tokens are the encoder's: scoring them equals scoring the text
+        toks = state.tokens.read([h.id for h in again.hits])
+        kept = eng.store.text_tokens(state.spec.spec, "a red circle")
+        assert kept is not None
+        np.testing.assert_allclose(
+            state.reranker.logits_images(np.frombuffer(kept, np.float32).reshape(-1, state.reranker.config.text_features), toks),
+            state.reranker.logits_images("a red circle", toks), atol=1e-5,
+        )
