@@ -71,6 +71,12 @@ dual encoder's own; ``--init DIR`` starts from a reranker ``--save`` wrote;
 ``--residual A`` trains the model residual on the dual encoder (logit plus a
 learned multiple of the pair's dual cosine, starting at ``A``), as search
 uses it, so it need only learn what the dual encoder gets wrong.
+
+Added in the sixth session: ``--layer A+B`` (``embed+final``) gives each patch
+the tokens of two layers, each with its own input projection; the second one
+starts at zero, so ``--init`` from a one-layer reranker scores as it did until
+training gives the new layer a say (shape, which the patch embedding hardly
+shows, from the final layer).
 """
 
 from __future__ import annotations
@@ -530,7 +536,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes-tiny")
     p.add_argument("--variant", choices=("cross", "grounded"), default="cross")
-    p.add_argument("--layer", default="final", help="final, embed (patch embedding) or blockK (output of vision block K)")
+    p.add_argument("--layer", default="final",
+                   help="final, embed (patch embedding), blockK (output of vision block K), or two joined by + (embed+final)")
     p.add_argument("--n", type=int, default=24000, help="training items (groups of four; seed 1234)")
     p.add_argument("--val", type=int, default=2000, help="held-out items (seed 8)")
     p.add_argument("--steps", type=int, default=400)

@@ -61,13 +61,14 @@ def test_bundled_reranker_fixes_what_the_dual_encoder_confuses(tmp_path):
     # shapes-tiny ships a cross-attention reranker. On fresh minimal pairs (each
     # scene beside its colours-swapped, shapes-swapped and relation-reversed
     # versions) the dual encoder is near chance within a group; re-ranking its
-    # top 50 must lift R@1 by far, and on ordinary scenes must not lose any.
+    # top 50 must lift R@1 by far (measured: +0.35 / +0.33), and on ordinary
+    # scenes must not lose any (measured: +0.05 / +0.03).
     generate(tmp_path / "pairs", 240, seed=424243, minimal_pairs=True)
     rep = evaluate(tmp_path / "pairs", model="shapes-tiny")
     assert "note" not in rep, rep
-    assert rep["t2i_reranked"]["R@1"] >= rep["t2i"]["R@1"] + 0.2, rep
-    assert rep["i2t_reranked"]["R@1"] >= rep["i2t"]["R@1"] + 0.2, rep
+    assert rep["t2i_reranked"]["R@1"] >= rep["t2i"]["R@1"] + 0.3, rep
+    assert rep["i2t_reranked"]["R@1"] >= rep["i2t"]["R@1"] + 0.3, rep
     generate(tmp_path / "ordinary", 240, seed=424244)
     rep = evaluate(tmp_path / "ordinary", model="shapes-tiny")
-    assert rep["t2i_reranked"]["R@1"] >= rep["t2i"]["R@1"] - 0.02, rep
-    assert rep["i2t_reranked"]["R@1"] >= rep["i2t"]["R@1"] - 0.02, rep
+    assert rep["t2i_reranked"]["R@1"] >= rep["t2i"]["R@1"], rep
+    assert rep["i2t_reranked"]["R@1"] >= rep["i2t"]["R@1"], rep
