@@ -376,19 +376,16 @@ class Store:
 
     def text_vector(self, model: str, text: str) -> bytes | None:
         """The stored embedding of a text asked before with this model, if any."""
-        q = (
-            select(Query.text_vector)
-            .where(Query.model == model, Query.text == text, Query.text_vector.is_not(None))
-            .order_by(Query.id.desc())
-            .limit(1)
-        )
-        return self.session.scalar(q)
+        return self._last_kept(Query.text_vector, model, text)
 
     def text_tokens(self, model: str, text: str) -> bytes | None:
         """The stored reranker tokens of a text asked before with this model, if any."""
+        return self._last_kept(Query.text_tokens, model, text)
+
+    def _last_kept(self, column: Any, model: str, text: str) -> bytes | None:
         q = (
-            select(Query.text_tokens)
-            .where(Query.model == model, Query.text == text, Query.text_tokens.is_not(None))
+            select(column)
+            .where(Query.model == model, Query.text == text, column.is_not(None))
             .order_by(Query.id.desc())
             .limit(1)
         )
