@@ -172,7 +172,7 @@ class ModelState:
     def tokens(self) -> TokenStore | None:
         """The patch-token store, when this model has a reranker."""
         if self._tokens is None and self.reranker is not None and (self._encoder is None or self._encoder.has_tokens):
-            cfg = self.reranker.config  # checked against the encoder when the reranker loaded
+            cfg = self.reranker.config  # checked against the encoder when the reranker binds it
             shape = (cfg.image_tokens, cfg.image_features)
             path = self.dir / "tokens.f16"
             if not TokenStore.holds(path, shape, self.token_layer):
