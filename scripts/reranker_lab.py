@@ -97,6 +97,7 @@ from torch import nn  # noqa: E402
 from retrieval.encoders import Encoder, load_encoder  # noqa: E402
 from retrieval.rerank import _Attention as Attention  # noqa: E402  (keys/values once per image)
 from retrieval.rerank import grid_features  # noqa: E402
+from retrieval.rerank import _with_centred as with_centred  # noqa: E402  (as the reranker centres patches)
 from retrieval.shapes import samples  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -153,11 +154,6 @@ class CrossBlock(nn.Module):
         x = x + self.self_attn(h, *self.self_attn.keys(h), mask)
         x = x + self.cross_attn(self.ln_cross(x), *kv)
         return x + self.mlp(self.ln_mlp(x))
-
-
-def with_centred(image: torch.Tensor) -> torch.Tensor:
-    """Each patch token beside itself minus the image's mean token (what is local)."""
-    return torch.cat([image, image - image.mean(1, keepdim=True)], -1)
 
 
 class LabITM(nn.Module):
@@ -370,6 +366,15 @@ def encode_texts(encoder: Encoder, captions: list[str]) -> tuple[torch.Tensor, t
             torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks]))
 
 
+def patch_tokens(encoder: Encoder, images: list, layer: str, vectors: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Patch tokens of ``layer`` (``A+B``: both layers side by side, as the
+    token store keeps them) and, with ``vectors``, the images' dual vectors
+    from the same forward pass."""
+    parts = layer.split("+")
+    features = layer_tokens(encoder, images, parts, vectors=vectors)
+    return torch.cat([features[part] for part in parts], -1), features.get("vectors")
+
+
 def encode(encoder: Encoder, n: int, seed: int, layer: str, canonical: bool = False, both: bool = False,
            vectors: list | None = None) -> tuple:
     """Patch tokens of ``layer``, text tokens and text mask of ``n`` minimal-pair items.
@@ -382,11 +387,10 @@ def encode(encoder: Encoder, n: int, seed: int, layer: str, canonical: bool = Fa
     """
     items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=True))
     captions = [x.scene.key() if canonical else x.caption for x in items]
-    features = layer_tokens(encoder, [x.image for x in items], layer.split("+"), vectors=vectors is not None)
-    images = torch.cat([features[part] for part in layer.split("+")], -1)
+    images, image_vectors = patch_tokens(encoder, [x.image for x in items], layer, vectors=vectors is not None)
     text, mask = encode_texts(encoder, captions)
     if vectors is not None:
-        vectors.extend([features["vectors"], torch.from_numpy(encoder.encode_texts(captions)), [x.scene.key() for x in items]])
+        vectors.extend([image_vectors, torch.from_numpy(encoder.encode_texts(captions)), [x.scene.key() for x in items]])
     if both:
         return (images, text, mask, *encode_texts(encoder, [x.scene.key() for x in items]))
     return images, text, mask
@@ -435,11 +439,9 @@ class Ordinary(Alike):
     def __init__(self, encoder: Encoder, n: int, seed: int, layer: str, k: int = 12) -> None:
         items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=False))
         captions = [x.caption for x in items]
-        features = layer_tokens(encoder, [x.image for x in items], layer.split("+"), vectors=True)
-        self.image = torch.cat([features[part] for part in layer.split("+")], -1)
+        self.image, image_vectors = patch_tokens(encoder, [x.image for x in items], layer, vectors=True)
         self.text, self.mask = encode_texts(encoder, captions)
-        super().__init__(features["vectors"], torch.from_numpy(encoder.encode_texts(captions)),
-                         [x.scene.key() for x in items], k)
+        super().__init__(image_vectors, torch.from_numpy(encoder.encode_texts(captions)), [x.scene.key() for x in items], k)
 
 
 def group_pairs(groups: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
