@@ -130,7 +130,7 @@ class Query(Base):
     reranked: Mapped[bool] = mapped_column(Boolean, default=False)
     seconds: Mapped[float] = mapped_column(Float)
     text_vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32 embedding of ``text``
-    text_tokens: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float16 reranker tokens of ``text``
+    text_tokens: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32 reranker tokens of ``text`` (Reranker.query_tokens)
 
 
 class Result(Base):
