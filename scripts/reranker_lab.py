@@ -77,6 +77,11 @@ the tokens of two layers, each with its own input projection; the second one
 starts at zero, so ``--init`` from a one-layer reranker scores as it did until
 training gives the new layer a say (shape, which the patch embedding hardly
 shows, from the final layer).
+
+Added in the seventh session: ``--local H`` adds a local stem (an MLP of
+hidden width ``H`` over each patch's 3x3 neighbourhood of first-layer tokens,
+``retrieval.rerank._LocalStem``), its last layer at zero so ``--init`` starts
+where the saved model was; saved as ``image_local``.
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ from torch import nn  # noqa: E402
 
 from retrieval.encoders import Encoder, load_encoder  # noqa: E402
 from retrieval.rerank import _Attention as Attention  # noqa: E402  (keys/values once per image)
+from retrieval.rerank import _LocalStem as LocalStem  # noqa: E402
 from retrieval.rerank import grid_features  # noqa: E402
 from retrieval.rerank import _with_centred as with_centred  # noqa: E402  (as the reranker centres patches)
 from retrieval.shapes import samples  # noqa: E402
@@ -174,6 +180,9 @@ class LabITM(nn.Module):
         for proj in self.extra_in:
             nn.init.zeros_(proj[1].weight)
             nn.init.zeros_(proj[1].bias)
+        # --local H: an MLP over each patch's 3x3 neighbourhood of first-layer
+        # tokens, last layer at zero (an --init model scores as it did at first).
+        self.local_in = LocalStem(image_width // self.layers, args.local, w, patches) if args.local else None
         self.pos_in = nn.Linear(self.grid.shape[1], w)
         self.image_pos = nn.Parameter(torch.randn(patches, w) * 0.02)
         self.image_blocks = nn.ModuleList(SelfBlock(w, args.heads) for _ in range(args.image_depth))
@@ -259,6 +268,8 @@ class LabITM(nn.Module):
         y = self.image_in(with_centred(parts[0])) + self.image_pos + self.pos_in(self.grid)
         for proj, part in zip(self.extra_in, parts[1:]):
             y = y + proj(with_centred(part))
+        if self.local_in is not None:
+            y = y + self.local_in(parts[0])
         return y
 
     def ground(self, text: torch.Tensor, x_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,6 +558,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--focus-relation", action="store_true", help="train on B/R pairs only (2x2 per group)")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--local", type=int, default=0, metavar="H",
+                   help="add a local stem of hidden width H over each patch's 3x3 neighbourhood of first-layer tokens")
     p.add_argument("--image-depth", type=int, default=0)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -724,8 +737,8 @@ def load_saved(model: LabITM, folder: Path) -> None:
 
     saved = load_file(str(folder / "reranker.safetensors"))
     own = model.state_dict()  # the grid, and a residual model's dual weights when the saved one has none
-    kept = ("grid", "dual_scale", "dual_bias")  # and new layers' projections (--layer embed+final from embed)
-    state = {name: saved.get(renamed(name), own[name]) if name in kept or name.startswith("extra_in.") else saved[renamed(name)]
+    kept = ("grid", "dual_scale", "dual_bias")  # and new parts: a layer's projection (--layer embed+final from embed), --local
+    state = {name: saved.get(renamed(name), own[name]) if name in kept or name.startswith(("extra_in.", "local_in.")) else saved[renamed(name)]
              for name in own}
     model.load_state_dict(state)
     print(f"started from {folder}", flush=True)
@@ -739,7 +752,7 @@ def save_reranker(model: LabITM, encoder: Encoder, args: argparse.Namespace, che
 
     cfg = RerankerConfig.for_encoder(
         encoder, width=args.width, depth=args.depth, heads=args.heads, residual=model.residual,
-        image_layer=args.layer, text_words=args.words, image_depth=args.image_depth,
+        image_layer=args.layer, text_words=args.words, image_depth=args.image_depth, image_local=args.local,
     )
     module = CrossAttentionITM(cfg)
     state = {renamed(name): value for name, value in model.state_dict().items() if name != "grid"}

@@ -711,7 +711,8 @@ def card_section(args: argparse.Namespace, cfg: RerankerConfig, info: dict, m: d
         "",
         "A cross-attention image-text matching model (ALBEF/BLIP style) over this model's frozen",
         f"tokens: width {cfg.width}, {cfg.image_depth} image self-attention block(s) over the {cfg.image_tokens} patch tokens "
-        f"of layer `{cfg.image_layer}`",
+        f"of layer `{cfg.image_layer}`"
+        + (f" (plus a local stem, hidden width {cfg.image_local}, over each patch's 3x3 neighbourhood)" if cfg.image_local else ""),
         f"(each with its fixed 2-D place), then {cfg.depth} blocks of [text self-attention, cross-attention to the patches,",
         f"MLP], {cfg.heads} heads, a learned [ITM] token and a logit head; text tokens are the tower's outputs"
         + (" beside its input word embeddings" if cfg.text_words else "") + (";" if not cfg.residual else ","),
@@ -796,6 +797,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--words", action="store_true",
                    help="give the reranker the text tower's input word embeddings beside its output tokens")
     p.add_argument("--image-depth", type=int, default=0, help="image self-attention blocks before cross-attention")
+    p.add_argument("--image-local", type=int, default=0, metavar="H",
+                   help="hidden width of a local stem over each patch's 3x3 neighbourhood of first-layer tokens "
+                        "(the outline of small objects; 0: none)")
     p.add_argument("--minimal-groups", type=int, default=32,
                    help="listwise: minimal-pair groups of four (a scene, colours swapped, shapes swapped, relation "
                         "reversed) per step, each image against each caption; 0 to skip")
@@ -872,6 +876,7 @@ def main(argv: list[str] | None = None) -> Reranker:
         cfg = RerankerConfig.for_encoder(
             encoder, width=args.width, depth=args.depth, heads=args.heads, dropout=args.dropout,
             residual=args.residual, image_layer=args.image_layer, text_words=args.words, image_depth=args.image_depth,
+            image_local=args.image_local,
         )
         try:
             encoder.image_tokens(encoder.image_batch([Image.new("RGB", (8, 8))]), layer=cfg.image_layer)

@@ -145,7 +145,8 @@ def _train_script():
     return _script("train_reranker")
 
 
-@pytest.mark.parametrize("features", [[], ["--image-layer", "embed", "--words", "--image-depth", "1", "--mlm", "1", "--curriculum", "2"]])
+@pytest.mark.parametrize("features", [[], ["--image-layer", "embed", "--words", "--image-depth", "1", "--mlm", "1", "--curriculum", "2",
+                                                      "--image-local", "8"]])
 def test_short_training_run_saves_weights_that_load_back(encoder, tmp_path, monkeypatch, features):
     from retrieval.shapes import generate
 
@@ -161,6 +162,7 @@ def test_short_training_run_saves_weights_that_load_back(encoder, tmp_path, monk
     assert config["model"] == encoder.spec.slug and config["temperature"] > 0
     layer = "embed" if features else "final"
     assert (config["image_layer"], config["text_words"], config["image_depth"]) == (layer, bool(features), 1 if features else 0)
+    assert config["image_local"] == (8 if features else 0)
     stored_tokens = encoder.encode_images(encoder.image_batch(_images(6)), with_tokens=True, token_layer=layer)[1]
     loaded = Reranker.load(out, encoder)
     monkeypatch.setenv("CROSSFIND_RERANKERS", str(tmp_path / "rerankers"))
@@ -235,6 +237,35 @@ def test_two_layer_reranker_reads_both_layers_of_each_patch(encoder, tmp_path):
     again = Reranker.load(tmp_path / "two", encoder)
     assert again.config.image_layer == "embed+final"
     np.testing.assert_allclose(again.logits_images("a red circle", toks), base, atol=1e-3)  # saved as float16
+
+
+def test_local_stem_reads_each_patch_neighbourhood_and_starts_at_zero(encoder, tmp_path):
+    torch.manual_seed(6)
+    plain_cfg = RerankerConfig.for_encoder(encoder, width=32, depth=1, heads=2, image_layer="embed+final")
+    local_cfg = RerankerConfig.for_encoder(encoder, width=32, depth=1, heads=2, image_layer="embed+final", image_local=24)
+    plain, local = CrossAttentionITM(plain_cfg), CrossAttentionITM(local_cfg)
+    missing = local.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("local_in.") for k in missing)
+    toks = encoder.encode_images(encoder.image_batch(_images(3)), with_tokens=True, token_layer="embed+final")[1]
+    base = Reranker(plain, encoder).logits_images("a red circle", toks)
+    rr = Reranker(local, encoder)
+    # a new stem adds nothing until trained: the same scores as without it
+    np.testing.assert_allclose(rr.logits_images("a red circle", toks), base, atol=1e-5)
+    with torch.no_grad():
+        torch.nn.init.normal_(local.local_in.net[-1].weight, std=0.5)
+    moved = rr.logits_images("a red circle", toks)
+    assert not np.allclose(moved, base, atol=1e-3)
+    # the stem reads the first layer's tokens around each patch: a neighbour's token changes one patch's output
+    first = torch.from_numpy(toks[:1, :, :48].astype(np.float32))
+    out = local.local_in(first)
+    nudged = first.clone()
+    nudged[0, 5] += 1.0  # grid 4x4: patch 5 is (1, 1); its neighbours include 0 and 10, not 15
+    diff = (local.local_in(nudged) - out).abs().sum(-1)[0]
+    assert diff[0] > 0 and diff[10] > 0 and diff[15] == 0
+    rr.save(tmp_path / "local")
+    again = Reranker.load(tmp_path / "local", encoder)
+    assert again.config.image_local == 24
+    np.testing.assert_allclose(again.logits_images("a red circle", toks), moved, atol=2e-3)  # saved as float16
 
 
 def test_no_reranker_found_is_none(encoder, tmp_path, monkeypatch):
@@ -411,6 +442,14 @@ def test_lab_model_saved_as_a_reranker_scores_the_same(tmp_path):
     dual = np.linspace(0.1, 0.4, 4, dtype=np.float32)
     np.testing.assert_allclose(two.logits_images("a red circle left of a blue square", two_toks, dual),
                                residual.logits_images("a red circle left of a blue square", one_toks, dual), atol=1e-4)
+    # a local stem on top (--local): saved with it, and at the start scoring exactly like the model without it
+    lab.main(["--variant", "cross", "--words", "--layer", "embed+final", "--image-depth", "1", "--n", "64", "--val", "64",
+              "--steps", "0", "--init", str(tmp_path / "two"), "--residual", "20", "--local", "16",
+              "--save", str(tmp_path / "local")])
+    local = Reranker.load(tmp_path / "local", residual.encoder)
+    assert local.config.image_local == 16 and local.module.local_in is not None
+    np.testing.assert_allclose(local.logits_images("a red circle left of a blue square", two_toks, dual),
+                               two.logits_images("a red circle left of a blue square", two_toks, dual), atol=1e-4)
 
 
 def test_lab_ordinary_groups_hold_alike_scenes_with_distinct_keys():
