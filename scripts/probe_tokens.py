@@ -21,14 +21,21 @@ Two measurements on generated minimal-pair scenes (``retrieval.shapes``):
    and the cosine similarity of the relation words' input embeddings. Low
    accuracy means the frozen text tokens no longer say which way a relation
    points, whatever a reranker on top of them does.
+4. **Object shape probe.** For each object, its shape (5 classes) from the
+   3x3 window of patch tokens around its centre, by a linear classifier and
+   by a small MLP (two hidden layers of 256), from the patch embedding and
+   from the final layer. A shape the MLP reads and the linear probe does not
+   is there for a reranker with a nonlinear local read of the patches
+   (``RerankerConfig.image_local``), not for one that projects each token
+   linearly.
 
 Usage::
 
     python scripts/probe_tokens.py --model shapes-tiny
     python scripts/probe_tokens.py --model shapes-tiny --json
 
-Generated data only (seeds 77/78 for the probe, 8 for the confusion, 79 for the
-relation-word probe, none used
+Generated data only (seeds 77/78 for the patch and shape probes, 8 for the
+confusion, 79 for the relation-word probe, none used
 in training); needs no files. A few minutes on 2 CPU cores for shapes-tiny.
 """
 
@@ -165,6 +172,58 @@ def relation_probe(encoder: Encoder, n_train: int, n_test: int) -> dict:
     }
 
 
+def object_windows(items: list, tokens: torch.Tensor, size: int) -> torch.Tensor:
+    """Per object of ``items``, the 3x3 window of ``tokens`` ``(n, P, d)`` around
+    its centre (kept inside the grid), flattened: ``(objects, 9 d)``."""
+    grid = int(round(tokens.shape[1] ** 0.5))
+    step = size / grid
+    rows = []
+    for i, item in enumerate(items):
+        for x, y, _ in item.boxes:
+            cx, cy = (min(max(int(v // step), 1), grid - 2) for v in (x, y))
+            rows.append(tokens[i, [(cy + dy) * grid + cx + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)]].reshape(-1))
+    return torch.stack(rows).float()
+
+
+def mlp_probe(x: torch.Tensor, y: torch.Tensor, tx: torch.Tensor, classes: int, epochs: int = 60) -> torch.Tensor:
+    """Fit a standardised two-hidden-layer MLP (256 wide) on ``(x, y)``; its predictions for ``tx``."""
+    mu, sd = x.mean(0), x.std(0) + 1e-4
+    x, tx = (x - mu) / sd, (tx - mu) / sd
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
+                              torch.nn.GELU(), torch.nn.Linear(256, classes))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x)).split(256):
+            loss = F.cross_entropy(net(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return net(tx).argmax(1)
+
+
+def shape_probe(encoder: Encoder, train: list, test: list) -> dict:
+    """Accuracy of reading each object's shape from its 3x3 window of tokens, per layer, linear and MLP."""
+    from retrieval.shapes import SHAPES
+
+    def labels(items: list) -> torch.Tensor:
+        return torch.tensor([SHAPES.index(o.shape) for item in items for o in item.scene.objects])
+
+    size = encoder.image_size
+    tr_tok = layer_tokens(encoder, [s.image for s in train], ["embed", "final"])
+    te_tok = layer_tokens(encoder, [s.image for s in test], ["embed", "final"])
+    y, ty = labels(train), labels(test)
+    out: dict = {"objects": {"train": len(y), "test": len(ty)}, "chance": round(1 / len(SHAPES), 3)}
+    for name in ("embed", "final"):
+        x, tx = object_windows(train, tr_tok[name], size), object_windows(test, te_tok[name], size)
+        out[name] = {
+            "linear": round(float((linear_probe(x, y, tx, len(SHAPES)) == ty).float().mean()), 3),
+            "mlp": round(float((mlp_probe(x, y, tx, len(SHAPES)) == ty).float().mean()), 3),
+        }
+    return out
+
+
 def confusion(encoder: Encoder, n_groups: int, seed: int) -> dict:
     items = list(samples(4 * n_groups, seed, minimal_pairs=True))
     iv = torch.from_numpy(encoder.encode_images(encoder.image_batch([s.image for s in items]))[0])
@@ -208,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         "patch_colour_probe": {name: probe(tr_tok[name], tr_y, te_tok[name], te_y) for name in tr_tok},
         "minimal_pairs_dual": confusion(encoder, args.groups, 8),
         "relation_word_probe": relation_probe(encoder, args.train, args.test),
+        "object_shape_probe": shape_probe(encoder, train, test),
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -226,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
         cos = r["input_embedding_cosine"]
         print("cosine of input embeddings: " + ", ".join(f"{a}/{b} {cos[a][b]:.2f}" for a, b in
                                                         (("left", "right"), ("above", "below"), ("left", "above"), ("below", "under"))))
+        sp = result["object_shape_probe"]
+        print(f"object shape (chance {sp['chance']:.2f}) from its 3x3 window of tokens: "
+              + ", ".join(f"{k} linear {sp[k]['linear']:.3f} / MLP {sp[k]['mlp']:.3f}" for k in ("embed", "final")))
     return result
 
 

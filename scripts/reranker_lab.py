@@ -183,6 +183,9 @@ class LabITM(nn.Module):
         # --local H: an MLP over each patch's 3x3 neighbourhood of first-layer
         # tokens, last layer at zero (an --init model scores as it did at first).
         self.local_in = LocalStem(image_width // self.layers, args.local, w, patches) if args.local else None
+        # --shape-aux W: a linear head reads each object's shape from the stem at the patch under
+        # its centre (lab only; not saved), so the stem learns shape before the text asks for it.
+        self.shape_head = nn.Linear(w, SHAPE_CLASSES) if args.shape_aux else None
         self.pos_in = nn.Linear(self.grid.shape[1], w)
         self.image_pos = nn.Parameter(torch.randn(patches, w) * 0.02)
         self.image_blocks = nn.ModuleList(SelfBlock(w, args.heads) for _ in range(args.image_depth))
@@ -261,6 +264,11 @@ class LabITM(nn.Module):
         for block in self.blocks:
             x = block(x, keep, block.cross_attn.keys(y))
         return self.mlm_head(x[:, 1:][masked])
+
+    def shape_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """``--shape-aux``: logits of the shape under each patch, ``(n, P, shapes)``, from the local stem."""
+        assert self.local_in is not None and self.shape_head is not None
+        return self.shape_head(self.local_in(image.chunk(self.layers, dim=-1)[0]))
 
     def image_stream(self, image: torch.Tensor) -> torch.Tensor:
         """Each patch's layers (centred, projected and summed), learned position and grid place."""
@@ -353,6 +361,20 @@ class LabITM(nn.Module):
 WORDS = False  # set from --words
 CONTENT_IDS: list[int] = []  # token ids of the content words, for --mlm
 ORACLE_GATE = False  # set from --oracle-gate
+SHAPE_CLASSES = 5  # len(retrieval.shapes.SHAPES), for --shape-aux
+
+
+def shape_targets(items: list, patches: int, size: int) -> torch.Tensor:
+    """``(n, P)``: the shape index of the object whose centre lies in each patch, -1 elsewhere (--shape-aux)."""
+    from retrieval.shapes import SHAPES
+
+    grid = int(round(patches**0.5))
+    step = size / grid
+    out = torch.full((len(items), patches), -1, dtype=torch.long)
+    for i, item in enumerate(items):
+        for obj, (x, y, _) in zip(item.scene.objects, item.boxes):
+            out[i, min(int(y // step), grid - 1) * grid + min(int(x // step), grid - 1)] = SHAPES.index(obj.shape)
+    return out
 
 
 def encode_texts(encoder: Encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,14 +409,15 @@ def patch_tokens(encoder: Encoder, images: list, layer: str, vectors: bool = Fal
 
 
 def encode(encoder: Encoder, n: int, seed: int, layer: str, canonical: bool = False, both: bool = False,
-           vectors: list | None = None) -> tuple:
+           vectors: list | None = None, shapes: list | None = None) -> tuple:
     """Patch tokens of ``layer``, text tokens and text mask of ``n`` minimal-pair items.
 
     ``canonical`` captions each scene by its key ("small red circle left-of
     large blue square": subject first, only "left-of"/"above"), which takes
     parsing varied phrasings out of the task. ``both`` appends the canonical
     captions' tokens and mask to the natural ones. A ``vectors`` list gets the
-    dual encoder's image and caption vectors and the scene keys appended.
+    dual encoder's image and caption vectors and the scene keys appended; a
+    ``shapes`` list gets the items' :func:`shape_targets`.
     """
     items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=True))
     captions = [x.scene.key() if canonical else x.caption for x in items]
@@ -402,6 +425,8 @@ def encode(encoder: Encoder, n: int, seed: int, layer: str, canonical: bool = Fa
     text, mask = encode_texts(encoder, captions)
     if vectors is not None:
         vectors.extend([image_vectors, torch.from_numpy(encoder.encode_texts(captions)), [x.scene.key() for x in items]])
+    if shapes is not None:
+        shapes.append(shape_targets(items, images.shape[1], encoder.image_size))
     if both:
         return (images, text, mask, *encode_texts(encoder, [x.scene.key() for x in items]))
     return images, text, mask
@@ -452,6 +477,7 @@ class Ordinary(Alike):
         captions = [x.caption for x in items]
         self.image, image_vectors = patch_tokens(encoder, [x.image for x in items], layer, vectors=True)
         self.text, self.mask = encode_texts(encoder, captions)
+        self.shapes = shape_targets(items, self.image.shape[1], encoder.image_size)
         super().__init__(image_vectors, torch.from_numpy(encoder.encode_texts(captions)), [x.scene.key() for x in items], k)
 
 
@@ -560,6 +586,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--local", type=int, default=0, metavar="H",
                    help="add a local stem of hidden width H over each patch's 3x3 neighbourhood of first-layer tokens")
+    p.add_argument("--shape-aux", type=float, default=0.0, metavar="W",
+                   help="with --local: weight of an auxiliary loss reading the shape under each object's centre patch "
+                        "from the stem (generated scenes know it; the head is not saved)")
     p.add_argument("--image-depth", type=int, default=0)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -617,6 +646,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--mined-groups needs --residual (it mines with the dual vectors)")
     if args.init and (args.variant != "cross" or any(extras)):
         p.error("--init takes the plain cross variant, as --save writes it")
+    if args.shape_aux and not args.local:
+        p.error("--shape-aux trains the local stem: give --local")
     if args.oracle_gate and not args.ordered:
         p.error("--oracle-gate is a diagnostic for --ordered")
     torch.manual_seed(0)
@@ -628,8 +659,11 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     train_vecs: list | None = [] if args.residual is not None else None
     val_vecs: list | None = [] if args.residual is not None else None
-    train = encode(encoder, args.n, 1234, args.layer, args.canonical_captions, both=args.curriculum > 0, vectors=train_vecs)
-    val = encode(encoder, args.val, 8, args.layer, args.canonical_captions, vectors=val_vecs)
+    train_shapes: list = []
+    val_shapes: list = []
+    train = encode(encoder, args.n, 1234, args.layer, args.canonical_captions, both=args.curriculum > 0, vectors=train_vecs,
+                   shapes=train_shapes)
+    val = encode(encoder, args.val, 8, args.layer, args.canonical_captions, vectors=val_vecs, shapes=val_shapes)
     order = colour_order(encoder, args.val, 8) if args.variant == "grounded" and not args.canonical_captions else None
     ordinary = held_ordinary = mined = held_mined = None
     if args.mined_groups:
@@ -646,6 +680,7 @@ def main(argv: list[str] | None = None) -> dict:
         base = held.dual_accuracy(held_ordinary[1])
         print(f"held-out ordinary groups, dual encoder: t2i {base['t2i']:.3f} i2t {base['i2t']:.3f}", flush=True)
         train = tuple(torch.cat([a, b]) for a, b in zip(train, (ordinary.image, ordinary.text, ordinary.mask)))
+        train_shapes.append(ordinary.shapes)
         if train_vecs is not None:
             train_vecs = [torch.cat([train_vecs[0], ordinary.img_vec]), torch.cat([train_vecs[1], ordinary.txt_vec])]
     print(f"encoded {args.n} + {args.val} items{f' + {args.ordinary} ordinary' if args.ordinary else ''} "
@@ -660,6 +695,7 @@ def main(argv: list[str] | None = None) -> dict:
         lookup[torch.tensor(CONTENT_IDS)] = torch.arange(len(CONTENT_IDS))
         content_class = lookup[train_ids]  # (n, context): class of each content word, -1 elsewhere
         print(f"--mlm: {len(CONTENT_IDS)} content words", flush=True)
+    shape_target = torch.cat(train_shapes)  # minimal items, then ordinary ones, as in train
     image, text = train[0], train[1]
     model = LabITM(text.shape[-1], image.shape[-1], image.shape[1], text.shape[1], args)
     if args.init:
@@ -701,6 +737,10 @@ def main(argv: list[str] | None = None) -> dict:
             out = model.mlm_logits(train[1][idx], train[2][idx], train[0][idx], masked)
             mlm_loss = F.cross_entropy(out, cls[masked])
             loss = loss + args.mlm * mlm_loss
+        if args.shape_aux:
+            shape_loss = F.cross_entropy(model.shape_logits(train[0][idx]).flatten(0, 1), shape_target[idx].flatten(),
+                                         ignore_index=-1)
+            loss = loss + args.shape_aux * shape_loss
         if late is not None:
             lab = torch.arange(len(idx))
             loss = loss + args.late_weight * (F.cross_entropy(late, lab) + F.cross_entropy(late.T, lab))
@@ -709,11 +749,17 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         if step % args.every == 0 or step == args.steps:
             result = evaluate(model, val, order, held_ordinary, val_vecs, held_mined)
+            if args.shape_aux:
+                with torch.no_grad():
+                    want = val_shapes[0]
+                    got = model.shape_logits(val[0]).argmax(-1)
+                    result["stem_shape_accuracy"] = float((got[want >= 0] == want[want >= 0]).float().mean())
             grounding = result["grounded_colour_order"]
             print(("" if not args.mlm else f"mlm {mlm_loss.item():.3f} ") + f"step {step} loss {loss.item():.3f} held-out t2i {result['t2i']:.3f} i2t {result['i2t']:.3f} "
                   f"B-vs-R {result['B_vs_R']:.3f}" + ("" if grounding is None else f" colour-order {grounding:.3f}")
                   + ("" if ordinary is None else f" ordinary t2i {result['ordinary_t2i']:.3f} i2t {result['ordinary_i2t']:.3f}")
                   + ("" if mined is None else f" mined t2i {result['mined_t2i']:.3f} i2t {result['mined_i2t']:.3f}")
+                  + ("" if not args.shape_aux else f" stem shape {result['stem_shape_accuracy']:.3f}")
                   + f" ({time.time() - t0:.0f}s)", flush=True)
     print("image B/C/S/R prefers its own caption over B/C/S/R:", result.get("image_prefers_own_caption"))
     if args.save:
@@ -738,7 +784,8 @@ def load_saved(model: LabITM, folder: Path) -> None:
     saved = load_file(str(folder / "reranker.safetensors"))
     own = model.state_dict()  # the grid, and a residual model's dual weights when the saved one has none
     kept = ("grid", "dual_scale", "dual_bias")  # and new parts: a layer's projection (--layer embed+final from embed), --local
-    state = {name: saved.get(renamed(name), own[name]) if name in kept or name.startswith(("extra_in.", "local_in.")) else saved[renamed(name)]
+    new = ("extra_in.", "local_in.", "shape_head.")
+    state = {name: saved.get(renamed(name), own[name]) if name in kept or name.startswith(new) else saved[renamed(name)]
              for name in own}
     model.load_state_dict(state)
     print(f"started from {folder}", flush=True)
@@ -755,7 +802,8 @@ def save_reranker(model: LabITM, encoder: Encoder, args: argparse.Namespace, che
         image_layer=args.layer, text_words=args.words, image_depth=args.image_depth, image_local=args.local,
     )
     module = CrossAttentionITM(cfg)
-    state = {renamed(name): value for name, value in model.state_dict().items() if name != "grid"}
+    state = {renamed(name): value for name, value in model.state_dict().items()
+             if name != "grid" and not name.startswith("shape_head.")}
     state["mask_token"] = module.mask_token.detach()
     module.load_state_dict(state)
     model.eval()

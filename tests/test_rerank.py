@@ -450,6 +450,14 @@ def test_lab_model_saved_as_a_reranker_scores_the_same(tmp_path):
     assert local.config.image_local == 16 and local.module.local_in is not None
     np.testing.assert_allclose(local.logits_images("a red circle left of a blue square", two_toks, dual),
                                two.logits_images("a red circle left of a blue square", two_toks, dual), atol=1e-4)
+    # trained with the auxiliary shape loss: the stem moves, the lab-only shape head is not saved
+    result = lab.main(["--variant", "cross", "--words", "--layer", "embed+final", "--image-depth", "1", "--n", "64",
+                       "--val", "64", "--steps", "2", "--every", "2", "--init", str(tmp_path / "local"), "--residual", "20",
+                       "--local", "16", "--shape-aux", "1", "--save", str(tmp_path / "aux")])
+    assert 0 <= result["stem_shape_accuracy"] <= 1
+    aux = load_file(str(tmp_path / "aux" / WEIGHTS_NAME))
+    assert not any(k.startswith("shape_head.") for k in aux)
+    assert not torch.equal(aux["local_in.net.4.weight"], load_file(str(tmp_path / "local" / WEIGHTS_NAME))["local_in.net.4.weight"])
 
 
 def test_lab_ordinary_groups_hold_alike_scenes_with_distinct_keys():
