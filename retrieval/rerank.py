@@ -211,8 +211,9 @@ class _LocalStem(nn.Module):
     A 3x3 convolution on the token grid, then two 1x1 ones (GELU between),
     out to the reranker's width, added to each patch's projection. It reads
     what no linear map of a token gives: the outline of an object a few
-    patches wide, its shape (a linear probe reads an object's shape from the
-    patch embedding of shapes-tiny at 0.30, this MLP at 0.93). The last
+    patches wide, its shape (from the 3x3 window of shapes-tiny's patch
+    embedding around an object, a linear probe reads its shape at 0.30, a
+    small MLP at 0.92: ``scripts/probe_tokens.py``). The last
     layer starts at zero, so a reranker given a stem scores as it did before
     until training gives the stem a say.
     """
@@ -254,7 +255,7 @@ class CrossAttentionITM(nn.Module):
     Each patch token enters as itself and centred on the image's mean token
     (what is local), plus a learned position and the fixed 2-D place of its
     patch (:func:`grid_features`), so what a text token gathers from the image
-    says where as well as what. With ``image_local`` a :class:`LocalStem`
+    says where as well as what. With ``image_local`` a :class:`_LocalStem`
     adds what each patch's 3x3 neighbourhood of first-layer tokens shows
     (the outline of a small object). ``image_depth`` self-attention blocks let
     patches combine into objects before the text attends to them.
