@@ -61,14 +61,14 @@ def test_bundled_reranker_fixes_what_the_dual_encoder_confuses(tmp_path):
     # shapes-tiny ships a cross-attention reranker. On fresh minimal pairs (each
     # scene beside its colours-swapped, shapes-swapped and relation-reversed
     # versions) the dual encoder is near chance within a group; re-ranking its
-    # top 50 must lift R@1 by far (measured: +0.36 / +0.34), and on ordinary
-    # scenes must not lose any (measured: +0.07 / +0.04).
+    # top 50 must lift R@1 by far (measured: 0.54 -> 0.99 / 0.56 -> 0.99), and
+    # on ordinary scenes too (measured: 0.90 -> 0.99 / 0.91 -> 0.99).
     generate(tmp_path / "pairs", 240, seed=424243, minimal_pairs=True)
     rep = evaluate(tmp_path / "pairs", model="shapes-tiny")
     assert "note" not in rep, rep
-    assert rep["t2i_reranked"]["R@1"] >= rep["t2i"]["R@1"] + 0.3, rep
-    assert rep["i2t_reranked"]["R@1"] >= rep["i2t"]["R@1"] + 0.3, rep
+    for direction in ("t2i", "i2t"):
+        assert rep[f"{direction}_reranked"]["R@1"] >= max(0.9, rep[direction]["R@1"] + 0.35), rep
     generate(tmp_path / "ordinary", 240, seed=424244)
     rep = evaluate(tmp_path / "ordinary", model="shapes-tiny")
-    assert rep["t2i_reranked"]["R@1"] >= rep["t2i"]["R@1"], rep
-    assert rep["i2t_reranked"]["R@1"] >= rep["i2t"]["R@1"], rep
+    for direction in ("t2i", "i2t"):
+        assert rep[f"{direction}_reranked"]["R@1"] >= max(0.95, rep[direction]["R@1"] + 0.05), rep
