@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train the reranker bundled with shapes-tiny, end to end on CPU, and write it
 # (reranker.safetensors, reranker.json, the card's "Reranker" section) into
-# retrieval/models/shapes-tiny/. About three and a half hours on two cores.
+# retrieval/models/shapes-tiny/. About three and a half to four hours on two cores
+# (over the 90-minute budget for training; see docs/benchmarks.md).
 #
 #   bash scripts/train_shapes_reranker.sh [WORK_DIR]
 #
