@@ -81,7 +81,9 @@ shows, from the final layer).
 Added in the seventh session: ``--local H`` adds a local stem (an MLP of
 hidden width ``H`` over each patch's 3x3 neighbourhood of first-layer tokens,
 ``retrieval.rerank._LocalStem``), its last layer at zero so ``--init`` starts
-where the saved model was; saved as ``image_local``.
+where the saved model was; saved as ``image_local``. ``--shape-aux W`` trains
+the stem to read the shape under each object's centre patch through a linear
+head (weight ``W`` beside the group loss; the head is not saved).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ from retrieval.rerank import _Attention as Attention  # noqa: E402  (keys/values
 from retrieval.rerank import _LocalStem as LocalStem  # noqa: E402
 from retrieval.rerank import grid_features  # noqa: E402
 from retrieval.rerank import _with_centred as with_centred  # noqa: E402  (as the reranker centres patches)
-from retrieval.shapes import samples  # noqa: E402
+from retrieval.shapes import SHAPES, samples  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_tokens import layer_tokens  # noqa: E402
@@ -185,7 +187,7 @@ class LabITM(nn.Module):
         self.local_in = LocalStem(image_width // self.layers, args.local, w, patches) if args.local else None
         # --shape-aux W: a linear head reads each object's shape from the stem at the patch under
         # its centre (lab only; not saved), so the stem learns shape before the text asks for it.
-        self.shape_head = nn.Linear(w, SHAPE_CLASSES) if args.shape_aux else None
+        self.shape_head = nn.Linear(w, len(SHAPES)) if args.shape_aux else None
         self.pos_in = nn.Linear(self.grid.shape[1], w)
         self.image_pos = nn.Parameter(torch.randn(patches, w) * 0.02)
         self.image_blocks = nn.ModuleList(SelfBlock(w, args.heads) for _ in range(args.image_depth))
@@ -361,13 +363,10 @@ class LabITM(nn.Module):
 WORDS = False  # set from --words
 CONTENT_IDS: list[int] = []  # token ids of the content words, for --mlm
 ORACLE_GATE = False  # set from --oracle-gate
-SHAPE_CLASSES = 5  # len(retrieval.shapes.SHAPES), for --shape-aux
 
 
 def shape_targets(items: list, patches: int, size: int) -> torch.Tensor:
     """``(n, P)``: the shape index of the object whose centre lies in each patch, -1 elsewhere (--shape-aux)."""
-    from retrieval.shapes import SHAPES
-
     grid = int(round(patches**0.5))
     step = size / grid
     out = torch.full((len(items), patches), -1, dtype=torch.long)
@@ -686,7 +685,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"encoded {args.n} + {args.val} items{f' + {args.ordinary} ordinary' if args.ordinary else ''} "
           f"in {time.time() - t0:.0f}s", flush=True)
     if args.mlm:
-        from retrieval.shapes import COLORS, SHAPES, SIZES
+        from retrieval.shapes import COLORS, SIZES
 
         words = [*COLORS, *SHAPES, *SIZES, "left", "right", "above", "below", "under"]
         CONTENT_IDS[:] = sorted({int(encoder.tokenize([w])[0, 1]) for w in words})
