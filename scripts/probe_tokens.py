@@ -203,16 +203,17 @@ def mlp_probe(x: torch.Tensor, y: torch.Tensor, tx: torch.Tensor, classes: int, 
         return net(tx).argmax(1)
 
 
-def shape_probe(encoder: Encoder, train: list, test: list) -> dict:
-    """Accuracy of reading each object's shape from its 3x3 window of tokens, per layer, linear and MLP."""
+def shape_probe(encoder: Encoder, train: list, test: list, tr_tok: dict, te_tok: dict) -> dict:
+    """Accuracy of reading each object's shape from its 3x3 window of tokens, per layer, linear and MLP;
+    ``tr_tok``/``te_tok`` hold the final layer's tokens already (:func:`layer_tokens`), the patch embedding's are added."""
     from retrieval.shapes import SHAPES
 
     def labels(items: list) -> torch.Tensor:
         return torch.tensor([SHAPES.index(o.shape) for item in items for o in item.scene.objects])
 
     size = encoder.image_size
-    tr_tok = layer_tokens(encoder, [s.image for s in train], ["embed", "final"])
-    te_tok = layer_tokens(encoder, [s.image for s in test], ["embed", "final"])
+    tr_tok = {**tr_tok, **layer_tokens(encoder, [s.image for s in train], ["embed"])}
+    te_tok = {**te_tok, **layer_tokens(encoder, [s.image for s in test], ["embed"])}
     y, ty = labels(train), labels(test)
     out: dict = {"objects": {"train": len(y), "test": len(ty)}, "chance": round(1 / len(SHAPES), 3)}
     for name in ("embed", "final"):
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         "patch_colour_probe": {name: probe(tr_tok[name], tr_y, te_tok[name], te_y) for name in tr_tok},
         "minimal_pairs_dual": confusion(encoder, args.groups, 8),
         "relation_word_probe": relation_probe(encoder, args.train, args.test),
-        "object_shape_probe": shape_probe(encoder, train, test),
+        "object_shape_probe": shape_probe(encoder, train, test, tr_tok, te_tok),
     }
     if args.json:
         print(json.dumps(result, indent=2))
