@@ -61,8 +61,8 @@ def test_bundled_reranker_fixes_what_the_dual_encoder_confuses(tmp_path):
     # shapes-tiny ships a cross-attention reranker. On fresh minimal pairs (each
     # scene beside its colours-swapped, shapes-swapped and relation-reversed
     # versions) the dual encoder is near chance within a group; re-ranking its
-    # top 50 must lift R@1 by far (measured: 0.54 -> 0.99 / 0.56 -> 0.99), and
-    # on ordinary scenes too (measured: 0.90 -> 0.99 / 0.91 -> 0.99).
+    # top 50 must lift R@1 by far (measured: 0.54 -> 1.00 / 0.56 -> 1.00), and
+    # on ordinary scenes too (measured: 0.90 -> 1.00 / 0.91 -> 1.00).
     generate(tmp_path / "pairs", 240, seed=424243, minimal_pairs=True)
     rep = evaluate(tmp_path / "pairs", model="shapes-tiny")
     assert "note" not in rep, rep
