@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the reranker bundled with shapes-tiny, end to end on CPU, and write it
 # (reranker.safetensors, reranker.json, the card's "Reranker" section) into
-# OUT (default retrieval/models/shapes-tiny/). About 70 minutes on two cores,
+# OUT (default retrieval/models/shapes-tiny/). About 65-70 minutes on two cores,
 # inside the 90-minute budget (timing in docs/benchmarks.md).
 #
 #   bash scripts/train_shapes_reranker.sh [WORK_DIR [OUT]]
