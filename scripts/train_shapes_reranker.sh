@@ -32,16 +32,17 @@ PY=${PYTHON:-.venv/bin/python}
 WORK=${1:-$(mktemp -d -t crossfind-reranker-XXXXXX)}
 OUT=${2:-retrieval/models/shapes-tiny}
 SHAPE=(--variant cross --words --image-depth 1 --depth 2 --threads 2 --layer embed+final --local 192 --shape-aux 0.5)
+SEARCH=(--residual 40 --mined-groups 24 --steps 600 --every 100)
 echo "work folder: $WORK"
 SECONDS=0
 "$PY" scripts/reranker_lab.py "${SHAPE[@]}" --curriculum 400 --steps 1200 --every 100 --n 30000 \
     --save "$WORK/relations"
 echo "stage 1 done after $((SECONDS / 60)) min"
-"$PY" scripts/reranker_lab.py "${SHAPE[@]}" --init "$WORK/relations" --residual 40 --ordinary 15000 \
-    --mined-groups 24 --steps 600 --every 100 --n 30000 --save "$WORK/search"
+"$PY" scripts/reranker_lab.py "${SHAPE[@]}" "${SEARCH[@]}" --init "$WORK/relations" --ordinary 15000 --n 30000 \
+    --save "$WORK/search"
 echo "stage 2 done after $((SECONDS / 60)) min"
-"$PY" scripts/reranker_lab.py "${SHAPE[@]}" --init "$WORK/search" --residual 40 --ordinary 30000 \
-    --mined-groups 24 --steps 600 --lr 3e-4 --every 100 --n 60000 --save "$WORK/anneal"
+"$PY" scripts/reranker_lab.py "${SHAPE[@]}" "${SEARCH[@]}" --init "$WORK/search" --ordinary 30000 --n 60000 \
+    --lr 3e-4 --save "$WORK/anneal"
 echo "stage 3 done after $((SECONDS / 60)) min"
 "$PY" scripts/train_reranker.py --model shapes-tiny --init "$WORK/anneal" --steps 0 --tune-dual --threads 2 \
     --out "$OUT"
