@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from sqlalchemy import select
 
-from index import VectorIndex
+from .index import VectorIndex
 
 from .corpus import read_corpus
 from .encoders import DEFAULT_MODEL, Encoder, ModelSpec, load_encoder, parse_spec, weights_fingerprint

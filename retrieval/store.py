@@ -173,12 +173,13 @@ def make_engine(db_path: str | Path) -> SAEngine:
 
 def alembic_config(engine: SAEngine | None = None) -> Any:
     """The Alembic config for ``migrations/``, bound to ``engine`` when given."""
+    from importlib.resources import files
+
     from alembic.config import Config
 
-    import migrations
-
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    # The repository's migrations/ folder installs as retrieval.migrations.
+    cfg.set_main_option("script_location", str(files("retrieval.migrations")))
     if engine is not None:
         cfg.set_main_option("sqlalchemy.url", str(engine.url))
         cfg.attributes["engine"] = engine

@@ -102,7 +102,7 @@ def recall(lib: Path, spec: str, n: int, nq: int = 100, k: int = 10) -> dict:
     """recall@k of the saved image index against exact inner-product search."""
     import faiss
 
-    from index import VectorIndex
+    from retrieval.index import VectorIndex
     from retrieval.encoders import parse_spec
 
     path = lib / "models" / parse_spec(spec).slug / "images.faiss"

@@ -89,3 +89,31 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "crossfind index" in out.stdout
+
+
+def test_user_index_and_migrations_do_not_shadow_the_package(tmp_path, tiny_model, photo_dir):
+    """A working directory holding its own ``index.py`` and ``migrations/``
+    (a Flask-Migrate app, say) must not shadow crossfind's modules: they install
+    as ``retrieval.index`` and ``retrieval.migrations``."""
+    app = tmp_path / "app"
+    (app / "migrations").mkdir(parents=True)
+    (app / "index.py").write_text("raise ImportError('the user index.py was imported')\n")
+    (app / "migrations" / "__init__.py").write_text("raise ImportError('the user migrations/ was imported')\n")
+    lib = tmp_path / "lib"
+    code = (
+        "import sys; sys.path.insert(0, '');"
+        "from retrieval.cli import main;"
+        f"main(['--library', {str(lib)!r}, 'index', {str(photo_dir)!r}, '--model', {tiny_model!r}, '--json'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=app, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["added"] == 12
+    api = (
+        "import sys; sys.path.insert(0, '');"
+        "from retrieval import Engine;"
+        f"eng = Engine.open({str(lib)!r});"
+        "print(len(eng.search_text('red circle', k=3)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", api], cwd=app, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "3"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import index as vindex
-from index import VectorIndex
+import retrieval.index as vindex
+from retrieval.index import VectorIndex
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
