@@ -97,7 +97,7 @@ def test_orphan_text_vectors_are_reconciled(tmp_path, tiny_model):
 
 
 def test_clean_library_opens_without_reconciliation(tmp_path, tiny_model, photo_dir, monkeypatch):
-    from retrieval.engine import ModelState
+    from retrieval.slot import ModelSlot
 
     lib = tmp_path / "lib"
     with Engine.open(lib, model=tiny_model) as eng:
@@ -106,6 +106,6 @@ def test_clean_library_opens_without_reconciliation(tmp_path, tiny_model, photo_
     def boom(self):
         raise AssertionError("a cleanly closed library was reconciled")
 
-    monkeypatch.setattr(ModelState, "_reconcile_images", boom)
+    monkeypatch.setattr(ModelSlot, "_reconcile_images", boom)
     with Engine.open(lib, model=tiny_model) as eng:
         assert len(eng.search_text("x", k=12)) == 12
