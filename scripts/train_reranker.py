@@ -721,7 +721,7 @@ def card_section(args: argparse.Namespace, cfg: RerankerConfig, info: dict, m: d
         f"calibration split of balanced pairs. Files: `reranker.safetensors` (float16, {size_mb:.1f} MB), `reranker.json`.",
         "",
         *([f"Started from the reranker in `{args.init}`; for the bundled shapes-tiny that is the lab stages of",
-           "`scripts/train_shapes_reranker.sh` (see docs/benchmarks.md)."] if args.init else []),
+           "`scripts/train_shapes_reranker.sh` (see docs/reranker.md)."] if args.init else []),
         *([f"The dual-cosine weight, {info['tune_dual']['dual_scale']:.0f}, was chosen by top-50 re-ranked t2i R@1 on fresh validation",
            f"scenes (seeds {TUNE_SEEDS[0]} and {TUNE_SEEDS[1]}, {info['tune_dual']['n']} each): the best mean of minimal-pairs and",
            "ordinary-scene R@1 that keeps ordinary R@1 at least the dual encoder's (`--tune-dual`)."] if "tune_dual" in info else []),

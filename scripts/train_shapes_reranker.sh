@@ -2,7 +2,7 @@
 # Train the reranker bundled with shapes-tiny, end to end on CPU, and write it
 # (reranker.safetensors, reranker.json, the card's "Reranker" section) into
 # OUT (default retrieval/models/shapes-tiny/). About 65-70 minutes on two cores,
-# inside the issue's 90-minute budget (timing in docs/benchmarks.md).
+# inside the issue's 90-minute budget (timing in docs/benchmarks.md, "Reranker").
 #
 #   bash scripts/train_shapes_reranker.sh [WORK_DIR [OUT]]
 #
@@ -24,8 +24,8 @@
 # 4. Choose the dual-cosine weight on fresh validation scenes, calibrate the
 #    match probability, evaluate on held-out seeds 11 and 12, write the card.
 #
-# Earlier, longer chains (seven runs, about four hours) and every stage's
-# numbers: docs/benchmarks.md, "Fifth session" to "Eighth session".
+# Why each stage is there, and the longer chains and designs it replaced:
+# docs/reranker.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
