@@ -16,7 +16,7 @@ from .errors import CorpusError, CrossfindError, LibraryError, ModelNotAvailable
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
-    from .types import Hit, IndexReport, SearchQuery, SearchResult, Term, TextsReport
+    from .types import HistoryEntry, Hit, IndexReport, SearchQuery, SearchResult, Term, TextsReport
 
 __all__ = [
     "Engine",
@@ -26,21 +26,34 @@ __all__ = [
     "Term",
     "IndexReport",
     "TextsReport",
+    "HistoryEntry",
     "CrossfindError",
     "ModelNotAvailable",
     "LibraryError",
     "QueryError",
     "CorpusError",
 ]
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml is its one source);
+    a source tree that was never installed reports ``0+unknown``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("crossfind")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read on first use, not at import
+        return _version()
     if name == "Engine":
         from .engine import Engine
 
         return Engine
-    if name in ("Hit", "SearchQuery", "SearchResult", "Term", "IndexReport", "TextsReport"):
+    if name in ("Hit", "SearchQuery", "SearchResult", "Term", "IndexReport", "TextsReport", "HistoryEntry"):
         from . import types
 
         return getattr(types, name)

@@ -251,22 +251,18 @@ def history_cmd(ctx: click.Context, limit: int, as_json: bool) -> None:
       crossfind show 12          # print search 12's results again
     """
     with _engine(ctx) as eng:
-        rows = eng.history(limit)
-        items = [{
-            "id": q.id, "when": q.created_at.isoformat(timespec="seconds"), "text": q.text, "image": q.image_path,
-            "target": q.target, "model": q.model, "k": q.k, "terms": q.terms, "filters": q.filters,
-            "reranked": q.reranked, "seconds": round(q.seconds, 4)} for q in rows]
+        entries = eng.history(limit)
     if as_json:
-        _print_json({"searches": items})
+        _print_json({"searches": [e.to_json() for e in entries]})
         return
-    for q in rows:
-        what = q.text or ""
-        if q.image_path:
-            what = (what + " " if what else "") + f"[image {q.image_path}]"
-        extra = f" terms={json.dumps(q.terms)}" if q.terms else ""
-        extra += f" filters={json.dumps(q.filters)}" if q.filters else ""
-        when = q.created_at.isoformat(timespec="seconds")
-        click.echo(f"{q.id:>5}  {when}  -> {q.target:<6} k={q.k:<3} {q.seconds * 1000:7.1f} ms  {what}{extra}")
+    for e in entries:
+        what = e.text or ""
+        if e.image:
+            what = (what + " " if what else "") + f"[image {e.image}]"
+        extra = f" terms={json.dumps(e.terms)}" if e.terms else ""
+        extra += f" filters={json.dumps(e.filters)}" if e.filters else ""
+        when = e.when.isoformat(timespec="seconds")
+        click.echo(f"{e.id:>5}  {when}  -> {e.target:<6} k={e.k:<3} {e.seconds * 1000:7.1f} ms  {what}{extra}")
 
 
 @cli.command("show")
@@ -369,15 +365,25 @@ def remove_texts_cmd(ctx: click.Context, corpus: str) -> None:
 @click.option("--candidates", type=click.IntRange(1, 10000), default=50, show_default=True, help="Candidates the reranker re-scores.")
 @click.option("--no-rerank", is_flag=True, help="Report the dual encoder alone.")
 @json_option
-def eval_cmd(folder: str, model: str | None, annotations: str | None, candidates: int, no_rerank: bool, as_json: bool) -> None:
+@click.pass_context
+def eval_cmd(ctx: click.Context, folder: str, model: str | None, annotations: str | None, candidates: int,
+             no_rerank: bool, as_json: bool) -> None:
     """Measure Recall@1/5/10 (text->image, image->text) on a captioned folder.
+
+    FOLDER is indexed into a temporary library of its own, so nothing else can
+    rank among its results; --library is not used (and refused when given).
 
     \b
     Example:
       python scripts/make_shapes.py --out /tmp/heldout --n 1000 --seed 7
       crossfind eval /tmp/heldout --model shapes-tiny --json
     """
+    from click.core import ParameterSource
+
     from .evaluate import evaluate
+
+    if ctx.parent is not None and ctx.parent.get_parameter_source("library") == ParameterSource.COMMANDLINE:
+        raise click.UsageError("eval measures FOLDER in a temporary library of its own; drop --library")
 
     rep = evaluate(folder, model=model or "shapes-tiny", annotations=annotations, candidates=candidates,
                    rerank=not no_rerank, progress=not as_json)

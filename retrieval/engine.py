@@ -32,7 +32,7 @@ from .pipeline import default_workers, load_batches
 from .scan import FileInfo, file_hash, scan
 from .slot import ModelSlot
 from .store import Image, ImageVector, Query, Result, Store, TextItem, TextVector, open_store, utcnow
-from .types import TARGETS, Hit, ImageInput, IndexReport, SearchQuery, SearchResult, TextsReport
+from .types import TARGETS, HistoryEntry, Hit, ImageInput, IndexReport, SearchQuery, SearchResult, TextsReport
 
 LOG = logging.getLogger(__name__)
 
@@ -712,9 +712,13 @@ class Engine:
         return np.stack([out[i] for i in ids])
 
     # -------------------------------------------------------------- history
-    def history(self, limit: int = 20) -> list[Query]:
+    def history(self, limit: int = 20) -> list[HistoryEntry]:
         """The most recent searches, newest first."""
-        return self.store.queries(limit)
+        return [
+            HistoryEntry(q.id, q.created_at, q.text, q.image_path, q.target, q.model, q.k, q.terms, q.filters,
+                         q.reranked, q.seconds)
+            for q in self.store.queries(limit)
+        ]
 
     def show(self, query_id: int) -> SearchResult:
         """A stored search's results, as they were found (nothing recomputed)."""

@@ -14,7 +14,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -64,13 +64,23 @@ def read_pairs(folder: str | Path, annotations: str | Path | None = None) -> lis
     return pairs
 
 
-def recall_at(ranked_keys: list[list[str]], query_keys: list[str], ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """Fraction of queries with a relevant item in the top k, for each k."""
-    out = {}
-    for k in ks:
-        hit = [q in r[:k] for r, q in zip(ranked_keys, query_keys)]
-        out[f"R@{k}"] = round(float(np.mean(hit)) if hit else 0.0, 4)
-    return out
+def hits_at_k(ranked_keys: Sequence[Sequence[Any]], query_keys: Sequence[Any], k: int) -> np.ndarray:
+    """Per query, whether one of its first ``k`` ranked items has the query's key."""
+    return np.array([q in list(r[:k]) for r, q in zip(ranked_keys, query_keys)], dtype=bool)
+
+
+def recall_at_k(ranked_keys: Sequence[Sequence[Any]], query_keys: Sequence[Any], ks: Sequence[int] = KS) -> dict[int, float]:
+    """Recall@K for each k: the fraction of queries with a relevant item in their top k.
+
+    ``ranked_keys[i]`` is the relevance keys of query ``i``'s ranked items and
+    ``query_keys[i]`` its own key. The one Recall@K of crossfind: ``crossfind
+    eval``, the training scripts and the benchmarks all count with it.
+    """
+    return {k: float(hits_at_k(ranked_keys, query_keys, k).mean()) if len(query_keys) else 0.0 for k in ks}
+
+
+def _as_report(recall: dict[int, float]) -> dict[str, float]:
+    return {f"R@{k}": round(v, 4) for k, v in recall.items()}
 
 
 def evaluate(
@@ -80,28 +90,65 @@ def evaluate(
     candidates: int = 50,
     rerank: bool = True,
     progress: bool = False,
-    library: str | Path | None = None,
 ) -> dict[str, Any]:
     """Text→image and image→text Recall@1/5/10, dual encoder and re-ranked.
 
-    Returns ``{"t2i": {"R@1", "R@5", "R@10"}, "i2t": {...}, "queries": n,
-    "images": m, "model": spec}`` plus ``"t2i_reranked"``/``"i2t_reranked"``
-    when the model has a reranker and ``rerank`` is true.
+    The folder is indexed into a temporary library of its own, so nothing
+    else in a library can rank among the results. Returns ``{"t2i": {"R@1",
+    "R@5", "R@10"}, "i2t": {...}, "queries": n, "images": m, "model": spec}``
+    plus ``"t2i_reranked"``/``"i2t_reranked"`` when the model has a reranker
+    and ``rerank`` is true.
     """
     from .engine import Engine
 
     pairs = read_pairs(folder, annotations)
     with tempfile.TemporaryDirectory(prefix="crossfind-eval-") as tmp:
-        lib = Path(library) if library is not None else Path(tmp) / "library"
         corpus = Path(tmp) / "captions.jsonl"
         with open(corpus, "w", encoding="utf-8") as fh:
             for i, p in enumerate(pairs):
                 fh.write(json.dumps({"text": p.caption, "id": str(i)}) + "\n")
-        with Engine.open(lib, model=model) as eng:
+        with Engine.open(Path(tmp) / "library", model=model) as eng:
             images = sorted({p.image for p in pairs})
             eng.index_folder([str(p) for p in images], progress=progress)
             eng.add_texts(corpus, corpus="eval", progress=progress)
             return _measure(eng, pairs, candidates, rerank)
+
+
+Rescorer = Callable[[int, list[int], np.ndarray], np.ndarray]
+
+
+def _direction(
+    query_ids: list[int],
+    query_keys: list[str],
+    query_vecs: np.ndarray,
+    gallery: Any,
+    item_key: dict[int, str],
+    n_cand: int,
+    candidates: int,
+    rescore: Rescorer | None,
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Recall of one direction (queries against a gallery index): the dual
+    encoder's ranking and, with ``rescore``, its top ``candidates`` re-ranked.
+
+    ``rescore(query_id, candidate_ids, dual_scores)`` returns a logit per candidate.
+    """
+    res = gallery.search(query_vecs, n_cand)
+    ranked: list[list[int]] = []
+    reranked: list[list[int]] = []
+    for qid, ids_row, score_row in zip(query_ids, res.ids, res.scores):
+        keep = ids_row >= 0
+        ids = [int(i) for i in ids_row[keep]]
+        ranked.append(ids)
+        if rescore is not None:
+            cand = ids[:candidates]
+            logits = rescore(qid, cand, np.asarray(score_row[keep][: len(cand)], np.float32))
+            reranked.append([cand[j] for j in np.argsort(-logits, kind="stable")])
+
+    def keys(lists: list[list[int]]) -> list[list[str]]:
+        return [[item_key.get(i, "") for i in r] for r in lists]
+
+    dual = _as_report(recall_at_k(keys(ranked), query_keys))
+    return dual, (_as_report(recall_at_k(keys(reranked), query_keys)) if rescore is not None else None)
 
 
 def _measure(eng: Any, pairs: list[Pair], candidates: int, rerank: bool) -> dict[str, Any]:
@@ -117,48 +164,30 @@ def _measure(eng: Any, pairs: list[Pair], candidates: int, rerank: bool) -> dict
     texts = {int(r.ext_id): r for r in store.session.query(TextItem).filter(TextItem.corpus == "eval")}
     text_key = {texts[i].id: pairs[i].key for i in texts}
     text_of = {texts[i].id: texts[i].text for i in texts}
-
-    n_cand = max(10, candidates)
-    # text -> image: every caption is a query
-    t_ids = [texts[i].id for i in sorted(texts)]
-    t_vecs = state.texts.reconstruct(t_ids)
-    res = state.images.search(t_vecs, n_cand)
-    t2i_ranked = [[int(i) for i in row if i >= 0] for row in res.ids]
-    t2i_scores = [[float(s) for i, s in zip(row, srow) if i >= 0] for row, srow in zip(res.ids, res.scores)]
-    t_keys = [text_key[i] for i in t_ids]
-    report: dict[str, Any] = {
-        "t2i": recall_at([[img_key.get(i, "") for i in r] for r in t2i_ranked], t_keys),
-    }
-    # image -> text: every image is a query
-    i_ids = sorted(img_key)
-    i_vecs = state.images.reconstruct(i_ids)
-    res = state.texts.search(i_vecs, n_cand)
-    i2t_ranked = [[int(i) for i in row if i >= 0] for row in res.ids]
-    i2t_scores = [[float(s) for i, s in zip(row, srow) if i >= 0] for row, srow in zip(res.ids, res.scores)]
-    i_keys = [img_key[i] for i in i_ids]
-    report["i2t"] = recall_at([[text_key.get(i, "") for i in r] for r in i2t_ranked], i_keys)
-    report["queries"] = len(t_ids)
-    report["images"] = len(i_ids)
-    report["model"] = state.spec.spec
+    t_ids = [texts[i].id for i in sorted(texts)]  # text -> image: every caption is a query
+    i_ids = sorted(img_key)  # image -> text: every image is a query
 
     reranker = state.reranker if rerank else None
+    t2i_rescore: Rescorer | None = None
+    i2t_rescore: Rescorer | None = None
+    if reranker is not None:
+        rows = store.images_by_id(i_ids)
+
+        def t2i_rescore(tid: int, cand: list[int], dual: np.ndarray) -> np.ndarray:
+            return reranker.logits_images(text_of[tid], eng._candidate_tokens(state, cand, rows), dual_scores=dual)
+
+        def i2t_rescore(iid: int, cand: list[int], dual: np.ndarray) -> np.ndarray:
+            tok = eng._candidate_tokens(state, [iid], rows)[0]
+            return reranker.logits_texts(tok, [text_of[i] for i in cand], dual_scores=dual)
+
+    n_cand = max(10, candidates)
+    t2i, t2i_reranked = _direction(t_ids, [text_key[i] for i in t_ids], state.texts.reconstruct(t_ids), state.images,
+                                   img_key, n_cand, candidates, t2i_rescore)
+    i2t, i2t_reranked = _direction(i_ids, [img_key[i] for i in i_ids], state.images.reconstruct(i_ids), state.texts,
+                                   text_key, n_cand, candidates, i2t_rescore)
+    report: dict[str, Any] = {"t2i": t2i, "i2t": i2t, "queries": len(t_ids), "images": len(i_ids), "model": state.spec.spec}
     if rerank and reranker is None:
         report["note"] = f"model {state.spec.spec} has no reranker; only dual-encoder recall is reported"
-    if reranker is not None:
-        rows = store.images_by_id(list(img_key))
-        reordered = []
-        for tid, cand, dual in zip(t_ids, t2i_ranked, t2i_scores):
-            cand = cand[:candidates]
-            logits = reranker.logits_images(
-                text_of[tid], eng._candidate_tokens(state, cand, rows), dual_scores=np.asarray(dual[: len(cand)], np.float32)
-            )
-            reordered.append([cand[j] for j in np.argsort(-logits, kind="stable")])
-        report["t2i_reranked"] = recall_at([[img_key.get(i, "") for i in r] for r in reordered], t_keys)
-        reordered = []
-        for iid, cand, dual in zip(i_ids, i2t_ranked, i2t_scores):
-            cand = cand[:candidates]
-            tok = eng._candidate_tokens(state, [iid], rows)[0]
-            logits = reranker.logits_texts(tok, [text_of[i] for i in cand], dual_scores=np.asarray(dual[: len(cand)], np.float32))
-            reordered.append([cand[j] for j in np.argsort(-logits, kind="stable")])
-        report["i2t_reranked"] = recall_at([[text_key.get(i, "") for i in r] for r in reordered], i_keys)
+    if t2i_reranked is not None and i2t_reranked is not None:
+        report["t2i_reranked"], report["i2t_reranked"] = t2i_reranked, i2t_reranked
     return report

@@ -402,9 +402,6 @@ class Store:
         rows = list(self.session.scalars(select(Result).where(Result.query_id == query_id).order_by(Result.rank)))
         return q, rows
 
-    def touch_image(self, row_id: int, **values: Any) -> None:
-        self.session.execute(update(Image).where(Image.id == row_id).values(**values))
-
 
 def open_store(db_path: str | Path) -> Store:
     """Open (creating or upgrading) the library database at ``db_path``."""

@@ -49,10 +49,6 @@ class TokenStore:
         saved = json.loads(meta.read_text())
         return tuple(saved["shape"]) == (int(shape[0]), int(shape[1])) and saved.get("layer", "final") == layer
 
-    @property
-    def bytes_per_item(self) -> int:
-        return self.row_bytes
-
     def write(self, ids: Sequence[int], tokens: np.ndarray) -> None:
         """Write rows for ``ids`` (tokens shaped ``(n, *shape)``)."""
         tokens = np.ascontiguousarray(tokens, dtype=np.float16)

@@ -102,6 +102,38 @@ class SearchResult:
         }
 
 
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One recorded search, as ``crossfind history`` lists it (its hits: ``show``)."""
+
+    id: int  # query id (crossfind show ID)
+    when: dt.datetime  # when the search ran (UTC)
+    text: str | None  # main text query
+    image: str | None  # main image query's path
+    target: str  # "images" or "texts"
+    model: str  # model spec used
+    k: int  # hits asked for
+    terms: list[dict[str, Any]] | None  # extra weighted terms, as Term.to_json()
+    filters: dict[str, Any] | None  # filters, as SearchQuery.filters_json()
+    reranked: bool  # whether the reranker ordered the hits
+    seconds: float  # total time of the search
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "when": self.when.isoformat(timespec="seconds"),
+            "text": self.text,
+            "image": self.image,
+            "target": self.target,
+            "model": self.model,
+            "k": self.k,
+            "terms": self.terms,
+            "filters": self.filters,
+            "reranked": self.reranked,
+            "seconds": round(self.seconds, 4),
+        }
+
+
 @dataclass
 class _Counts:
     """Counts shared by ``index`` and ``add-texts`` runs (the --json contract)."""

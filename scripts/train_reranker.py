@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from retrieval.encoders import Encoder, load_encoder  # noqa: E402
+from retrieval.evaluate import hits_at_k, recall_at_k  # noqa: E402
 from retrieval.rerank import CrossAttentionITM, Reranker, RerankerConfig, reranker_dirs  # noqa: E402
 
 TRAIN_SEEDS = (300, 301)  # ordinary, minimal pairs
@@ -560,14 +561,15 @@ def tune_dual_scale(module: CrossAttentionITM, encoder: Encoder, args: argparse.
         pool = eval_pool(encoder, module.config, seed, args.tune_n, minimal, work, perturb=False, hard_k=1)
         sims = pool.txt_vec @ pool.img_vec.T
         tok = pool.img_tok.numpy()
-        hits = np.zeros(len(grid))
+        firsts: list[list[list[int]]] = [[] for _ in grid]  # per weight, per caption: the key ranked first
         for t in range(len(pool.texts)):
             top = np.argsort(-sims[t], kind="stable")[:50]
             own = reranker.logits_images(pool.texts[t], tok[top], dual_scores=np.zeros(len(top), np.float32))
             best = np.argmax(own[None] + grid[:, None] * sims[t, top][None], axis=1)
-            hits += pool.img_key[top[best]] == pool.txt_key[t]
-        dual = float(np.mean(pool.img_key[np.argmax(sims, 1)] == pool.txt_key))
-        recall[name] = (dual, hits / len(pool.texts))
+            for g, b in enumerate(best):
+                firsts[g].append([pool.img_key[top[b]]])
+        dual = recall_at_k([[k] for k in pool.img_key[np.argmax(sims, 1)]], pool.txt_key, (1,))[1]
+        recall[name] = (dual, np.array([recall_at_k(f, pool.txt_key, (1,))[1] for f in firsts]))
     ord_dual, ordinary = recall["ordinary"]
     mp_dual, minimal = recall["minimal"]
     ok = ordinary >= ord_dual
@@ -626,26 +628,26 @@ def retrieval_eval(reranker: Reranker, pool: Pool, candidates: int = 50) -> dict
     tok = pool.img_tok.numpy()
     res: dict[str, float] = {}
     # text -> image: every caption a query, the whole image set the gallery
-    dual_hit, rr_hit = [], []
+    dual_first, rr_first = [], []
     for t in range(len(pool.texts)):
         top = np.argsort(-sims[t], kind="stable")[:candidates]
-        dual_hit.append(pool.img_key[top[0]] == pool.txt_key[t])
         best = reranker.rank(pool.texts[t], tok[top], top_k=1, dual_scores=sims[t, top])[0].index
-        rr_hit.append(pool.img_key[top[best]] == pool.txt_key[t])
-    d, r = np.array(dual_hit), np.array(rr_hit)
-    res["t2i_r1_dual"], res["t2i_r1_rerank"] = float(d.mean()), float(r.mean())
+        dual_first.append([pool.img_key[top[0]]])
+        rr_first.append([pool.img_key[top[best]]])
+    d, r = hits_at_k(dual_first, pool.txt_key, 1), hits_at_k(rr_first, pool.txt_key, 1)
+    res["t2i_r1_dual"], res["t2i_r1_rerank"] = recall_at_k(dual_first, pool.txt_key, (1,))[1], recall_at_k(rr_first, pool.txt_key, (1,))[1]
     res["t2i_misses_dual"] = int((~d).sum())
     res["t2i_misses_fixed"] = float((r & ~d).sum() / max(1, (~d).sum()))
     res["t2i_new_misses"] = int((d & ~r).sum())
     # image -> text: every image a query, the captions the gallery
-    dual_hit, rr_hit = [], []
+    dual_first, rr_first = [], []
     for i in range(len(pool.img_key)):
         top = np.argsort(-sims[:, i], kind="stable")[:candidates]
-        dual_hit.append(pool.txt_key[top[0]] == pool.img_key[i])
         best = reranker.rank(tok[i], [pool.texts[c] for c in top], top_k=1, dual_scores=sims[top, i])[0].index
-        rr_hit.append(pool.txt_key[top[best]] == pool.img_key[i])
-    d, r = np.array(dual_hit), np.array(rr_hit)
-    res["i2t_r1_dual"], res["i2t_r1_rerank"] = float(d.mean()), float(r.mean())
+        dual_first.append([pool.txt_key[top[0]]])
+        rr_first.append([pool.txt_key[top[best]]])
+    d, r = hits_at_k(dual_first, pool.img_key, 1), hits_at_k(rr_first, pool.img_key, 1)
+    res["i2t_r1_dual"], res["i2t_r1_rerank"] = recall_at_k(dual_first, pool.img_key, (1,))[1], recall_at_k(rr_first, pool.img_key, (1,))[1]
     res["i2t_misses_fixed"] = float((r & ~d).sum() / max(1, (~d).sum()))
     return res
 

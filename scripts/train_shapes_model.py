@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from retrieval import shapes  # noqa: E402
+from retrieval.evaluate import recall_at_k  # noqa: E402
 
 LOG = logging.getLogger("train_shapes_model")
 DEFAULT_OUT = ROOT / "retrieval" / "models" / "shapes-tiny"
@@ -139,11 +140,9 @@ def to_pixels(batch: np.ndarray) -> "torch.Tensor":  # noqa: F821
 
 # ---------------------------------------------------------------------- evaluation
 def recall_at(sim: np.ndarray, query_keys: Sequence[str], gallery_keys: Sequence[str], ks: Sequence[int]) -> dict[int, float]:
-    """Recall@k where a query is correct when one of its top k has the query's key."""
+    """Recall@k of a query x gallery similarity matrix, counted by :func:`retrieval.evaluate.recall_at_k`."""
     order = np.argsort(-sim, axis=1, kind="stable")[:, : max(ks)]
-    gk = np.asarray(gallery_keys, dtype=object)
-    hits = gk[order] == np.asarray(query_keys, dtype=object)[:, None]
-    return {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
+    return recall_at_k(np.asarray(gallery_keys, dtype=object)[order], query_keys, ks)
 
 
 def evaluate_encoder(encoder: Any, work: Path, cfg: TrainConfig) -> dict[str, float]:

