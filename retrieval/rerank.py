@@ -279,10 +279,6 @@ class CrossAttentionITM(nn.Module):
         self.register_buffer("grid", grid, persistent=False)
         self.place_in = nn.Linear(grid.shape[1], w)
         self.itm_token = nn.Parameter(torch.randn(w) * 0.02)
-        # Stands in for masked words in image-conditioned masked word prediction,
-        # the training task that teaches the cross-attention to ground words
-        # (see scripts/train_reranker.py --mlm); unused when scoring.
-        self.mask_token = nn.Parameter(torch.randn(w) * 0.02)
         self.text_pos = nn.Parameter(torch.randn(config.max_text_tokens + 1, w) * 0.02)
         self.image_pos = nn.Parameter(torch.randn(config.image_tokens, w) * 0.02)
         self.image_blocks = nn.ModuleList(
@@ -345,26 +341,15 @@ class CrossAttentionITM(nn.Module):
         mask: torch.Tensor,
         image: torch.Tensor,
         image_index: torch.Tensor | None = None,
-        masked: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The text stream after every block, ``(n, 1 + L, width)``: the [ITM]
-        token first, then one state per text token (``L`` cut to the longest text).
-
-        ``masked`` ``(n, L)`` replaces those text tokens by the mask token for
-        masked word prediction; the tower's output half of every token is then
-        dropped too (with ``text_words``), since a causal tower carries a word on
-        into the tokens after it and the prediction must come from the image.
-        """
+        token first, then one state per text token (``L`` cut to the longest text)."""
         img = self.encode_image(image)
         # Causal text towers leave padding after the last real token, so cutting
         # the batch to its longest text changes nothing but the cost.
         length = min(int(mask.sum(1).max()), self.config.max_text_tokens)
         text, mask = text[:, :length].to(self.head.weight.dtype), mask[:, :length]
-        if masked is not None and self.config.text_words:
-            text = torch.cat([torch.zeros_like(text[..., : self.config.text_width]), text[..., self.config.text_width :]], -1)
         t = self.text_in(text)
-        if masked is not None:
-            t = torch.where(masked[:, :length, None], self.mask_token.to(t.dtype), t)
         itm = self.itm_token.expand(t.shape[0], 1, -1)
         x = torch.cat([itm, t], dim=1) + self.text_pos[: length + 1]
         keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
@@ -611,7 +596,11 @@ class Reranker:
             _check_compatible(config, encoder, where=str(where))
         module = CrossAttentionITM(config)
         try:
-            module.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+            state = load_file(str(weights))
+            # Rerankers saved while masked word prediction was a training option carry
+            # its mask token, which scoring never used.
+            state.pop("mask_token", None)
+            module.load_state_dict({k: v.float() for k, v in state.items()})
         except (RuntimeError, OSError) as exc:  # weights of another config, or a damaged file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelNotAvailable(

@@ -1,89 +1,43 @@
 #!/usr/bin/env python
-"""Fast experiments on reranker designs, with every token held in memory.
+"""Train reranker designs on minimal-pair groups, with every token held in memory.
 
-``scripts/train_reranker.py`` trains and ships the reranker of
-``retrieval/rerank.py``; this script is for trying designs quickly. It
-encodes generated minimal-pair groups once (base B, colours swapped C, shapes
-swapped S, relation reversed R), then trains a candidate model on the 4x4
-scores of each group (softmax over every row and column, so every negative is
-a minimal one) and reports, every ``--every`` steps, the within-group
-accuracy on held-out groups (seed 8) and the B-vs-R rate, the part the dual
-encoder gets at chance. The numbers in docs/benchmarks.md ("Diagnosis") come
-from runs such as::
+This is how the reranker bundled with ``shapes-tiny`` is trained
+(``scripts/train_shapes_reranker.sh`` runs it three times, then
+``scripts/train_reranker.py --steps 0 --tune-dual`` calibrates). It encodes
+generated minimal-pair groups once (base B, colours swapped C, shapes swapped
+S, relation reversed R), then trains on the 4x4 scores of each group (softmax
+over every row and column, so every negative is a minimal one) and reports,
+every ``--every`` steps, the within-group accuracy on held-out groups (seed 8)
+and the B-vs-R rate, the part the dual encoder gets at chance. Why each option
+exists, and the designs that were tried and dropped (their code is in git
+history): docs/reranker.md.
 
-    python scripts/reranker_lab.py --variant cross --steps 1400 --n 48000
-    python scripts/reranker_lab.py --variant cross --layer block0 --steps 400
-    python scripts/reranker_lab.py --variant cross --image-depth 1 --steps 400
-    python scripts/reranker_lab.py --variant grounded --steps 700 --n 24000
-    python scripts/reranker_lab.py --variant grounded --depth 3 --steps 600 --n 40000 --lr 1.5e-3
-    python scripts/reranker_lab.py --variant cross --canonical-captions --steps 300
-    python scripts/reranker_lab.py --variant cross --curriculum 300 --steps 1500
-    python scripts/reranker_lab.py --variant cross --gated --steps 400
-    python scripts/reranker_lab.py --variant cross --gated --curriculum 300 --steps 1500
-    python scripts/reranker_lab.py --variant cross --relational --steps 900
-    python scripts/reranker_lab.py --variant grounded --spatial --steps 400
-    python scripts/reranker_lab.py --variant cross --words --steps 400
-    python scripts/reranker_lab.py --variant cross --words --relational --steps 300
-    python scripts/reranker_lab.py --variant cross --words --steered --steps 150
-    python scripts/reranker_lab.py --variant grounded --words --ordered --steps 250
-    python scripts/reranker_lab.py --variant grounded --words --ordered --layer embed --steps 400
-    python scripts/reranker_lab.py --variant grounded --words --ordered --oracle-gate --layer embed --steps 300
-    python scripts/reranker_lab.py --variant grounded --words --ordered --layer embed --head-lr-mult 10 --steps 1000
-    python scripts/reranker_lab.py --variant cross --words --layer embed --image-depth 1 --curriculum 400 --steps 3000 --n 40000
-    python scripts/reranker_lab.py --variant cross --words --layer embed --image-depth 1 --mlm 1 --steps 500
+The model: text tokens attend to patch tokens (projected, with learned and
+fixed 2-D positions), after ``--image-depth`` image self-attention blocks;
+``--depth`` blocks of text self-attention, cross-attention and MLP; a learned
+[ITM] token scored by a linear head. ``--save`` writes it as a
+``retrieval.rerank`` reranker (the same computation, checked on held-out
+pairs); ``--init`` starts from one.
 
-Variants:
+Options:
 
-* ``cross``: text tokens attend to patch tokens (projected, with learned and
-  fixed 2-D sin/cos positions), optionally after ``--image-depth`` image
-  self-attention blocks; ``--depth`` blocks of text self-attention,
-  cross-attention and MLP; a learned [ITM] token scored by a linear head.
-* ``grounded``: as ``cross``, but first each text token pools the patches it
-  matches (softmax over late-interaction cosine similarities, trained with a
-  FILIP-style contrastive loss weighted ``--late-weight``) together with their
-  x/y, so positions of named objects reach the text stream directly.
-
-Options added in the third session (see docs/benchmarks.md, "Diagnosis
-(third session)"):
-
-* ``--words``: the text tower's *input* word embeddings beside its output
+* ``--layer`` the vision layer(s) read: ``final``, ``embed`` (the patch
+  embedding), ``blockK``, or two joined by ``+`` (``embed+final``), each with
+  its own input projection; a projection added by ``--init`` from a one-layer
+  model starts at zero, so training starts where the saved model was.
+* ``--words``: the text tower's input word embeddings beside its output
   tokens (the output has all but lost which relation word a caption used).
-* ``--ordered`` (grounded): logit + direction(words) . sum over token pairs
-  i < j of gate_i gate_j (place_j - place_i). Text order replaces roles, so
-  "A left of B" and "B right of A" need no parsing; ``--oracle-gate`` gates
-  exactly the colour words (a diagnostic, not a design).
-* ``--steered``: each token reads the object furthest in a direction its word
-  gives and matches it against its own content query.
-* ``--spatial`` (grounded): sum over tokens of direction(frozen token) .
-  (its grounded place - centre).
-* ``--head-lr-mult``: a larger learning rate for those explicit heads.
-
-Added in the fourth session: ``--mlm W`` (with ``--mlm-p``), image-conditioned
-masked prediction of the content words of each true caption (ALBEF's MLM),
-read from the word embeddings alone, weighted ``W`` beside the group loss.
-
-Added in the fifth session: ``--ordinary N`` adds ``N`` ordinary scenes (one
-to three objects, any sizes; seed 4321) in groups of four the dual encoder
-finds alike (an anchor and three items with other keys from its mined near
-misses), ``--ordinary-groups`` of them per step beside the minimal groups, and
-reports within-group accuracy on held-out ordinary groups (seed 9) beside the
-dual encoder's own; ``--init DIR`` starts from a reranker ``--save`` wrote;
-``--residual A`` trains the model residual on the dual encoder (logit plus a
-learned multiple of the pair's dual cosine, starting at ``A``), as search
-uses it, so it need only learn what the dual encoder gets wrong.
-
-Added in the sixth session: ``--layer A+B`` (``embed+final``) gives each patch
-the tokens of two layers, each with its own input projection; the second one
-starts at zero, so ``--init`` from a one-layer reranker scores as it did until
-training gives the new layer a say (shape, which the patch embedding hardly
-shows, from the final layer).
-
-Added in the seventh session: ``--local H`` adds a local stem (an MLP of
-hidden width ``H`` over each patch's 3x3 neighbourhood of first-layer tokens,
-``retrieval.rerank._LocalStem``), its last layer at zero so ``--init`` starts
-where the saved model was; saved as ``image_local``. ``--shape-aux W`` trains
-the stem to read the shape under each object's centre patch through a linear
-head (weight ``W`` beside the group loss; the head is not saved).
+* ``--canonical-captions`` / ``--curriculum N``: captions read as canonical
+  scene keys (always, or for the first N steps, then fading to natural ones
+  over N more).
+* ``--residual A``: logit plus a learned multiple (from ``A``) of the pair's
+  dual cosine, as search scores it; ``--ordinary N`` adds ordinary scenes in
+  groups of four the dual encoder finds alike; ``--mined-groups G`` adds
+  groups of alike minimal-pair items from different groups.
+* ``--local H``: a local stem over each patch's 3x3 neighbourhood of
+  first-layer tokens (``retrieval.rerank._LocalStem``), last layer at zero;
+  ``--shape-aux W`` trains it to read the shape under each object's centre
+  patch through a linear head that is not saved.
 """
 
 from __future__ import annotations
@@ -115,27 +69,7 @@ from train_reranker import group_pairs as _group_pairs  # noqa: E402
 
 
 # ------------------------------------------------------------------- models
-class GatedMLP(nn.Module):
-    """SwiGLU-style MLP: ``out(silu(a x) * (b x))``. The product multiplies what
-    the residual stream holds of the text with what cross-attention brought
-    from the image, so a relation word can flip a geometric comparison with a
-    first-order gradient (a plain MLP must discover that XOR)."""
-
-    def __init__(self, width: int, hidden: int) -> None:
-        super().__init__()
-        self.ab, self.out = nn.Linear(width, 2 * hidden), nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.ab(x).chunk(2, dim=-1)
-        return self.out(F.silu(a) * b)
-
-
-GATED = False  # set from --gated before models are built
-
-
 def _mlp(width: int) -> nn.Module:
-    if GATED:
-        return GatedMLP(width, 8 * width // 3)
     return nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
 
@@ -165,13 +99,12 @@ class CrossBlock(nn.Module):
 
 
 class LabITM(nn.Module):
-    """Both variants; ``grounded`` adds the late-interaction pooling step."""
+    """The cross-attention reranker, as :class:`retrieval.rerank.CrossAttentionITM` computes it."""
 
     def __init__(self, text_width: int, image_width: int, patches: int, context: int, args: argparse.Namespace) -> None:
         super().__init__()
         self.layers = len(args.layer.split("+"))
         w, iw = args.width, 2 * image_width // self.layers
-        self.grounded = args.variant == "grounded"
         self.register_buffer("grid", grid_features(patches))
         self.text_in = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, w))
         self.image_in = nn.Sequential(nn.LayerNorm(iw), nn.Linear(iw, w))
@@ -200,72 +133,6 @@ class LabITM(nn.Module):
         if self.residual:
             self.dual_scale = nn.Parameter(torch.tensor(float(args.residual)))
             self.dual_bias = nn.Parameter(torch.tensor(0.0))
-        self.relational = args.relational
-        if self.relational:
-            # Explicit product for relations: where the image puts the two
-            # objects the text names (subject minus object, x and y), times a
-            # direction the text gives each axis; see --relational.
-            self.where_q, self.where_k = nn.Linear(w, w), nn.Linear(w, w)
-            self.pick = nn.Linear(w, 2)  # attention logits over text tokens: subject, object
-            self.direction = nn.Linear(w, 2)  # per token, a signed weight for x and y
-            self.dir_pick = nn.Linear(w, 1)
-            self.rel_head = nn.Linear(2, 1)
-        self.steered = args.steered
-        if self.steered:
-            # Each token looks for the object lying furthest in a direction its
-            # own word gives (attention logits: objectness + dir . position) and
-            # scores what it finds against its own content query.
-            self.steer_dir = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, 2))
-            self.steer_obj = nn.Linear(w, 1)
-            self.steer_beta = nn.Parameter(torch.tensor(3.0))
-            self.steer_q = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, w))
-            self.steer_v = nn.Linear(w, w)
-        self.ordered = args.ordered
-        if self.ordered:
-            # Relations by text order: sum over token pairs i < j of
-            # gate_i gate_j (place_j - place_i), dotted with a direction the
-            # words give. "A left of B" and "B right of A" need no role parsing.
-            self.order_gate = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, 1))
-            self.order_dir = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, 2))
-            self.order_scale = nn.Parameter(torch.tensor(4.0))
-        self.spatial = args.spatial
-        if self.spatial:
-            # Per token, a direction read linearly from its own frozen features,
-            # dotted with where its grounded object lies relative to the others.
-            self.spatial_dir = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, 2))
-            self.spatial_scale = nn.Parameter(torch.tensor(4.0))
-        if args.mlm:
-            # Image-conditioned masked word prediction (ALBEF's MLM), over the
-            # content words only (colours, shapes, sizes, relation words).
-            self.mask_token = nn.Parameter(torch.randn(w) * 0.02)
-            self.mlm_head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, len(CONTENT_IDS)))
-        if self.grounded:
-            d = 64
-            self.ground_text = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d))
-            self.ground_image = nn.Sequential(nn.LayerNorm(iw), nn.Linear(iw, 256), nn.GELU(), nn.Linear(256, d))
-            self.ground_pos = nn.Parameter(torch.zeros(patches, iw))
-            self.sharpness = nn.Parameter(torch.tensor(10.0))
-            self.late_scale = nn.Parameter(torch.tensor(2.5))
-            self.pooled_in = nn.Sequential(nn.Linear(iw + self.grid.shape[1] + 1, w), nn.GELU(), nn.Linear(w, w))
-
-    def mlm_logits(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """Content-word logits at the ``masked`` positions ``(n, L)`` of captions
-        read with their own images; the tower's output half of every token is
-        dropped (it carries the masked word on to later tokens)."""
-        length = int(mask.sum(1).max())
-        text, mask, masked = text[:, :length], mask[:, :length], masked[:, :length]
-        if WORDS:
-            text = torch.cat([torch.zeros_like(text[..., : text.shape[-1] // 2]), text[..., text.shape[-1] // 2 :]], -1)
-        y = self.image_stream(image)
-        for block in self.image_blocks:
-            y = block(y)
-        y = self.ln_image(y)
-        h = torch.where(masked[..., None], self.mask_token.expand_as(self.text_in(text)), self.text_in(text))
-        x = torch.cat([self.itm.expand(h.shape[0], 1, -1), h], 1) + self.text_pos[: h.shape[1] + 1]
-        keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], 1)[:, None, None, :]
-        for block in self.blocks:
-            x = block(x, keep, block.cross_attn.keys(y))
-        return self.mlm_head(x[:, 1:][masked])
 
     def shape_logits(self, image: torch.Tensor) -> torch.Tensor:
         """``--shape-aux``: logits of the shape under each patch, ``(n, P, shapes)``, from the local stem."""
@@ -282,38 +149,18 @@ class LabITM(nn.Module):
             y = y + self.local_in(parts[0])
         return y
 
-    def ground(self, text: torch.Tensor, x_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit-length grounding features of text tokens and of patches (``x_img`` from :func:`with_centred`)."""
-        return F.normalize(self.ground_text(text), dim=-1), F.normalize(self.ground_image(x_img + self.ground_pos), dim=-1)
-
     def forward(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, ti: torch.Tensor, ii: torch.Tensor,
-                dual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits of pairs (text ``ti[j]``, image ``ii[j]``) and, for ``grounded``,
-        the all-pairs late-interaction scores of the unique texts and images;
-        a residual model adds ``dual_scale * dual + dual_bias`` (``dual``: the
-        pairs' dual cosines)."""
+                dual: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of pairs (text ``ti[j]``, image ``ii[j]``); a residual model
+        adds ``dual_scale * dual + dual_bias`` (``dual``: the pairs' dual cosines)."""
         length = int(mask.sum(1).max())  # causal text tokens: padding after the last real one is inert
         text, mask = text[:, :length], mask[:, :length]
-        x_img = with_centred(image)
         y = self.image_stream(image)
         for block in self.image_blocks:
             y = block(y)
         y = self.ln_image(y)
         kvs = [b.cross_attn.keys(y) for b in self.blocks]  # once per unique image
         h = self.text_in(text)[ti]
-        late = None
-        if self.grounded:
-            gt, gi = self.ground(text, x_img)
-            sim = torch.einsum("nld,npd->nlp", gt[ti], gi[ii])
-            weights = torch.softmax(sim * self.sharpness, -1)
-            pooled = torch.einsum("nlp,npc->nlc", weights, torch.cat([x_img[ii], self.grid.expand(len(ii), -1, -1)], -1))
-            h = h + self.pooled_in(torch.cat([pooled, (weights * sim).sum(-1, keepdim=True)], -1))
-            place = pooled[..., x_img.shape[-1] : x_img.shape[-1] + 2]  # x, y of what each token grounds to
-            if self.training:  # all pairs of the batch; far too big for a whole evaluation set
-                all_sim = torch.einsum("ald,bpd->ablp", gt, gi)
-                per_token = (torch.softmax(all_sim * self.sharpness, -1) * all_sim).sum(-1)
-                m = mask[:, None, :].float()
-                late = (per_token * m).sum(-1) / m.sum(-1) * self.late_scale.exp()
         x = torch.cat([self.itm.expand(h.shape[0], 1, -1), h], 1) + self.text_pos[: h.shape[1] + 1]
         keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], 1)[ti][:, None, None, :]
         for block, (k, v) in zip(self.blocks, kvs):
@@ -322,47 +169,11 @@ class LabITM(nn.Module):
         if self.residual:
             assert dual is not None, "a residual model needs the pairs' dual cosines"
             logit = logit + self.dual_scale * dual + self.dual_bias
-        if self.steered:
-            pos = self.grid[:, :2]
-            a = self.steer_obj(y).squeeze(-1)[ii][:, None, :] + self.steer_beta * (self.steer_dir(text) @ pos.T)[ti]
-            found = torch.einsum("nlp,npw->nlw", torch.softmax(a, -1), self.steer_v(y)[ii])
-            term = (self.steer_q(text)[ti] * found).sum(-1) / found.shape[-1] ** 0.5
-            logit = logit + (term * mask[ti].float()).sum(1)
-        if self.ordered:
-            m = mask[ti].float()
-            if ORACLE_GATE:
-                g = text[..., -1][ti] * m
-            else:
-                g = torch.sigmoid(self.order_gate(text).squeeze(-1))[ti] * m  # (n, L)
-            before = torch.cumsum(g, 1) - g  # sum of gates of earlier tokens
-            after = g.sum(1, keepdim=True) - torch.cumsum(g, 1)
-            # sum_{i<j} g_i g_j (place_j - place_i): token j is "later" in before_j pairs, "earlier" in after_j
-            delta = ((g * (before - after))[..., None] * place).sum(1) / ((g * before).sum(1, keepdim=True) + 1e-6)
-            u = (self.order_dir(text)[ti] * m[..., None]).sum(1)
-            logit = logit + (u * delta).sum(-1) * self.order_scale
-        if self.spatial:
-            m = mask[ti].float()[..., None]
-            centre = (place * m).sum(1, keepdim=True) / m.sum(1, keepdim=True)
-            term = ((self.spatial_dir(text)[ti] * (place - centre)).sum(-1, keepdim=True) * m).sum((1, 2))
-            logit = logit + term * self.spatial_scale
-        if self.relational:
-            t = self.ln_out(x[:, 1:])
-            pad = ~mask[ti]
-            where = torch.einsum("nld,npd->nlp", self.where_q(t), self.where_k(y)[ii]) / t.shape[-1] ** 0.5
-            xy = torch.einsum("nlp,pc->nlc", torch.softmax(where, -1), self.grid[:, :2])  # each token's place
-            roles = torch.softmax(self.pick(t).masked_fill(pad[..., None], -1e4), 1)  # (n, L, 2)
-            offset = torch.einsum("nlr,nlc->nrc", roles, xy)
-            offset = offset[:, 0] - offset[:, 1]  # subject minus object, (n, 2)
-            weights = torch.softmax(self.dir_pick(t).squeeze(-1).masked_fill(pad, -1e4), 1)
-            direction = torch.einsum("nl,nlc->nc", weights, torch.tanh(self.direction(t)))
-            logit = logit + self.rel_head(offset * direction).squeeze(-1) * 4.0
-        return logit, late
+        return logit
 
 
 # --------------------------------------------------------------------- data
 WORDS = False  # set from --words
-CONTENT_IDS: list[int] = []  # token ids of the content words, for --mlm
-ORACLE_GATE = False  # set from --oracle-gate
 
 
 def shape_targets(items: list, patches: int, size: int) -> torch.Tensor:
@@ -378,19 +189,12 @@ def shape_targets(items: list, patches: int, size: int) -> torch.Tensor:
 
 def encode_texts(encoder: Encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     texts, masks = [], []
-    if ORACLE_GATE:
-        from retrieval.shapes import COLORS
-
-        colour_ids = torch.tensor([int(encoder.tokenize([c])[0, 1]) for c in COLORS])
     for s in range(0, len(captions), 512):
         t, m = encoder.text_tokens(captions[s : s + 512])
-        if WORDS or ORACLE_GATE:
-            ids = encoder.tokenize(captions[s : s + 512])[:, : t.shape[1]]
         if WORDS:  # the tower's input word embeddings beside its output tokens
+            ids = encoder.tokenize(captions[s : s + 512])[:, : t.shape[1]]
             with torch.no_grad():
                 t = torch.cat([t, encoder.model.token_embedding(ids).to(t.dtype)], -1)
-        if ORACLE_GATE:  # diagnostic: a last column that is 1 on colour words
-            t = torch.cat([t, torch.isin(ids, colour_ids)[..., None].to(t.dtype)], -1)
         texts.append(t.float())
         masks.append(m)
     length = encoder.model.positional_embedding.shape[0]  # pad to the full context: any two sets stack
@@ -492,67 +296,31 @@ def pair_cosines(vectors: tuple, idx: np.ndarray | slice, ti: torch.Tensor, ii: 
     return (vectors[1][idx][ti] * vectors[0][idx][ii]).sum(-1)
 
 
-def scores(model: LabITM, data: tuple, idx: np.ndarray, size: int,
-           vectors: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def scores(model: LabITM, data: tuple, idx: np.ndarray, size: int, vectors: tuple | None = None) -> torch.Tensor:
     """Logits ``[group, image, caption]`` of each group of ``size`` items
     ``idx``; ``vectors`` (the items' dual image and caption vectors) for a
     residual model."""
     image, text, mask = data
     ti, ii = group_pairs(len(idx) // size, size)
     dual = None if vectors is None else pair_cosines(vectors, idx, ti, ii)
-    logits, late = model(text[idx], mask[idx], image[idx], ti, ii, dual)
-    return logits.view(-1, size, size), late  # [group, image, caption]
+    return model(text[idx], mask[idx], image[idx], ti, ii, dual).view(-1, size, size)  # [group, image, caption]
 
 
-def colour_order(encoder: Encoder, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each of ``n`` minimal-pair items (all two-object scenes): the token
-    positions of its caption's two colour words, in text order, and the true
-    displacement (x, y) from the first-named object to the second."""
-    from retrieval.shapes import COLORS
-
-    items = list(samples(n, seed, size=encoder.image_size, minimal_pairs=True))
-    colour_ids = {int(encoder.tokenize([c])[0, 1]): c for c in COLORS}
-    ids = encoder.tokenize([x.caption for x in items])
-    at, shift = [], []
-    for i, item in enumerate(items):
-        pos = [j for j, t in enumerate(ids[i].tolist()) if t in colour_ids]
-        named = [next(k for k, o in enumerate(item.scene.objects) if o.color == colour_ids[int(ids[i, j])]) for j in pos]
-        at.append(pos)
-        shift.append(np.subtract(item.boxes[named[1]][:2], item.boxes[named[0]][:2]))
-    return torch.tensor(at), torch.tensor(np.array(shift), dtype=torch.float32)
-
-
-def grounding_order(model: LabITM, data: tuple, order: tuple) -> float:
-    """Share of held-out captions whose two colour words' grounded places lie
-    in the true order along the axis the objects are further apart on."""
-    image, text, mask = data
-    at, shift = order
-    gt, gi = model.ground(text[:, : int(mask.sum(1).max())], with_centred(image))
-    rows = torch.arange(len(at))[:, None]
-    sim = torch.einsum("nld,npd->nlp", gt[rows, at], gi)
-    place = torch.softmax(sim * model.sharpness, -1) @ model.grid[:, :2]
-    axis = (shift[:, 1].abs() > shift[:, 0].abs()).long()
-    found = (place[:, 1] - place[:, 0]).gather(1, axis[:, None]).squeeze(1)
-    true = shift.gather(1, axis[:, None]).squeeze(1)
-    return float((torch.sign(found) == torch.sign(true)).float().mean())
-
-
-def evaluate(model: LabITM, data: tuple, order: tuple | None = None, ordinary: tuple | None = None,
-             vectors: tuple | None = None, mined: np.ndarray | None = None) -> dict:
+def evaluate(model: LabITM, data: tuple, ordinary: tuple | None = None, vectors: tuple | None = None,
+             mined: np.ndarray | None = None) -> dict:
     """Within-group accuracy on held-out minimal groups and, given ``ordinary``
     (an :class:`Ordinary` and its fixed groups), on held-out ordinary groups;
     ``vectors`` are the held-out minimal items' dual vectors (residual models),
     ``mined`` groups of alike held-out minimal items across groups."""
     model.eval()
     with torch.no_grad():
-        s, _ = scores(model, data, np.arange(len(data[0])), 4, vectors)
-        grounding = grounding_order(model, data, order) if order is not None and model.grounded else None
+        s = scores(model, data, np.arange(len(data[0])), 4, vectors)
         if ordinary is not None:
             pool, groups = ordinary
-            o, _ = scores(model, (pool.image, pool.text, pool.mask), groups.reshape(-1), 4,
+            o = scores(model, (pool.image, pool.text, pool.mask), groups.reshape(-1), 4,
                           (pool.img_vec, pool.txt_vec) if model.residual else None)
         if mined is not None:
-            m, _ = scores(model, data, mined.reshape(-1), 4, vectors)
+            m = scores(model, data, mined.reshape(-1), 4, vectors)
     model.train()
     own, target = s.diagonal(dim1=1, dim2=2), torch.arange(4)
     extra = {} if ordinary is None else {
@@ -562,7 +330,6 @@ def evaluate(model: LabITM, data: tuple, order: tuple | None = None, ordinary: t
     if mined is not None:
         extra.update(mined_t2i=float((m.argmax(1) == target).float().mean()), mined_i2t=float((m.argmax(2) == target).float().mean()))
     return {**extra,
-        "grounded_colour_order": grounding,
         "t2i": float((s.argmax(1) == target).float().mean()),
         "i2t": float((s.argmax(2) == target).float().mean()),
         "B_vs_R": float(((own[:, 0] > s[:, 0, 3]).float().mean() + (own[:, 3] > s[:, 3, 0]).float().mean()) / 2),
@@ -573,14 +340,13 @@ def evaluate(model: LabITM, data: tuple, order: tuple | None = None, ordinary: t
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes-tiny")
-    p.add_argument("--variant", choices=("cross", "grounded"), default="cross")
+    p.add_argument("--variant", choices=("cross",), default="cross", help="the model design (one is kept: cross-attention)")
     p.add_argument("--layer", default="final",
                    help="final, embed (patch embedding), blockK (output of vision block K), or two joined by + (embed+final)")
     p.add_argument("--n", type=int, default=24000, help="training items (groups of four; seed 1234)")
     p.add_argument("--val", type=int, default=2000, help="held-out items (seed 8)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--groups", type=int, default=32, help="groups per step (16 pairs each)")
-    p.add_argument("--focus-relation", action="store_true", help="train on B/R pairs only (2x2 per group)")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--local", type=int, default=0, metavar="H",
@@ -591,30 +357,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-depth", type=int, default=0)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--late-weight", type=float, default=0.5)
     p.add_argument("--canonical-captions", action="store_true", help="caption scenes by their canonical key (no phrasing variety)")
     p.add_argument("--curriculum", type=int, default=0,
                    help="train the first N steps on canonical captions, then fade to natural ones over N more")
     p.add_argument("--canonical-floor", type=float, default=0.0,
                    help="with --curriculum: share of canonical captions kept after the fade (default 0)")
-    p.add_argument("--gated", action="store_true", help="gated (SwiGLU) MLPs instead of GELU MLPs")
-    p.add_argument("--relational", action="store_true",
-                   help="add an explicit product: (subject place - object place) times a text-given direction per axis")
-    p.add_argument("--spatial", action="store_true",
-                   help="(grounded) add sum over tokens of dir(token) . (its grounded place - centre), dir linear in the frozen token")
-    p.add_argument("--steered", action="store_true",
-                   help="add per-token read-outs of the object furthest in a word-given direction, matched to the token")
-    p.add_argument("--ordered", action="store_true",
-                   help="(grounded) add direction(words) . sum over token pairs i<j of gate_i gate_j (place_j - place_i)")
-    p.add_argument("--oracle-gate", action="store_true", help="diagnostic for --ordered: gate exactly the colour words")
-    p.add_argument("--head-lr-mult", type=float, default=1.0, help="learning-rate multiplier for the explicit relation heads")
     p.add_argument("--words", action="store_true",
                    help="give the reranker the text tower's input word embeddings beside its output tokens")
-    p.add_argument("--mlm", type=float, default=0.0,
-                   help="weight of image-conditioned masked content-word prediction on the positive pairs (ALBEF's MLM)")
-    p.add_argument("--mlm-p", type=float, default=0.3, help="with --mlm: chance that each content word is masked")
     p.add_argument("--save", type=Path,
-                   help="(plain --variant cross) save the trained model as a retrieval.rerank reranker in this folder, "
+                   help="save the trained model as a retrieval.rerank reranker in this folder, "
                         "uncalibrated; scripts/train_reranker.py --init DIR continues, calibrates and evaluates it")
     p.add_argument("--ordinary", type=int, default=0,
                    help="ordinary scenes (seed 4321) to train on beside the minimal groups, in groups of four alike scenes")
@@ -628,30 +379,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
-    if (args.spatial or args.ordered) and args.variant != "grounded":
-        p.error("--spatial and --ordered need --variant grounded (they use its grounded places)")
-    if args.mlm and (args.curriculum or args.variant != "cross"):
-        p.error("--mlm goes with --variant cross and no --curriculum")
-    extras = (args.relational, args.steered, args.ordered, args.spatial, args.gated, args.oracle_gate)
-    if "+" in args.layer and args.variant != "cross":
-        p.error("--layer A+B goes with --variant cross")
-    if args.save and (args.variant != "cross" or any(extras)):
-        p.error("--save takes the plain cross variant (no --relational/--steered/--ordered/--spatial/--gated)")
-    if args.ordinary and (args.curriculum or args.mlm):
-        p.error("--ordinary goes without --curriculum and --mlm")
-    if args.residual is not None and (args.curriculum or args.mlm or args.variant != "cross"):
-        p.error("--residual goes with --variant cross, without --curriculum and --mlm")
+    if args.ordinary and args.curriculum:
+        p.error("--ordinary goes without --curriculum")
+    if args.residual is not None and args.curriculum:
+        p.error("--residual goes without --curriculum")
     if args.mined_groups and args.residual is None:
         p.error("--mined-groups needs --residual (it mines with the dual vectors)")
-    if args.init and (args.variant != "cross" or any(extras)):
-        p.error("--init takes the plain cross variant, as --save writes it")
     if args.shape_aux and not args.local:
         p.error("--shape-aux trains the local stem: give --local")
-    if args.oracle_gate and not args.ordered:
-        p.error("--oracle-gate is a diagnostic for --ordered")
     torch.manual_seed(0)
-    global GATED, WORDS, ORACLE_GATE
-    GATED, WORDS, ORACLE_GATE = args.gated, args.words, args.oracle_gate
+    global WORDS
+    WORDS = args.words
     if args.threads:
         torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model, device="cpu")
@@ -663,7 +401,6 @@ def main(argv: list[str] | None = None) -> dict:
     train = encode(encoder, args.n, 1234, args.layer, args.canonical_captions, both=args.curriculum > 0, vectors=train_vecs,
                    shapes=train_shapes)
     val = encode(encoder, args.val, 8, args.layer, args.canonical_captions, vectors=val_vecs, shapes=val_shapes)
-    order = colour_order(encoder, args.val, 8) if args.variant == "grounded" and not args.canonical_captions else None
     ordinary = held_ordinary = mined = held_mined = None
     if args.mined_groups:
         assert train_vecs is not None and val_vecs is not None
@@ -684,26 +421,14 @@ def main(argv: list[str] | None = None) -> dict:
             train_vecs = [torch.cat([train_vecs[0], ordinary.img_vec]), torch.cat([train_vecs[1], ordinary.txt_vec])]
     print(f"encoded {args.n} + {args.val} items{f' + {args.ordinary} ordinary' if args.ordinary else ''} "
           f"in {time.time() - t0:.0f}s", flush=True)
-    if args.mlm:
-        from retrieval.shapes import COLORS, SIZES
-
-        words = [*COLORS, *SHAPES, *SIZES, "left", "right", "above", "below", "under"]
-        CONTENT_IDS[:] = sorted({int(encoder.tokenize([w])[0, 1]) for w in words})
-        train_ids = encoder.tokenize([x.caption for x in samples(args.n, 1234, size=encoder.image_size, minimal_pairs=True)])
-        lookup = torch.full((int(train_ids.max()) + 1,), -1, dtype=torch.long)
-        lookup[torch.tensor(CONTENT_IDS)] = torch.arange(len(CONTENT_IDS))
-        content_class = lookup[train_ids]  # (n, context): class of each content word, -1 elsewhere
-        print(f"--mlm: {len(CONTENT_IDS)} content words", flush=True)
     shape_target = torch.cat(train_shapes)  # minimal items, then ordinary ones, as in train
     image, text = train[0], train[1]
     model = LabITM(text.shape[-1], image.shape[-1], image.shape[1], text.shape[1], args)
     if args.init:
         load_saved(model, args.init)
-    fast = [p for n, p in model.named_parameters() if n.startswith(("order_", "spatial_", "steer_"))]
-    slow = [p for n, p in model.named_parameters() if not n.startswith(("order_", "spatial_", "steer_"))]
-    opt = torch.optim.AdamW([{"params": slow}, {"params": fast, "lr": args.lr * args.head_lr_mult}], lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     rng = np.random.default_rng(0)
-    members, size = (np.array([0, 3]), 2) if args.focus_relation else (np.arange(4), 4)
+    members, size = np.arange(4), 4
     target = torch.arange(size)
     t0 = time.time()
     result: dict = {}
@@ -722,40 +447,27 @@ def main(argv: list[str] | None = None) -> dict:
             text = torch.where(canon[..., None], train[3][idx], train[1][idx])
             mask = torch.where(canon, train[4][idx], train[2][idx])
             data = (train[0][idx], text, mask)
-            s, late = scores(model, data, np.arange(len(idx)), size)
+            s = scores(model, data, np.arange(len(idx)), size)
         else:
-            s, late = scores(model, data, idx, size, train_vecs)
+            s = scores(model, data, idx, size, train_vecs)
         rows = target.repeat(len(idx) // size)
         loss = F.cross_entropy(s.reshape(-1, size), rows) + F.cross_entropy(s.transpose(1, 2).reshape(-1, size), rows)
-        if args.mlm:
-            cls = content_class[idx]
-            masked = (cls >= 0) & (torch.rand(cls.shape) < args.mlm_p)
-            none = ~masked.any(1)  # at least one masked word per caption
-            first = (cls >= 0).float().argmax(1)
-            masked[none, first[none]] = True
-            out = model.mlm_logits(train[1][idx], train[2][idx], train[0][idx], masked)
-            mlm_loss = F.cross_entropy(out, cls[masked])
-            loss = loss + args.mlm * mlm_loss
         if args.shape_aux:
             shape_loss = F.cross_entropy(model.shape_logits(train[0][idx]).flatten(0, 1), shape_target[idx].flatten(),
                                          ignore_index=-1)
             loss = loss + args.shape_aux * shape_loss
-        if late is not None:
-            lab = torch.arange(len(idx))
-            loss = loss + args.late_weight * (F.cross_entropy(late, lab) + F.cross_entropy(late.T, lab))
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % args.every == 0 or step == args.steps:
-            result = evaluate(model, val, order, held_ordinary, val_vecs, held_mined)
+            result = evaluate(model, val, held_ordinary, val_vecs, held_mined)
             if args.shape_aux:
                 with torch.no_grad():
                     want = val_shapes[0]
                     got = model.shape_logits(val[0]).argmax(-1)
                     result["stem_shape_accuracy"] = float((got[want >= 0] == want[want >= 0]).float().mean())
-            grounding = result["grounded_colour_order"]
-            print(("" if not args.mlm else f"mlm {mlm_loss.item():.3f} ") + f"step {step} loss {loss.item():.3f} held-out t2i {result['t2i']:.3f} i2t {result['i2t']:.3f} "
-                  f"B-vs-R {result['B_vs_R']:.3f}" + ("" if grounding is None else f" colour-order {grounding:.3f}")
+            print(f"step {step} loss {loss.item():.3f} held-out t2i {result['t2i']:.3f} i2t {result['i2t']:.3f} "
+                  f"B-vs-R {result['B_vs_R']:.3f}"
                   + ("" if ordinary is None else f" ordinary t2i {result['ordinary_t2i']:.3f} i2t {result['ordinary_i2t']:.3f}")
                   + ("" if mined is None else f" mined t2i {result['mined_t2i']:.3f} i2t {result['mined_i2t']:.3f}")
                   + ("" if not args.shape_aux else f" stem shape {result['stem_shape_accuracy']:.3f}")
@@ -792,7 +504,7 @@ def load_saved(model: LabITM, folder: Path) -> None:
 
 def save_reranker(model: LabITM, encoder: Encoder, args: argparse.Namespace, check: tuple,
                   check_vectors: list | None = None) -> Path:
-    """Write the plain cross variant as a :class:`retrieval.rerank.Reranker`
+    """Write the lab model as a :class:`retrieval.rerank.Reranker`
     (same computation; parameters renamed: the lab's MLPs have no dropout slot)."""
     from retrieval.rerank import CrossAttentionITM, Reranker, RerankerConfig
 
@@ -803,11 +515,10 @@ def save_reranker(model: LabITM, encoder: Encoder, args: argparse.Namespace, che
     module = CrossAttentionITM(cfg)
     state = {renamed(name): value for name, value in model.state_dict().items()
              if name != "grid" and not name.startswith("shape_head.")}
-    state["mask_token"] = module.mask_token.detach()
     module.load_state_dict(state)
     model.eval()
     with torch.no_grad():  # the same logits on held-out groups
-        s, _ = scores(model, check, np.arange(64), 4, check_vectors)
+        s = scores(model, check, np.arange(64), 4, check_vectors)
         image, text, mask = check
         ti, ii = group_pairs(16, 4)
         dual = None if check_vectors is None else pair_cosines(check_vectors, slice(0, 64), ti, ii)

@@ -3,7 +3,8 @@
 
 The dual encoder stays frozen: image patch tokens, pooled vectors and text
 tokens are computed once and kept in memory, then the reranker learns image-text
-matching with binary cross-entropy on positives and hard negatives:
+matching listwise (softmax over a positive and its hard negatives, both
+directions, plus a group loss over minimal-pair groups of four):
 
 * near misses mined with the dual encoder in both directions (highest-scoring
   items whose canonical ``scene`` key differs, or whose image differs when the
@@ -81,7 +82,6 @@ class Pool:
     partners: list[list[int]] = field(default_factory=list)  # per caption: captions of minimally different scenes
     mined_t2i: np.ndarray | None = None  # (Nt, k) hardest wrong images per caption
     mined_i2t: np.ndarray | None = None  # (Ni, k) hardest wrong captions per image
-    txt_ids: torch.Tensor | None = None  # (Nt, L) token ids of the captions (for --mlm)
     canon_tok: torch.Tensor | None = None  # (Nt, L, Wt) tokens of each caption's canonical scene key (--curriculum)
     canon_mask: torch.Tensor | None = None  # (Nt, L)
 
@@ -184,9 +184,6 @@ def build_pool(
         pool.canon_tok, pool.canon_mask = canon
     pool.mined_t2i = _mine(txt_vec, img_vec, txt_key, img_key, hard_k)
     pool.mined_i2t = _mine(img_vec, txt_vec, img_key, txt_key, hard_k)
-    length = txt_tok.shape[1]
-    ids = encoder.tokenize(texts)[:, :length] if texts else torch.zeros(0, length, dtype=torch.long)
-    pool.txt_ids = F.pad(ids, (0, length - ids.shape[1]))
     return pool
 
 
@@ -334,46 +331,6 @@ def sample_groups(pool: Pool, n: int, group: int, rng: np.random.Generator) -> t
 
 
 # ------------------------------------------------------------------ training
-class WordMasker:
-    """Image-conditioned masked word prediction (ALBEF's MLM), a training task.
-
-    Matching alone gives the cross-attention no first-order signal for a
-    relation: telling "A left of B" from "A right of B" needs the places of
-    both objects, their order in the text and the relation word at once, and
-    a matching loss stays at chance until all three exist. Predicting a masked
-    word of a true caption from its image does reward each part alone (a
-    masked colour from the shape named beside it, a masked relation word from
-    where the named objects lie), so the same blocks learn to ground words.
-    Words are every real token but the first and last; the vocabulary is the
-    ``vocab`` most frequent of the training captions, the rest never masked.
-    """
-
-    def __init__(self, pool: Pool, width: int, p: float, vocab: int = 4096) -> None:
-        assert pool.txt_ids is not None
-        ids, mask = pool.txt_ids, pool.txt_mask
-        ends = mask.sum(1, keepdim=True) - 1
-        pos = torch.arange(ids.shape[1])[None]
-        words = mask & (pos > 0) & (pos < ends)
-        counts = torch.bincount(ids[words], minlength=int(ids.max()) + 1 if ids.numel() else 1)
-        keep = counts.argsort(descending=True)[: min(vocab, int((counts > 0).sum()))]
-        lookup = torch.full((len(counts),), -1, dtype=torch.long)
-        lookup[keep] = torch.arange(len(keep))
-        self.classes = torch.where(words, lookup[ids], -1)  # (Nt, L): class of each maskable word, else -1
-        self.head = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, max(1, len(keep))))
-        self.p = p
-
-    def loss(self, module: CrossAttentionITM, pool: Pool, caps: np.ndarray, imgs: np.ndarray, gen: torch.Generator) -> torch.Tensor:
-        """Cross-entropy of the masked words of captions ``caps`` read with their images ``imgs``."""
-        cls = self.classes[caps]
-        can = cls >= 0
-        masked = can & (torch.rand(cls.shape, generator=gen) < self.p)
-        none = can.any(1) & ~masked.any(1)  # at least one masked word per caption that has one
-        masked[none, can[none].float().argmax(1)] = True
-        states = module.fuse(pool.txt_tok[caps], pool.txt_mask[caps], pool.img_tok[imgs], masked=masked)[:, 1:]
-        masked = masked[:, : states.shape[1]]
-        return F.cross_entropy(self.head(states[masked]).float(), cls[:, : states.shape[1]][masked])
-
-
 def minimal_groups(pool: Pool) -> np.ndarray:
     """``(G, 4)`` caption indices: each generated scene with its three minimal
     variants (colours swapped, shapes swapped, relation reversed), once per
@@ -420,20 +377,17 @@ def group_loss(
 
 
 def train_module(module: CrossAttentionITM, pool: Pool, args: argparse.Namespace) -> dict:
-    """Listwise (or BCE) matching, plus masked word prediction with ``--mlm``;
-    warm-up and cosine decay over steps or wall time, whichever ends first."""
-    masker = WordMasker(pool, module.config.width, args.mlm_p) if args.mlm > 0 else None
-    minimal = minimal_groups(pool) if args.listwise and args.minimal_groups else np.zeros((0, 4), np.int64)
+    """Listwise matching on mined groups, plus the group loss on minimal-pair
+    groups; warm-up and cosine decay over steps or wall time, whichever ends first."""
+    minimal = minimal_groups(pool) if args.minimal_groups else np.zeros((0, 4), np.int64)
     log(f"{len(minimal)} minimal-pair groups of four for the group loss")
-    params = list(module.parameters()) + (list(masker.head.parameters()) if masker else [])
+    params = list(module.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     budget = args.minutes * 60 if args.minutes else math.inf
     steps = args.steps or 10**9
     warmup = max(1, min(args.warmup, steps // 10))
     start, step, ema, window = time.monotonic(), 0, None, []
-    mlm_window: list[float] = []
     group_window: list[float] = []
     module.train()
     while True:
@@ -445,28 +399,19 @@ def train_module(module: CrossAttentionITM, pool: Pool, args: argparse.Namespace
         lr = args.lr * ramp * 0.5 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
             group["lr"] = lr
-        if args.listwise:
-            c, i, valid, groups = sample_groups(pool, args.groups, args.group_size, rng)
-            logits = module(pool.txt_tok[c], pool.txt_mask[c], pool.img_tok[i], dual_cosine(pool, c, i))
-            logits = logits.view(groups, args.group_size).masked_fill(~torch.from_numpy(valid), -1e4)
-            loss = F.cross_entropy(logits, torch.zeros(groups, dtype=torch.long))
-            if len(minimal):
-                picked = minimal[rng.integers(len(minimal), size=args.minimal_groups)]
-                canonical = None
-                if args.curriculum:  # canonical captions only for N steps, then fading out over N more
-                    share = min(1.0, max(0.0, 2.0 - step / args.curriculum))
-                    canonical = rng.random(len(picked)) < share
-                grouped = group_loss(module, pool, picked, canonical)
-                loss = loss + grouped
-                group_window.append(grouped.item())
-            if masker is not None:  # the positive pair of every group
-                mlm = masker.loss(module, pool, c.reshape(groups, -1)[:, 0], i.reshape(groups, -1)[:, 0], gen)
-                loss = loss + args.mlm * mlm
-                mlm_window.append(mlm.item())
-        else:
-            c, i, y, _ = sample_pairs(pool, args.batch_size, rng)
-            logits = module(pool.txt_tok[c], pool.txt_mask[c], pool.img_tok[i], dual_cosine(pool, c, i))
-            loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(y))
+        c, i, valid, groups = sample_groups(pool, args.groups, args.group_size, rng)
+        logits = module(pool.txt_tok[c], pool.txt_mask[c], pool.img_tok[i], dual_cosine(pool, c, i))
+        logits = logits.view(groups, args.group_size).masked_fill(~torch.from_numpy(valid), -1e4)
+        loss = F.cross_entropy(logits, torch.zeros(groups, dtype=torch.long))
+        if len(minimal):
+            picked = minimal[rng.integers(len(minimal), size=args.minimal_groups)]
+            canonical = None
+            if args.curriculum:  # canonical captions only for N steps, then fading out over N more
+                share = min(1.0, max(0.0, 2.0 - step / args.curriculum))
+                canonical = rng.random(len(picked)) < share
+            grouped = group_loss(module, pool, picked, canonical)
+            loss = loss + grouped
+            group_window.append(grouped.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip:
@@ -477,10 +422,9 @@ def train_module(module: CrossAttentionITM, pool: Pool, args: argparse.Namespace
         window.append(loss.item())
         if step == 1 or step % 50 == 0:
             parts = f" (minimal groups {np.mean(group_window):.4f})" if group_window else ""
-            parts += f" (masked words {np.mean(mlm_window):.4f})" if mlm_window else ""
             log(f"step {step} loss {np.mean(window):.4f}{parts} (last {len(window)}) lr {lr:.2e} "
                 f"elapsed {time.monotonic() - start:.0f}s")
-            window, mlm_window, group_window = [], [], []
+            window, group_window = [], []
     module.eval()
     return {"steps": step, "seconds": time.monotonic() - start, "final_loss": ema}
 
@@ -505,42 +449,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         a, b = hi - (hi - lo) / 1.618, lo + (hi - lo) / 1.618
         lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
     return float((lo + hi) / 2)
-
-
-def fit_dual_residual(module: CrossAttentionITM, pool: Pool, args: argparse.Namespace, groups: int = 1024) -> tuple[float, float]:
-    """Turn a reranker trained without the dual encoder into a residual one:
-    logit = a * dual cosine + b * its own logit, with a and b minimising the
-    listwise loss over ``groups`` sampled candidate groups (each query's
-    positive, its minimal-pair variants and dual-encoder near misses).
-
-    A reranker trained on minimal-pair groups alone tells the members of a
-    group apart but has never had to reject scenes that differ in other ways;
-    the dual cosine already ranks those, so together they rank both.
-    Returns (a, b)."""
-    rng = np.random.default_rng(args.seed + 11)
-    c, i, valid, n = sample_groups(pool, groups // 2, args.group_size, rng)
-    head = torch.from_numpy(pair_logits(module, pool, c, i)).double().view(n, -1)
-    cos = dual_cosine(pool, c, i).double().view(n, -1)
-    invalid = ~torch.from_numpy(valid)
-    w = torch.tensor([1.0, 10.0], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=0.5, max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        scores = (w[0] * head + w[1] * cos).masked_fill(invalid, -1e9)
-        loss = F.cross_entropy(scores, torch.zeros(n, dtype=torch.long))
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    b, a = float(w[0].detach()), float(w[1].detach())
-    with torch.no_grad():
-        module.head.weight.mul_(b)
-        module.head.bias.mul_(b)
-    module.config.residual = True
-    module.dual_scale = torch.nn.Parameter(torch.tensor(a))
-    module.dual_bias = torch.nn.Parameter(torch.tensor(0.0))
-    return a, b
 
 
 def tune_dual_scale(module: CrossAttentionITM, encoder: Encoder, args: argparse.Namespace, work: Path) -> dict:
@@ -733,9 +641,8 @@ def card_section(args: argparse.Namespace, cfg: RerankerConfig, info: dict, m: d
            + f"{EVAL_SEEDS[0]}"] if info["steps"] == 0 else [
         f"Trained by `{info['command']}` on CPU: {info['steps']} steps of "
         + (f"{args.minimal_groups} minimal-pair groups of four (each image against each caption, softmax both ways) and "
-           if args.listwise and args.minimal_groups else "")
-        + (f"{2 * args.groups} listwise groups of {args.group_size} candidates (softmax cross-entropy, both directions)"
-           if args.listwise else f"{args.batch_size} pairs (BCE)") + " in",
+           if args.minimal_groups else "")
+        + f"{2 * args.groups} listwise groups of {args.group_size} candidates (softmax cross-entropy, both directions) in",
         f"{info['seconds'] / 60:.1f} min (whole run {info['total_minutes']:.1f} min), on seeds {args.seed} (ordinary, "
         f"{info['n_ordinary']} scenes) and {args.seed + 1} (minimal pairs, {info['n_minimal']} scenes) with their swapped-colour,",
         "swapped-shape and reversed-relation scenes rendered as hard negatives, plus dual-encoder-mined",
@@ -782,10 +689,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output folder (default: the model's folder, else the reranker cache)")
     p.add_argument("--minutes", type=float, default=16.0, help="wall-clock cap on the training loop")
     p.add_argument("--steps", type=int, help="cap on training steps (0 with --init: only calibrate and evaluate)")
-    p.add_argument("--batch-size", type=int, default=128, help="pairs per step with --pointwise (half positives)")
-    p.add_argument("--pointwise", dest="listwise", action="store_false", help="BCE on pairs instead of listwise softmax")
-    p.add_argument("--groups", type=int, default=12, help="listwise: query groups per direction per step")
-    p.add_argument("--group-size", type=int, default=8, help="listwise: candidates per group (1 positive)")
+    p.add_argument("--groups", type=int, default=12, help="query groups per direction per step")
+    p.add_argument("--group-size", type=int, default=8, help="candidates per group (1 positive)")
     p.add_argument("--no-residual", dest="residual", action="store_false",
                    help="score from the cross-attention alone, not as a correction of the dual encoder's cosine")
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -804,18 +709,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="hidden width of a local stem over each patch's 3x3 neighbourhood of first-layer tokens "
                         "(the outline of small objects; 0: none)")
     p.add_argument("--minimal-groups", type=int, default=32,
-                   help="listwise: minimal-pair groups of four (a scene, colours swapped, shapes swapped, relation "
+                   help="minimal-pair groups of four (a scene, colours swapped, shapes swapped, relation "
                         "reversed) per step, each image against each caption; 0 to skip")
     p.add_argument("--curriculum", type=int, default=0,
                    help="read the minimal groups' captions as their canonical scene keys for the first N steps, "
                         "then fade to the real captions over N more (generated scenes only)")
-    p.add_argument("--mlm", type=float, default=0.0,
-                   help="weight of image-conditioned masked word prediction on the positive pairs (listwise only)")
-    p.add_argument("--mlm-p", type=float, default=0.3, help="with --mlm: chance that each word is masked")
     p.add_argument("--init", type=Path, help="continue training the reranker saved in this folder")
-    p.add_argument("--fit-dual", action="store_true",
-                   help="with --init, for a reranker trained without the dual encoder: add the dual cosine, "
-                        "weights fitted listwise on mined and minimal-pair groups, before training on")
     p.add_argument("--tune-dual", action="store_true",
                    help="(residual rerankers, generated scenes) after training, choose the dual-cosine weight by top-50 "
                         f"re-ranked R@1 on fresh validation scenes (seeds {TUNE_SEEDS[0]} and {TUNE_SEEDS[1]}): the best "
@@ -833,12 +732,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--tune-dual chooses the weight on generated shapes scenes; it goes without --data")
     if args.steps == 0 and not args.init:
         p.error("--steps 0 calibrates and evaluates a saved reranker; give it with --init")
-    if args.fit_dual and not args.init:
-        p.error("--fit-dual needs --init (a reranker trained without the dual encoder)")
-    if args.mlm and not args.listwise:
-        p.error("--mlm trains on the positive pair of each listwise group; drop --pointwise")
-    if not 0 < args.mlm_p <= 1:
-        p.error("--mlm-p must be in (0, 1]")
     return args
 
 
@@ -891,8 +784,8 @@ def main(argv: list[str] | None = None) -> Reranker:
             with torch.no_grad():
                 module.dual_scale.fill_(scale)
             log(f"residual reranker: dual_scale initialised to {scale:.2f}")
-    if args.tune_dual and not (cfg.residual or args.fit_dual):
-        raise SystemExit("--tune-dual: this reranker does not build on the dual encoder (see --fit-dual)")
+    if args.tune_dual and not cfg.residual:
+        raise SystemExit("--tune-dual: this reranker does not build on the dual encoder (trained with --no-residual)")
     train_recs, calib_recs = split_records(records, args.calib_fraction, args.seed)
     log(f"{len(train_recs)} training and {len(calib_recs)} calibration records")
     features = {"layer": cfg.image_layer, "words": cfg.text_words}
@@ -900,12 +793,6 @@ def main(argv: list[str] | None = None) -> Reranker:
                       canonical=args.curriculum > 0, **features)
     calib = build_pool(encoder, root, calib_recs, perturb=True, seed=args.seed + 7, hard_k=args.hard_k, **features)
     log(f"features ready after {time.monotonic() - t_start:.0f}s")
-    if args.fit_dual:
-        if cfg.residual:
-            raise SystemExit("--fit-dual: this reranker already builds on the dual encoder")
-        a, b = fit_dual_residual(module, pool, args)
-        log(f"residual on the dual encoder: logit = {a:.2f} * dual cosine + {b:.3f} * reranker logit")
-        info["fit_dual"] = {"dual_scale": a, "head_scale": b}
     if args.steps == 0:
         info.update(steps=0, seconds=0.0, final_loss=None)
     else:
