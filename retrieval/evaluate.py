@@ -74,7 +74,9 @@ def recall_at_k(ranked_keys: Sequence[Sequence[Any]], query_keys: Sequence[Any],
 
     ``ranked_keys[i]`` is the relevance keys of query ``i``'s ranked items and
     ``query_keys[i]`` its own key. The one Recall@K of crossfind: ``crossfind
-    eval``, the training scripts and the benchmarks all count with it.
+    eval`` and the training scripts count with it. (``bench_search.py``'s
+    recall of an approximate index against exact search is another measure:
+    the overlap of two neighbour sets.)
     """
     return {k: float(hits_at_k(ranked_keys, query_keys, k).mean()) if len(query_keys) else 0.0 for k in ks}
 
