@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import subprocess
@@ -374,11 +373,11 @@ def test_reranker_saved_with_the_old_mask_token_loads_and_scores_the_same(rerank
     weights = tmp_path / "rr" / WEIGHTS_NAME
     state = load_file(str(weights))
     assert "mask_token" not in state
+    want = Reranker.load(tmp_path / "rr", encoder).logits_images("a red circle", stored_tokens)
     save_file({**state, "mask_token": torch.zeros(reranker.config.width, dtype=torch.float16)}, str(weights))
     loaded = Reranker.load(tmp_path / "rr", encoder)
-    rounded = copy.deepcopy(reranker.module).half().float()  # the float16 the file holds
-    np.testing.assert_allclose(loaded.logits_images("a red circle", stored_tokens),
-                               Reranker(rounded, encoder).logits_images("a red circle", stored_tokens), atol=1e-5)
+    np.testing.assert_array_equal(loaded.logits_images("a red circle", stored_tokens), want)
+    np.testing.assert_allclose(want, reranker.logits_images("a red circle", stored_tokens), atol=1e-3)  # float16 weights
 
 
 def test_tune_dual_keeps_a_weight_that_does_not_cost_ordinary_recall(encoder, tmp_path):
