@@ -168,6 +168,10 @@ class Engine:
         try:
             if first:
                 self._clean_temp_files()
+                # Another process may have written since this engine loaded its indexes.
+                self.store.session.expire_all()
+                for slot in self._models.values():
+                    slot.drop_if_stale()
             yield
         except Exception as exc:
             reason = _write_failure(exc)

@@ -74,6 +74,7 @@ class ModelSlot:
         self._texts: VectorIndex | None = None
         self._tokens: TokenStore | None = None
         self._reranker: Any = False  # False: not looked up yet
+        self._generation: dict[str, str | None] = {}  # the store's generation of each index as loaded
         self.dir = library_dir / "models" / spec.slug
         self.weights_changed = self._check_weights()
 
@@ -141,13 +142,24 @@ class ModelSlot:
     def images(self) -> VectorIndex:
         if self._images is None:
             self._images = self._open("images")
+            self._generation["images"] = self.store.get_setting(self._generation_key("images"))
         return self._images
 
     @property
     def texts(self) -> VectorIndex:
         if self._texts is None:
             self._texts = self._open("texts")
+            self._generation["texts"] = self.store.get_setting(self._generation_key("texts"))
         return self._texts
+
+    def drop_if_stale(self) -> None:
+        """Forget indexes another process saved since they were loaded here
+        (called when this process takes the writer lock; they reload on use)."""
+        if self._images is not None and self.store.get_setting(self._generation_key("images")) != self._generation.get("images"):
+            self._images = None
+            self.close()  # the token store too: its rows' checksums are re-read from the store
+        if self._texts is not None and self.store.get_setting(self._generation_key("texts")) != self._generation.get("texts"):
+            self._texts = None
 
     @property
     def reranker(self) -> Any:
@@ -508,6 +520,7 @@ class ModelSlot:
         generation = str(time.time_ns())
         self._write_sidecar(kind, generation, crc)
         self.store.set_setting(self._generation_key(kind), generation)  # committed by the caller
+        self._generation[kind] = generation
 
     def save_images(self) -> None:
         if self._tokens is not None:

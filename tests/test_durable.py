@@ -355,3 +355,15 @@ def test_full_disk_while_indexing_keeps_what_was_committed(tmp_path, tiny_model)
         assert_consistent(lib, tiny_model, 450)
     finally:
         _umount(mnt)
+
+
+def test_a_long_lived_engine_sees_what_another_writer_added(tmp_path, tiny_model, photo_dir):
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model=tiny_model) as first:
+        first.index_folder(photo_dir / "a")
+        assert len(first.state().images) == 6
+        with Engine.open(lib, model=tiny_model) as second:  # another writer, in between
+            second.index_folder(photo_dir / "b")
+        first.remove_images([photo_dir / "a" / "img00.png"])  # saves first's image index
+        assert len(first.search_image(photo_dir / "b" / "img03.png", k=20)) == 10
+    assert_consistent(lib, tiny_model, 11)
