@@ -31,8 +31,8 @@ from sqlalchemy import select
 from .corpus import read_corpus
 from .encoders import DEFAULT_MODEL, Encoder, parse_spec
 from .errors import LibraryError, QueryError
-from .lock import WriterLock
 from .imageio import ImageLoadError, LoadedImage, load_image
+from .lock import WriterLock
 from .pipeline import default_workers, load_batches
 from .scan import FileInfo, file_hash, scan
 from .slot import ModelSlot
@@ -53,12 +53,14 @@ def _write_failure(exc: BaseException) -> str | None:
     (full disk, read-only file system); None for any other error."""
     from sqlalchemy.exc import OperationalError
 
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
         return os.strerror(exc.errno).lower()
     if isinstance(exc, (OperationalError, sqlite3.OperationalError)):
         msg = str(getattr(exc, "orig", exc)).lower()
-        if "disk is full" in msg or "disk i/o error" in msg:
+        if "disk is full" in msg:
             return "no space left on device"
+        if "disk i/o error" in msg:
+            return "disk I/O error (is the disk full?)"
         if "readonly" in msg or "read-only" in msg:
             return "the library is read-only"
     if isinstance(exc, RuntimeError) and "No space left on device" in str(exc):
@@ -178,9 +180,10 @@ class Engine:
             if reason is None:
                 raise
             self._abandon()
+            todo = "make it writable" if "read-only" in reason else "free some space"
             raise LibraryError(
                 f"cannot write to library {self.library_dir}: {reason}; what was saved before is kept, "
-                "free some space and run the command again"
+                f"{todo} and run the command again"
             ) from None
         finally:
             self.lock.release()
