@@ -267,16 +267,22 @@ class VectorIndex:
         return self._index
 
     # ----------------------------------------------------------- persistence
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the CPU index atomically: temp file, fsync, rename."""
+    def save(self, path: str | os.PathLike[str]) -> int:
+        """Write the CPU index atomically (temp file, fsync, rename); returns
+        the CRC-32 of the bytes written, which :meth:`from_bytes` callers can
+        check to notice a file damaged later."""
+        import zlib
+
         faiss = _faiss()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = faiss.serialize_index(self._index)
+        crc = zlib.crc32(memoryview(data))
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
         try:
-            faiss.write_index(self._index, tmp)
-            with open(tmp, "rb") as fh:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(memoryview(data))
+                fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
@@ -287,6 +293,25 @@ class VectorIndex:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+        return crc
+
+    @classmethod
+    def from_bytes(cls, data: bytes, dim: int | None = None) -> VectorIndex:
+        """An index from the bytes of a file written by :meth:`save`.
+
+        Raises ``ValueError`` when they are not a readable index of dimension ``dim``.
+        """
+        faiss = _faiss()
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except Exception as exc:  # faiss raises RuntimeError on a damaged or cut-off file
+            raise ValueError(f"not a readable FAISS index: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        if dim is not None and index.d != dim:
+            raise ValueError(f"index has dimension {index.d}, expected {dim}")
+        try:
+            return cls(index.d, index)
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(f"not a crossfind index: {exc}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], dim: int | None = None) -> VectorIndex:

@@ -84,6 +84,16 @@ model_option = click.option(
     "local-dir:PATH, or a bundled model (shapes-tiny). Default: the library's default model.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+no_wait_option = click.option(
+    "--no-wait", is_flag=True,
+    help="Fail at once when another crossfind process is writing to the library, instead of waiting for it.",
+)
+
+
+def _writer(eng: Engine, no_wait: bool) -> Any:
+    """The library's writer lock, saying on stderr when this command waits for another writer."""
+    return eng.writer(wait=not no_wait, on_wait=lambda: _stderr(
+        f"waiting for another crossfind process writing to {eng.library_dir} (--no-wait to fail instead)..."))
 
 
 @cli.command("index")
@@ -94,18 +104,20 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per encoder batch (default 32 on CPU, 128 on GPU).")
 @click.option("--workers", type=click.IntRange(1, 64), help="Image decoding threads (default: number of cores, 2 to 8).")
 @click.option("--checkpoint-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="Make progress durable this often.")
+@no_wait_option
 @json_option
 @click.pass_context
 def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exclude: tuple[str, ...], include_hidden: bool,
-              batch_size: int | None, workers: int | None, checkpoint_seconds: float, as_json: bool) -> None:
+              batch_size: int | None, workers: int | None, checkpoint_seconds: float, no_wait: bool, as_json: bool) -> None:
     """Index image files under PATHS (incremental: only new or changed files are encoded).
 
     \b
     Example:
       crossfind index ~/Pictures --exclude '*/.thumbnails/*'
       crossfind index ~/Pictures --model shapes-tiny --json
+      crossfind index ~/Pictures --no-wait   # fail at once if another process is writing
     """
-    with _engine(ctx, model) as eng:
+    with _engine(ctx, model) as eng, _writer(eng, no_wait):
         rep = eng.index_folder(paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
                                workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json)
     if as_json:
@@ -122,17 +134,19 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
 @click.option("--corpus", metavar="NAME", help="Corpus name (default: the file name without extension).")
 @click.option("--replace", is_flag=True, help="Remove texts of the corpus that are no longer in FILE.")
 @model_option
+@no_wait_option
 @json_option
 @click.pass_context
-def add_texts_cmd(ctx: click.Context, file: str, corpus: str | None, replace: bool, model: str | None, as_json: bool) -> None:
+def add_texts_cmd(ctx: click.Context, file: str, corpus: str | None, replace: bool, model: str | None, no_wait: bool,
+                  as_json: bool) -> None:
     """Add a text corpus: .txt (a text per line), .jsonl ({"text", "id", ...}) or .csv (a 'text' column).
 
     \b
     Example:
       crossfind add-texts captions.jsonl --corpus captions
-      crossfind add-texts labels.txt --replace
+      crossfind add-texts labels.txt --replace --no-wait
     """
-    with _engine(ctx, model) as eng:
+    with _engine(ctx, model) as eng, _writer(eng, no_wait):
         rep = eng.add_texts(file, corpus=corpus, replace=replace, progress=not as_json)
     for err in rep.errors:
         _stderr(f"{file}: {err}")
@@ -315,45 +329,48 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
 
 @cli.command("set-default-model")
 @click.argument("spec")
+@no_wait_option
 @click.pass_context
-def set_default_model_cmd(ctx: click.Context, spec: str) -> None:
+def set_default_model_cmd(ctx: click.Context, spec: str, no_wait: bool) -> None:
     """Make SPEC the model used when --model is not given.
 
     \b
     Example:
       crossfind set-default-model shapes-tiny
     """
-    with _engine(ctx) as eng:
+    with _engine(ctx) as eng, _writer(eng, no_wait):
         name = eng.set_default_model(spec)
     click.echo(f"default model: {name}")
 
 
 @cli.command("remove")
 @click.argument("paths", nargs=-1, required=True)
+@no_wait_option
 @click.pass_context
-def remove_cmd(ctx: click.Context, paths: tuple[str, ...]) -> None:
+def remove_cmd(ctx: click.Context, paths: tuple[str, ...], no_wait: bool) -> None:
     """Remove images (files, or everything under folders) from the library.
 
     \b
     Example:
       crossfind remove ~/Pictures/old
     """
-    with _engine(ctx) as eng:
+    with _engine(ctx) as eng, _writer(eng, no_wait):
         n = eng.remove_images(paths)
     click.echo(f"removed {n} images")
 
 
 @cli.command("remove-texts")
 @click.option("--corpus", metavar="NAME", required=True, help="The corpus to remove.")
+@no_wait_option
 @click.pass_context
-def remove_texts_cmd(ctx: click.Context, corpus: str) -> None:
+def remove_texts_cmd(ctx: click.Context, corpus: str, no_wait: bool) -> None:
     """Remove a text corpus from the library and every model's index.
 
     \b
     Example:
       crossfind remove-texts --corpus captions
     """
-    with _engine(ctx) as eng:
+    with _engine(ctx) as eng, _writer(eng, no_wait):
         n = eng.remove_texts(corpus)
     click.echo(f"removed {n} texts")
 

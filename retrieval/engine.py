@@ -14,12 +14,16 @@ loses at most the work since the last checkpoint.
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import functools
 import logging
 import os
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from sqlalchemy import select
@@ -28,6 +32,7 @@ from .corpus import read_corpus
 from .encoders import DEFAULT_MODEL, Encoder, parse_spec
 from .errors import LibraryError, QueryError
 from .imageio import ImageLoadError, LoadedImage, load_image
+from .lock import WriterLock
 from .pipeline import default_workers, load_batches
 from .scan import FileInfo, file_hash, scan
 from .slot import ModelSlot
@@ -39,6 +44,41 @@ LOG = logging.getLogger(__name__)
 #: Seconds between checkpoints (index save + commit) while indexing.
 CHECKPOINT_SECONDS = 30.0
 DB_NAME = "library.db"
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """A one-line reason when ``exc`` means the library cannot be written
+    (full disk, read-only file system); None for any other error."""
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return os.strerror(exc.errno).lower()
+    if isinstance(exc, (OperationalError, sqlite3.OperationalError)):
+        msg = str(getattr(exc, "orig", exc)).lower()
+        if "disk is full" in msg:
+            return "no space left on device"
+        if "disk i/o error" in msg:
+            return "disk I/O error (is the disk full?)"
+        if "readonly" in msg or "read-only" in msg:
+            return "the library is read-only"
+    if isinstance(exc, RuntimeError) and "No space left on device" in str(exc):
+        return "no space left on device"
+    return None
+
+
+def writes(method: _F) -> _F:
+    """Run an :class:`Engine` method under the library's writer lock (see
+    :meth:`Engine.writer`); a full disk or read-only library becomes a
+    one-line :class:`LibraryError`, with what was committed before kept."""
+
+    @functools.wraps(method)
+    def run(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        with self.writer():
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def default_library() -> Path:
@@ -78,12 +118,15 @@ class Engine:
         self.store = store
         self.library_dir = Path(library_dir)
         self.device = device
+        self.lock = WriterLock(self.library_dir)
         self._models: dict[str, ModelSlot] = {}
         self._text_vectors: dict[tuple[str, str], np.ndarray] = {}
         self._query_tokens: dict[tuple[str, str], np.ndarray] = {}  # reranker tokens of text queries
         self._model_spec = model
         if encoder is not None:
-            self._models[encoder.spec.spec] = ModelSlot(store, self.library_dir, encoder.spec, device=device, encoder=encoder)
+            self._models[encoder.spec.spec] = ModelSlot(
+                store, self.library_dir, encoder.spec, device=device, encoder=encoder, lock=self.lock
+            )
             self._model_spec = encoder.spec.spec
 
     @classmethod
@@ -97,8 +140,74 @@ class Engine:
         lib = Path(library_dir).expanduser() if library_dir is not None else default_library()
         if lib.exists() and not lib.is_dir():
             raise LibraryError(f"library path {lib} is a file, not a folder")
-        store = open_store(lib / DB_NAME)
+        db = lib / DB_NAME
+        # A library on a read-only file system (or without write permission) is
+        # opened read-only: searches, status, history and show work, writes refuse.
+        read_only = lib.is_dir() and (not os.access(lib, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)))
+        store = open_store(db, read_only=read_only)
         return cls(store, lib.resolve(), model=model, device=device)
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the library was opened read-only (its folder cannot be written)."""
+        return self.store.read_only
+
+    @contextmanager
+    def writer(self, wait: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the library's writer lock for a block of writing operations.
+
+        Every writing method takes it itself; wrap calls in ``with
+        eng.writer(wait=False):`` to fail at once with
+        :class:`~retrieval.errors.LibraryBusy` when another process writes, or
+        pass ``on_wait`` to say that this one waits. Readers never need it.
+        On taking the lock, temp files left by a crash during a save are
+        removed. A full disk or read-only file system inside the block becomes
+        a one-line :class:`LibraryError`; what was committed before is kept.
+        """
+        if self.read_only:
+            raise LibraryError(f"library {self.library_dir} is read-only; searches work, changes need a writable folder")
+        first = self.lock.acquire(wait=wait, on_wait=on_wait)
+        try:
+            if first:
+                self._clean_temp_files()
+                # Another process may have written since this engine loaded its indexes.
+                self.store.session.expire_all()
+                for slot in self._models.values():
+                    slot.drop_if_stale()
+            yield
+        except Exception as exc:
+            reason = _write_failure(exc)
+            if reason is None:
+                raise
+            self._abandon()
+            todo = "make it writable" if "read-only" in reason else "free some space"
+            raise LibraryError(
+                f"cannot write to library {self.library_dir}: {reason}; what was saved before is kept, "
+                f"{todo} and run the command again"
+            ) from None
+        finally:
+            self.lock.release()
+
+    def _abandon(self) -> None:
+        """After a failed write: drop uncommitted changes and in-memory indexes
+        (they are reloaded, and reconciled, from what is on disk)."""
+        try:
+            self.store.session.rollback()
+        except Exception:  # the session may be unusable after a disk error
+            LOG.debug("rollback failed", exc_info=True)
+        for slot in self._models.values():
+            slot.reset()
+        self._text_vectors.clear()
+
+    def _clean_temp_files(self) -> None:
+        """Remove temp files of saves a crash interrupted (only the writer saves)."""
+        for pattern in ("*.tmp", "models/*/*.tmp"):
+            for tmp in self.library_dir.glob(pattern):
+                try:
+                    tmp.unlink()
+                    LOG.info("removed %s, left by an interrupted save", tmp)
+                except OSError:
+                    pass
 
     def __enter__(self) -> Engine:
         return self
@@ -110,6 +219,7 @@ class Engine:
         for state in self._models.values():
             state.close()
         self.store.close()
+        self.lock.close()
 
     # --------------------------------------------------------------- models
     @property
@@ -122,7 +232,7 @@ class Engine:
     def state(self, spec: str | None = None) -> ModelSlot:
         ms = parse_spec(spec or self.model_spec)
         if ms.spec not in self._models:
-            self._models[ms.spec] = ModelSlot(self.store, self.library_dir, ms, device=self.device)
+            self._models[ms.spec] = ModelSlot(self.store, self.library_dir, ms, device=self.device, lock=self.lock)
         return self._models[ms.spec]
 
     @property
@@ -133,6 +243,7 @@ class Engine:
         if self.store.get_setting("default_model") is None:
             self.store.set_setting("default_model", state.spec.spec)
 
+    @writes
     def set_default_model(self, spec: str) -> str:
         """Make ``spec`` the library's default model (it must load)."""
         state = self.state(spec)
@@ -142,6 +253,7 @@ class Engine:
         return state.spec.spec
 
     # ------------------------------------------------------------- indexing
+    @writes
     def index_folder(
         self,
         paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -236,11 +348,12 @@ class Engine:
         if copies:
             vectors.add([n for n, _, _ in copies], vectors.reconstruct([s for _, s, _ in copies]))
             tokens = state.tokens
-            token_src = store.token_ids(model_id, [s for _, s, _ in copies]) if tokens is not None else set()
+            src_tokens = state.read_tokens([s for _, s, _ in copies])[0] if tokens is not None else {}
+            token_src = set(src_tokens)
             if tokens is not None and token_src:
                 pairs = [(n, s) for n, s, _ in copies if s in token_src]
-                tokens.write([n for n, _ in pairs], tokens.read([s for _, s in pairs]))
-            store.set_image_vectors(model_id, [(n, h, s in token_src) for n, s, h in copies])
+                tokens.write([n for n, _ in pairs], np.stack([src_tokens[s] for _, s in pairs]))
+            state.record_images([(n, h, s in token_src) for n, s, h in copies])
         if gone or copies:
             state.save_images()
         store.commit()
@@ -338,11 +451,11 @@ class Engine:
     def _checkpoint_images(self, state: ModelSlot, model_id: int, pending: list[tuple[int, str, bool]]) -> None:
         """Make the work so far durable: index (and tokens) first, then rows."""
         state.save_images()
-        if pending:
-            self.store.set_image_vectors(model_id, pending)
+        state.record_images(pending)
         self.store.commit()
 
     # --------------------------------------------------------------- texts
+    @writes
     def add_texts(self, path: str | os.PathLike[str], corpus: str | None = None, replace: bool = False, progress: bool = False) -> TextsReport:
         """Add or update a text corpus from a ``.txt``, ``.jsonl`` or ``.csv`` file.
 
@@ -406,16 +519,17 @@ class Engine:
             bar.update(len(part))
             if time.monotonic() - last >= CHECKPOINT_SECONDS:
                 state.save_texts()
-                store.set_text_vectors(model_id, pending)
+                state.record_texts(pending)
                 store.commit()
                 pending, last = [], time.monotonic()
         bar.close()
         state.save_texts()
-        store.set_text_vectors(model_id, pending)
+        state.record_texts(pending)
         store.commit()
         return len(todo)
 
     # -------------------------------------------------------------- removal
+    @writes
     def remove_images(self, paths: Iterable[str | os.PathLike[str]]) -> int:
         """Remove images (files, or every image under folders) from the library."""
         roots = [str(Path(os.path.expanduser(os.fspath(p))).absolute()) for p in paths]
@@ -427,6 +541,7 @@ class Engine:
             self.store.commit()
         return len(ids)
 
+    @writes
     def remove_texts(self, corpus: str) -> int:
         """Remove a whole corpus from the library."""
         ids = self.store.text_ids(corpus)
@@ -661,8 +776,29 @@ class Engine:
             text_tokens=kept_tokens.tobytes() if kept_tokens is not None else None,
         )
         results = [Result(rank=h.rank, kind=h.kind, item_id=h.id, path=h.path, text=h.text, score=h.score, rerank_score=h.rerank_score) for h in hits]
-        qid = self.store.add_query(qrow, results)
+        qid = self._keep_history(qrow, results, notes)
         return SearchResult(qid, qjson, state.spec.spec, reranker is not None, hits, seconds, timings, tuple(notes))
+
+    def _keep_history(self, qrow: Query, results: list[Result], notes: list[str]) -> int | None:
+        """Record a search in the history; on a read-only or full library the
+        search still answers, with a note that it was not recorded. History
+        needs no writer lock: SQLite's WAL lets it commit while a writer runs."""
+        if self.read_only:
+            notes.append("the library is read-only: this search was not added to the history")
+            return None
+        try:
+            return self.store.add_query(qrow, results)
+        except Exception as exc:
+            reason = _write_failure(exc)
+            if reason is None:
+                from sqlalchemy.exc import OperationalError
+
+                if not isinstance(exc, OperationalError):
+                    raise
+                reason = str(exc.orig).splitlines()[0]
+            self.store.session.rollback()
+            notes.append(f"this search was not added to the history: {reason}")
+            return None
 
     @staticmethod
     def _image_label(image: ImageInput | None) -> str | None:
@@ -674,15 +810,8 @@ class Engine:
 
     def _candidate_tokens(self, state: ModelSlot, ids: list[int], rows: dict[int, Image]) -> np.ndarray:
         """Patch tokens of candidate images: stored rows, else re-encoded (and stored)."""
-        model_id = state.row.id
-        tokens = state.tokens
-        have = self.store.token_ids(model_id, ids) if tokens is not None else set()
-        out: dict[int, np.ndarray] = {}
-        if have and tokens is not None:
-            stored = [i for i in ids if i in have]
-            for i, t in zip(stored, tokens.read(stored)):
-                out[i] = t
-        missing = [i for i in ids if i not in out]
+        # Rows whose checksum fails (a damaged or cut-off token file) count as missing.
+        out, missing = state.read_tokens(ids)
         if missing:
             enc = state.encoder
             ok: list[int] = []
@@ -698,14 +827,7 @@ class Engine:
                 assert toks is not None
                 for i, t in zip(ok, toks):
                     out[i] = t
-                if tokens is not None:
-                    tokens.write(ok, toks)
-                    tokens.flush()
-                    for row in self.store.session.scalars(
-                        select(ImageVector).where(ImageVector.model_id == model_id, ImageVector.image_id.in_(ok))
-                    ):
-                        row.has_tokens = True
-                    self.store.commit()
+                state.store_tokens(ok, toks)
             shape = next(iter(out.values())).shape if out else (1, 1)
             for i in missing:
                 out.setdefault(i, np.zeros(shape, np.float16))

@@ -6,7 +6,7 @@ message and exit status 1.
 
 from __future__ import annotations
 
-__all__ = ["CrossfindError", "ModelNotAvailable", "LibraryError", "QueryError", "CorpusError"]
+__all__ = ["CrossfindError", "ModelNotAvailable", "LibraryError", "LibraryBusy", "QueryError", "CorpusError"]
 
 
 class CrossfindError(Exception):
@@ -19,6 +19,10 @@ class ModelNotAvailable(CrossfindError):
 
 class LibraryError(CrossfindError):
     """The library folder or its database cannot be used as asked."""
+
+
+class LibraryBusy(LibraryError):
+    """Another process holds the library's writer lock (and the caller would not wait)."""
 
 
 class QueryError(CrossfindError):

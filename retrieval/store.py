@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -88,6 +90,8 @@ class ImageVector(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     content_hash: Mapped[str] = mapped_column(String)
     has_tokens: Mapped[bool] = mapped_column(Boolean, default=False)
+    vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32; rebuilds a lost index
+    token_crc: Mapped[int | None] = mapped_column(Integer, nullable=True)  # CRC-32 of the patch-token row
 
 
 class TextItem(Base):
@@ -111,6 +115,7 @@ class TextVector(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
     text_id: Mapped[int] = mapped_column(ForeignKey("texts.id", ondelete="CASCADE"), primary_key=True)
     content_hash: Mapped[str] = mapped_column(String)
+    vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32; rebuilds a lost index
 
 
 class Query(Base):
@@ -164,10 +169,30 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(db_path: str | Path) -> SAEngine:
-    """A SQLAlchemy engine for the library database with crossfind's pragmas."""
-    engine = create_engine(f"sqlite:///{db_path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
-    event.listen(engine, "connect", _sqlite_pragmas)
+def _sqlite_pragmas_ro(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cur.close()
+
+
+def make_engine(db_path: str | Path, read_only: bool = False) -> SAEngine:
+    """A SQLAlchemy engine for the library database with crossfind's pragmas.
+
+    ``read_only`` opens it with ``mode=ro`` (a library on a read-only file
+    system or without write permission): nothing is created or upgraded.
+    """
+    if not read_only:
+        engine = create_engine(f"sqlite:///{db_path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    from urllib.parse import quote
+
+    # immutable: on a read-only file system SQLite cannot create the WAL index
+    # (-shm) it would otherwise need, and nobody can write there anyway.
+    flags = "mode=ro&immutable=1" if not os.access(Path(db_path).parent, os.W_OK) else "mode=ro"
+    url = f"sqlite:///file:{quote(str(db_path))}?{flags}&uri=true"
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    event.listen(engine, "connect", _sqlite_pragmas_ro)
     return engine
 
 
@@ -193,6 +218,23 @@ def upgrade(engine: SAEngine, revision: str = "head") -> None:
     command.upgrade(alembic_config(engine), revision)
 
 
+def _blobs(vectors: np.ndarray | None, n: int) -> list[bytes | None]:
+    if vectors is None:
+        return [None] * n
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if len(vectors) != n:
+        raise ValueError(f"{len(vectors)} vectors for {n} rows")
+    return [v.tobytes() for v in vectors]
+
+
+def _vector_table(kind: str) -> tuple[Any, Any]:
+    if kind == "images":
+        return ImageVector, ImageVector.image_id
+    if kind == "texts":
+        return TextVector, TextVector.text_id
+    raise ValueError(f"unknown vector kind {kind!r}")
+
+
 def chunks(seq: Sequence[int], n: int = CHUNK) -> Iterator[Sequence[int]]:
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
@@ -201,8 +243,9 @@ def chunks(seq: Sequence[int], n: int = CHUNK) -> Iterator[Sequence[int]]:
 class Store:
     """Typed access to the library database."""
 
-    def __init__(self, engine: SAEngine) -> None:
+    def __init__(self, engine: SAEngine, read_only: bool = False) -> None:
         self.engine = engine
+        self.read_only = read_only  # opened with mode=ro: nothing may be written
         self.session = Session(engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -211,6 +254,11 @@ class Store:
 
     def commit(self) -> None:
         self.session.commit()
+
+    @property
+    def library_id(self) -> str:
+        """The library's identity, written beside its index and token files."""
+        return self.get_setting("library_id") or ""
 
     # --------------------------------------------------------------- models
     def model(self, spec: str, dim: int | None = None) -> Model:
@@ -310,11 +358,71 @@ class Store:
             update(ImageVector).where(ImageVector.model_id == model_id).values(has_tokens=False)
         )
 
-    def set_image_vectors(self, model_id: int, rows: Sequence[tuple[int, str, bool]]) -> None:
-        """Record (image id, content hash, has tokens) vector rows for a model."""
+    def set_image_vectors(
+        self,
+        model_id: int,
+        rows: Sequence[tuple[int, str, bool]],
+        vectors: np.ndarray | None = None,
+        token_crcs: dict[int, int] | None = None,
+    ) -> None:
+        """Record (image id, content hash, has tokens) vector rows for a model,
+        with each row's float32 vector (``vectors[j]`` for ``rows[j]``) and the
+        CRC-32 of its patch-token row when it has one."""
         ids = [r[0] for r in rows]
+        blobs = _blobs(vectors, len(rows))
+        crcs = token_crcs or {}
         self.delete_image_vectors(model_id, ids)
-        self.session.add_all(ImageVector(model_id=model_id, image_id=i, content_hash=h, has_tokens=t) for i, h, t in rows)
+        self.session.add_all(
+            ImageVector(model_id=model_id, image_id=i, content_hash=h, has_tokens=t and i in crcs, vector=b, token_crc=crcs.get(i) if t else None)
+            for (i, h, t), b in zip(rows, blobs)
+        )
+
+    def vectors(self, model_id: int, kind: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """A model's durable vectors of ``kind`` (``images``/``texts``): ids,
+        an (n, dim) float32 matrix, and the ids of rows that have no vector."""
+        table, item = _vector_table(kind)
+        dim = self.session.scalar(select(Model.dim).where(Model.id == model_id)) or 0
+        ids: list[int] = []
+        blobs: list[bytes] = []
+        empty: list[int] = []
+        q = select(item, table.vector).where(table.model_id == model_id).order_by(item)
+        for i, blob in self.session.execute(q):
+            if blob is None or len(blob) != 4 * dim:
+                empty.append(i)
+            else:
+                ids.append(i)
+                blobs.append(blob)
+        mat = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim) if ids else np.empty((0, dim), np.float32)
+        return np.asarray(ids, np.int64), mat, empty
+
+    def count_vectors(self, model_id: int, kind: str) -> int:
+        table, _ = _vector_table(kind)
+        return int(self.session.scalar(select(func.count()).select_from(table).where(table.model_id == model_id)) or 0)
+
+    def fill_vectors(self, model_id: int, kind: str, ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Store the vectors of existing rows (an older library's rows, filled from its index)."""
+        table, item = _vector_table(kind)
+        for i, blob in zip(ids, _blobs(vectors, len(ids))):
+            self.session.execute(update(table).where(table.model_id == model_id, item == int(i)).values(vector=blob))
+
+    def token_crcs(self, model_id: int, ids: Sequence[int]) -> dict[int, int | None]:
+        """image id -> CRC-32 of its stored patch-token row, for rows marked as having tokens."""
+        out: dict[int, int | None] = {}
+        for part in chunks(list(ids)):
+            q = select(ImageVector.image_id, ImageVector.token_crc).where(
+                ImageVector.model_id == model_id, ImageVector.has_tokens.is_(True), ImageVector.image_id.in_(part)
+            )
+            out.update({i: c for i, c in self.session.execute(q)})
+        return out
+
+    def set_tokens(self, model_id: int, crcs: dict[int, int | None]) -> None:
+        """Mark image rows as having a stored token row with that CRC-32 (None: none)."""
+        for i, c in crcs.items():
+            self.session.execute(
+                update(ImageVector)
+                .where(ImageVector.model_id == model_id, ImageVector.image_id == int(i))
+                .values(has_tokens=c is not None, token_crc=c)
+            )
 
     def delete_image_vectors(self, model_id: int, ids: Sequence[int]) -> None:
         for part in chunks(list(ids)):
@@ -353,10 +461,12 @@ class Store:
         q = select(TextVector.text_id, TextVector.content_hash).where(TextVector.model_id == model_id)
         return {i: h for i, h in self.session.execute(q)}
 
-    def set_text_vectors(self, model_id: int, rows: Sequence[tuple[int, str]]) -> None:
+    def set_text_vectors(self, model_id: int, rows: Sequence[tuple[int, str]], vectors: np.ndarray | None = None) -> None:
+        """Record (text id, content hash) vector rows with their float32 vectors."""
         ids = [r[0] for r in rows]
         self.delete_text_vectors(model_id, ids)
-        self.session.add_all(TextVector(model_id=model_id, text_id=i, content_hash=h) for i, h in rows)
+        blobs = _blobs(vectors, len(rows))
+        self.session.add_all(TextVector(model_id=model_id, text_id=i, content_hash=h, vector=b) for (i, h), b in zip(rows, blobs))
 
     def delete_text_vectors(self, model_id: int, ids: Sequence[int]) -> None:
         for part in chunks(list(ids)):
@@ -403,9 +513,38 @@ class Store:
         return q, rows
 
 
-def open_store(db_path: str | Path) -> Store:
-    """Open (creating or upgrading) the library database at ``db_path``."""
+def _check_head(engine: SAEngine, db_path: Path) -> None:
+    """A read-only library cannot be upgraded: it must be at the newest schema."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if current != head:
+        raise LibraryError(
+            f"library database {db_path} is read-only and needs an upgrade (schema {current}, this crossfind uses {head}); "
+            "open it once where it is writable"
+        )
+
+
+def open_store(db_path: str | Path, read_only: bool = False) -> Store:
+    """Open (creating or upgrading) the library database at ``db_path``;
+    ``read_only`` opens an existing one as it is."""
     db_path = Path(db_path)
+    if read_only:
+        if not db_path.is_file():
+            raise LibraryError(f"no library database at {db_path}, and its folder is read-only")
+        engine = make_engine(db_path, read_only=True)
+        try:
+            _check_head(engine, db_path)
+        except LibraryError:
+            engine.dispose()
+            raise
+        except Exception as exc:
+            engine.dispose()
+            raise LibraryError(f"cannot open library database {db_path}: {exc}") from exc
+        return Store(engine, read_only=True)
     try:
         db_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -84,7 +84,7 @@ class SearchQuery:
 class SearchResult:
     """The hits of one search and how they were found."""
 
-    query_id: int  # id of the stored query (crossfind show ID)
+    query_id: int | None  # id of the stored query (crossfind show ID); None when history could not be written
     query: dict[str, Any]  # {"text", "image", "target"} as in the JSON contract
     model: str  # model spec used
     reranked: bool  # whether the reranker ordered the hits

@@ -397,7 +397,7 @@ def fill_library(lib: Path, spec: str, n: int, kind: str = "images", seed: int =
         return {}
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    with Engine.open(lib, model=spec) as eng:
+    with Engine.open(lib, model=spec) as eng, eng.writer():
         state = eng.state()
         model_id = state.row.id
         store = eng.store
@@ -427,14 +427,16 @@ def fill_library(lib: Path, spec: str, n: int, kind: str = "images", seed: int =
                     for i in range(start, start + m)
                 ]
                 ids = list(store.session.scalars(insert(Image).returning(Image.id, sort_by_parameter_order=True), rows))
-                store.set_image_vectors(model_id, [(i, r["content_hash"], False) for i, r in zip(ids, rows)])
+                store.set_image_vectors(
+                    model_id, [(i, r["content_hash"], False) for i, r in zip(ids, rows)], vecs[start : start + m]
+                )
             else:
                 rows = [
                     {"corpus": "bench", "ext_id": str(i), "text": caption(i), "content_hash": f"{seed:04x}{i:028x}"}
                     for i in range(start, start + m)
                 ]
                 ids = list(store.session.scalars(insert(TextItem).returning(TextItem.id, sort_by_parameter_order=True), rows))
-                store.set_text_vectors(model_id, [(i, r["content_hash"]) for i, r in zip(ids, rows)])
+                store.set_text_vectors(model_id, [(i, r["content_hash"]) for i, r in zip(ids, rows)], vecs[start : start + m])
             store.session.flush()
             t_rows += time.perf_counter() - t
             t = time.perf_counter()

@@ -71,8 +71,8 @@ def test_orphan_vectors_are_reconciled(tmp_path, tiny_model, photo_dir):
 
 
 def test_orphan_text_vectors_are_reconciled(tmp_path, tiny_model):
-    """The text index reconciles like the image index: rows whose vector was
-    lost are dropped (and re-encoded by the next add-texts), vectors of texts
+    """The text index reconciles like the image index: vectors the saved index
+    lacks are put back from the store (nothing re-encoded), vectors of texts
     that do not exist are removed."""
     corpus = tmp_path / "caps.txt"
     corpus.write_text("a red circle\na blue square\ntwo green triangles\na purple star\n")
@@ -89,9 +89,9 @@ def test_orphan_text_vectors_are_reconciled(tmp_path, tiny_model):
     with Engine.open(lib, model=tiny_model) as eng:
         state = eng.state()
         ids = set(state.texts.ids().tolist())
-        assert 99999 not in ids and len(ids) == 2
+        assert 99999 not in ids and len(ids) == 4
         assert set(eng.store.text_vector_map(state.row.id)) == ids
-        eng.add_texts(corpus, corpus="caps")
+        assert eng.add_texts(corpus, corpus="caps").unchanged == 4
         assert len(eng.state().texts) == 4
         assert eng.search_text("a red circle", k=1, target="texts")[0].text == "a red circle"
 

@@ -190,7 +190,7 @@ def test_library_from_revision_0001_upgrades_with_rows_intact(tmp_path, tiny_mod
         eng.index_folder(photo_dir)
         assert eng.status()["images"] == 13
     con = sqlite3.connect(lib / "library.db")
-    assert con.execute("select version_num from alembic_version").fetchone()[0] == "0004"
+    assert con.execute("select version_num from alembic_version").fetchone()[0] == "0005"
 
 
 def test_repeated_text_query_needs_no_encoder(tmp_path, tiny_model, photo_dir):
