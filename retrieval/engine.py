@@ -28,8 +28,7 @@ from .corpus import read_corpus
 from .encoders import DEFAULT_MODEL, Encoder, parse_spec
 from .errors import LibraryError, QueryError
 from .imageio import ImageLoadError, LoadedImage, load_image
-from .pipeline import default_workers, load_batches
-from .scan import FileInfo, file_hash, scan
+from .scan import file_hash
 from .slot import ModelSlot
 from .store import Image, ImageVector, Query, Result, Store, TextItem, TextVector, open_store, utcnow
 from .types import TARGETS, Hit, ImageInput, IndexReport, SearchQuery, SearchResult, TextsReport
@@ -151,196 +150,30 @@ class Engine:
         workers: int | None = None,
         checkpoint_seconds: float = CHECKPOINT_SECONDS,
         progress: bool = False,
+        prune: bool = False,
     ) -> IndexReport:
         """Index image files under ``paths`` incrementally; returns counts.
 
         Unchanged files (same size and mtime) are not decoded again; renamed
         or duplicated files are recognised by content hash and reuse their
         vector; files gone from disk leave the store and the index; files that
-        cannot be decoded are recorded as failed with their reason.
+        cannot be decoded are recorded as failed with their reason. Files
+        indexed before that are still on disk but no longer selected (hidden,
+        or matched by a new ``exclude``) are kept and reported, or removed
+        with ``prune``. See :mod:`retrieval.indexing`.
         """
+        from .indexing import EncodeOptions, Indexer, ScanOptions
+
         t0 = time.perf_counter()
         roots = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        abs_roots = []
-        for r in roots:
-            p = Path(os.path.expanduser(os.fspath(r))).absolute()
-            if not p.exists():
-                raise LibraryError(f"{p}: no such file or folder")
-            abs_roots.append(str(p))
         state = self.state()
-        model_id = state.row.id
+        state.row  # loads the model before anything is written
         self._mark_default(state)
-        store = self.store
-        report = IndexReport()
-
-        files = list(scan(abs_roots, exclude=exclude, include_hidden=include_hidden))
-        report.scanned = len(files)
-        existing = {row.path: row for row in store.images_under(abs_roots)}
-        found = {f.path for f in files}
-        gone = {p: row for p, row in existing.items() if p not in found}
-        new_files: list[FileInfo] = []
-        changed: list[tuple[FileInfo, Image]] = []
-        for f in files:
-            row = existing.get(f.path)
-            if row is None:
-                new_files.append(f)
-            elif row.size != f.size or row.mtime_ns != f.mtime_ns:
-                changed.append((f, row))
-            else:
-                report.unchanged += 1
-
-        hashes = self._hash_files([f.path for f in new_files] + [f.path for f, _ in changed], workers, progress)
-        vectors = state.images
-        vec_map = store.image_vector_map(model_id)
-        for f, row in changed:
-            h = hashes.get(f.path)
-            if h is None:
-                continue  # vanished while scanning
-            if h == row.content_hash:
-                report.unchanged += 1  # touched, same bytes
-            else:
-                report.updated += 1
-                row.content_hash, row.status, row.error = h, "pending", None
-            row.size, row.mtime_ns = f.size, f.mtime_ns
-        gone_by_hash: dict[str, list[Image]] = {}
-        for row in gone.values():
-            gone_by_hash.setdefault(row.content_hash, []).append(row)
-        known = store.images_by_hash(h for p, h in hashes.items() if p not in existing)
-        copies: list[tuple[int, int, str]] = []  # (new id, source id, hash) sharing a vector
-        for f in new_files:
-            h = hashes.get(f.path)
-            if h is None:
-                continue
-            moved = gone_by_hash.get(h)
-            if moved:
-                row = moved.pop()
-                del gone[row.path]
-                row.path, row.size, row.mtime_ns = f.path, f.size, f.mtime_ns
-                report.updated += 1
-                continue
-            source = next((r for r in known.get(h, []) if r.path not in gone), None)
-            row = Image(path=f.path, size=f.size, mtime_ns=f.mtime_ns, content_hash=h, status="pending")
-            if source is not None and source.status in ("ok", "failed"):
-                row.status, row.error = source.status, source.error
-                row.width, row.height, row.taken_at = source.width, source.height, source.taken_at
-            store.session.add(row)
-            store.session.flush()
-            report.added += 1
-            if source is not None and source.id in vec_map and vec_map[source.id] == h:
-                copies.append((row.id, source.id, h))
-        if gone:
-            ids = [row.id for row in gone.values()]
-            vectors.remove(ids)
-            store.delete_images(ids)
-            report.removed = len(ids)
-        if copies:
-            vectors.add([n for n, _, _ in copies], vectors.reconstruct([s for _, s, _ in copies]))
-            tokens = state.tokens
-            token_src = store.token_ids(model_id, [s for _, s, _ in copies]) if tokens is not None else set()
-            if tokens is not None and token_src:
-                pairs = [(n, s) for n, s, _ in copies if s in token_src]
-                tokens.write([n for n, _ in pairs], tokens.read([s for _, s in pairs]))
-            store.set_image_vectors(model_id, [(n, h, s in token_src) for n, s, h in copies])
-        if gone or copies:
-            state.save_images()
-        store.commit()
-
-        # Everything under the roots that lacks a current vector for this model.
-        vec_map = store.image_vector_map(model_id)
-        todo = [
-            row
-            for row in store.images_under(abs_roots)
-            if row.status != "failed" and vec_map.get(row.id) != row.content_hash
-        ]
-        self._encode_images(state, todo, report, batch_size, workers, checkpoint_seconds, progress)
-        report.failed = sum(row.status == "failed" for row in todo)
+        indexer = Indexer(self.store, state, lambda total, desc, unit: _progress(total, desc, progress, unit))
+        report = indexer.run(roots, ScanOptions(tuple(exclude), include_hidden, prune),
+                             EncodeOptions(batch_size, workers, checkpoint_seconds))
         report.seconds = time.perf_counter() - t0
         return report
-
-    def _hash_files(self, paths: list[str], workers: int | None, progress: bool) -> dict[str, str]:
-        out: dict[str, str] = {}
-        if not paths:
-            return out
-        bar = _progress(len(paths), "hashing", progress, "file")
-
-        def one(p: str) -> tuple[str, str | None]:
-            try:
-                return p, file_hash(p)
-            except OSError:
-                return p, None
-
-        with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-            for p, h in pool.map(one, paths):
-                if h is not None:
-                    out[p] = h
-                bar.update(1)
-        bar.close()
-        return out
-
-    def _encode_images(
-        self,
-        state: ModelSlot,
-        rows: list[Image],
-        report: IndexReport,
-        batch_size: int | None,
-        workers: int | None,
-        checkpoint_seconds: float,
-        progress: bool,
-    ) -> None:
-        if not rows:
-            return
-        enc = state.encoder
-        model_id = state.row.id
-        index = state.images
-        tokens = state.tokens
-        batch_size = batch_size or (128 if enc.device.startswith("cuda") else 32)
-        size = enc.image_size
-
-        def load(row: Image) -> tuple[LoadedImage, Any]:
-            img = load_image(row.path, min_size=size)
-            return img, enc.prepare(img.image)
-
-        bar = _progress(len(rows), "indexing", progress)
-        pending: list[tuple[int, str, bool]] = []
-        last = time.monotonic()
-        try:
-            for batch in load_batches(rows, load, batch_size, workers, errors=(ImageLoadError, OSError)):
-                good = []
-                for out in batch:
-                    row = out.item
-                    if out.error is not None:
-                        row.status, row.error = "failed", out.error
-                        continue
-                    assert out.value is not None
-                    loaded, pixels = out.value
-                    row.status, row.error = "ok", None
-                    row.width, row.height = loaded.width, loaded.height
-                    row.taken_at = loaded.taken_at or dt.datetime.fromtimestamp(row.mtime_ns / 1e9)
-                    good.append((row, pixels))
-                if good:
-                    x = enc.batch([p for _, p in good])
-                    vecs, toks = enc.encode_images(x, with_tokens=tokens is not None, token_layer=state.token_layer)
-                    ids = [r.id for r, _ in good]
-                    index.add(ids, vecs)
-                    if tokens is not None and toks is not None:
-                        tokens.write(ids, toks)
-                    pending.extend((r.id, r.content_hash, toks is not None) for r, _ in good)
-                    report.encoded += len(good)
-                bar.update(len(batch))
-                if time.monotonic() - last >= checkpoint_seconds:
-                    self._checkpoint_images(state, model_id, pending)
-                    pending = []
-                    last = time.monotonic()
-        finally:
-            bar.close()
-        self._checkpoint_images(state, model_id, pending)
-
-    def _checkpoint_images(self, state: ModelSlot, model_id: int, pending: list[tuple[int, str, bool]]) -> None:
-        """Make the work so far durable: index (and tokens) first, then rows."""
-        state.save_images()
-        if pending:
-            self.store.set_image_vectors(model_id, pending)
-        self.store.commit()
 
     # --------------------------------------------------------------- texts
     def add_texts(self, path: str | os.PathLike[str], corpus: str | None = None, replace: bool = False, progress: bool = False) -> TextsReport:
