@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,14 +27,18 @@ from sqlalchemy import select
 
 from .corpus import read_corpus
 from .encoders import DEFAULT_MODEL, Encoder, parse_spec
-from .errors import LibraryError, QueryError
+from .errors import CorpusError, LibraryError, QueryError
 from .imageio import ImageLoadError, LoadedImage, load_image
+from .paths import is_utf8, normalize_path
 from .scan import file_hash
 from .slot import ModelSlot
 from .store import Image, ImageVector, Query, Result, Store, TextItem, TextVector, open_store, utcnow
 from .types import TARGETS, Hit, ImageInput, IndexReport, SearchQuery, SearchResult, TextsReport
 
 LOG = logging.getLogger(__name__)
+
+#: Largest |weight| of an --add/--subtract term (larger ones overflow float32 sums).
+MAX_TERM_WEIGHT = 1000.0
 
 #: Seconds between checkpoints (index save + commit) while indexing.
 CHECKPOINT_SECONDS = 30.0
@@ -47,6 +52,17 @@ def default_library() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(xdg) / "crossfind"
+
+
+def path_pattern(glob: str) -> str:
+    """The SQLite GLOB for ``--path``: absolute globs as given (normalised), others
+    match at any depth (``'2024/*'`` is ``'*/2024/*'``); a leading ``./`` is
+    dropped, never a leading dot of a name (``'.hidden/*'``)."""
+    if glob.startswith("/"):
+        return glob
+    while glob.startswith("./"):
+        glob = glob[2:]
+    return glob if glob.startswith("*") else "*/" + glob
 
 
 def _progress(total: int | None, desc: str, enabled: bool, unit: str = "img") -> Any:
@@ -93,6 +109,8 @@ class Engine:
         library's default model is used, else ``ViT-B-32:laion2b_s34b_b79k``.
         Nothing heavy is loaded until it is needed.
         """
+        if library_dir is not None and not os.fspath(library_dir).strip():
+            raise LibraryError("empty library path; give a folder (or leave --library out for the default)")
         lib = Path(library_dir).expanduser() if library_dir is not None else default_library()
         if lib.exists() and not lib.is_dir():
             raise LibraryError(f"library path {lib} is a file, not a folder")
@@ -187,6 +205,8 @@ class Engine:
         path = Path(path).expanduser()
         parsed = read_corpus(path)
         corpus = corpus or path.stem
+        if not corpus.strip() or not is_utf8(corpus):
+            raise CorpusError(f"corpus name {corpus!r} is empty or not valid UTF-8; give one with --corpus NAME")
         state = self.state()
         self._mark_default(state)
         store = self.store
@@ -249,9 +269,16 @@ class Engine:
         return len(todo)
 
     # -------------------------------------------------------------- removal
+    def images_under(self, paths: Iterable[str | os.PathLike[str]]) -> list[str]:
+        """Paths of the library's images that are ``paths`` or lie under them."""
+        roots = [normalize_path(p) for p in paths]
+        return sorted(r.path for r in self.store.images_under(roots))
+
     def remove_images(self, paths: Iterable[str | os.PathLike[str]]) -> int:
         """Remove images (files, or every image under folders) from the library."""
-        roots = [str(Path(os.path.expanduser(os.fspath(p))).absolute()) for p in paths]
+        roots = [normalize_path(p) for p in paths]
+        if not roots:
+            raise LibraryError("no path to remove")
         rows = self.store.images_under(roots)
         ids = [r.id for r in rows]
         if ids:
@@ -343,8 +370,10 @@ class Engine:
             from .imageio import to_rgb
 
             return LoadedImage(to_rgb(image), image.width, image.height, None)
-        path = Path(os.path.expanduser(os.fspath(image)))
-        if not path.is_file():
+        path = Path(normalize_path(image, "query image path"))
+        if path.is_dir():
+            raise QueryError(f"query image {path} is a folder; give an image file")
+        if not path.exists():
             raise QueryError(f"query image {path} does not exist")
         try:
             return load_image(path, min_size=self.encoder.image_size)
@@ -367,7 +396,7 @@ class Engine:
                 return None
             q = select(Image.id).join(ImageVector, ImageVector.image_id == Image.id).where(ImageVector.model_id == model_id)
             if query.path_glob is not None:
-                pattern = query.path_glob if query.path_glob.startswith("/") else "*/" + query.path_glob.lstrip("./")
+                pattern = path_pattern(query.path_glob)
                 q = q.where(Image.path.op("GLOB")(pattern))
             if query.since is not None:
                 q = q.where(Image.taken_at >= query.since)
@@ -385,9 +414,9 @@ class Engine:
         """Library ids of the query image itself (same path or same bytes)."""
         if query.target != "images" or query.image is None or not isinstance(query.image, (str, os.PathLike)):
             return set()
-        path = Path(os.path.expanduser(os.fspath(query.image))).absolute()
+        path = normalize_path(query.image, "query image path")
         out = set()
-        row = self.store.image_by_path(str(path))
+        row = self.store.image_by_path(path)
         if row is not None:
             out.add(row.id)
         try:
@@ -398,6 +427,25 @@ class Engine:
             out.update(r.id for r in rows)
         return out
 
+    def _check_query(self, query: SearchQuery) -> None:
+        """Refuse what would be silently wrong: bad weights, text that is not
+        UTF-8, filters that do not apply to the target, an unknown corpus."""
+        for t in query.terms:
+            if not math.isfinite(t.weight) or abs(t.weight) > MAX_TERM_WEIGHT:
+                raise QueryError(f"term weight {t.weight!r} must be a finite number between "
+                                 f"-{MAX_TERM_WEIGHT:g} and {MAX_TERM_WEIGHT:g}")
+        for text in [query.text] + [t.text for t in query.terms]:
+            if text is not None and not is_utf8(text):
+                raise QueryError("the query text is not valid UTF-8; check the terminal's encoding")
+            if text is not None and not text.strip():
+                raise QueryError("the query text is empty")
+        if query.target == "texts" and (query.path_glob or query.since or query.until):
+            raise QueryError("--path, --since and --until filter images; they do not apply to --target texts")
+        if query.target == "images" and query.corpus is not None:
+            raise QueryError("--corpus filters texts; use it with --target texts")
+        if query.corpus is not None and query.corpus not in self.store.corpora():
+            raise QueryError(f"no corpus named {query.corpus!r}; corpora: {', '.join(self.store.corpora()) or 'none'}")
+
     def search(self, query: SearchQuery) -> SearchResult:
         """Run one search and record it in the history; see :class:`SearchQuery`."""
         t0 = time.perf_counter()
@@ -407,6 +455,7 @@ class Engine:
             raise QueryError("k must be at least 1")
         if query.threshold is not None and not 0.0 <= query.threshold <= 1.0:
             raise QueryError("threshold is a probability between 0 and 1")
+        self._check_query(query)
         state = self.state()
         model = self.store.find_model(state.spec.spec)
         if model is None:
@@ -502,7 +551,7 @@ class Engine:
         if image is None:
             return None
         if isinstance(image, (str, os.PathLike)):
-            return str(Path(os.path.expanduser(os.fspath(image))).absolute())
+            return normalize_path(image, "query image path")
         return "<PIL image>"
 
     def _candidate_tokens(self, state: ModelSlot, ids: list[int], rows: dict[int, Image]) -> np.ndarray:
@@ -551,6 +600,8 @@ class Engine:
 
     def show(self, query_id: int) -> SearchResult:
         """A stored search's results, as they were found (nothing recomputed)."""
+        if not 0 < query_id < 2**63:
+            raise QueryError(f"no stored search with id {query_id}; see `crossfind history`")
         found = self.store.query(query_id)
         if found is None:
             raise QueryError(f"no stored search with id {query_id}; see `crossfind history`")
