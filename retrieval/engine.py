@@ -13,12 +13,10 @@ loses at most the work since the last checkpoint.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -200,7 +198,10 @@ class Engine:
         ``corpus`` defaults to the file's stem. Changed texts are re-encoded,
         new ones added; with ``replace`` texts no longer in the file are removed.
         Malformed records are reported (``report.errors``) and the rest load.
+        See :mod:`retrieval.ingest_texts`.
         """
+        from .ingest_texts import add_texts
+
         t0 = time.perf_counter()
         path = Path(path).expanduser()
         parsed = read_corpus(path)
@@ -209,64 +210,10 @@ class Engine:
             raise CorpusError(f"corpus name {corpus!r} is empty or not valid UTF-8; give one with --corpus NAME")
         state = self.state()
         self._mark_default(state)
-        store = self.store
-        report = TextsReport(scanned=parsed.read, failed=len(parsed.errors), errors=list(parsed.errors))
-        rows = {r.ext_id: r for r in store.corpus_rows(corpus)}
-        for rec in parsed.records:
-            row = rows.get(rec.ext_id)
-            if row is None:
-                store.session.add(TextItem(corpus=corpus, ext_id=rec.ext_id, text=rec.text, meta=rec.meta, content_hash=rec.content_hash))
-                report.added += 1
-            elif row.content_hash != rec.content_hash or row.meta != rec.meta:
-                if row.content_hash != rec.content_hash:
-                    report.updated += 1
-                else:
-                    report.unchanged += 1
-                row.text, row.meta, row.content_hash = rec.text, rec.meta, rec.content_hash
-            else:
-                report.unchanged += 1
-        texts = state.texts
-        if replace:
-            keep = {rec.ext_id for rec in parsed.records}
-            drop = [r.id for k, r in rows.items() if k not in keep]
-            if drop:
-                texts.remove(drop)
-                store.delete_texts(drop)
-                state.save_texts()
-                report.removed = len(drop)
-        store.commit()
-        self._encode_texts(state, store.corpus_rows(corpus), progress)
+        report = add_texts(self.store, state, parsed, corpus, replace,
+                           lambda total, desc, unit: _progress(total, desc, progress, unit))
         report.seconds = time.perf_counter() - t0
         return report
-
-    def _encode_texts(self, state: ModelSlot, rows: list[TextItem], progress: bool, batch_size: int = 256) -> int:
-        store = self.store
-        model_id = state.row.id
-        vec_map = store.text_vector_map(model_id)
-        todo = [r for r in rows if vec_map.get(r.id) != r.content_hash]
-        if not todo:
-            return 0
-        enc = state.encoder
-        index = state.texts
-        bar = _progress(len(todo), "encoding texts", progress, "text")
-        last = time.monotonic()
-        pending: list[tuple[int, str]] = []
-        for start in range(0, len(todo), batch_size):
-            part = todo[start : start + batch_size]
-            vecs = enc.encode_texts([r.text for r in part], batch_size=batch_size)
-            index.add([r.id for r in part], vecs)
-            pending.extend((r.id, r.content_hash) for r in part)
-            bar.update(len(part))
-            if time.monotonic() - last >= CHECKPOINT_SECONDS:
-                state.save_texts()
-                store.set_text_vectors(model_id, pending)
-                store.commit()
-                pending, last = [], time.monotonic()
-        bar.close()
-        state.save_texts()
-        store.set_text_vectors(model_id, pending)
-        store.commit()
-        return len(todo)
 
     # -------------------------------------------------------------- removal
     def images_under(self, paths: Iterable[str | os.PathLike[str]]) -> list[str]:

@@ -157,6 +157,7 @@ class Applied:
     moved_ids: set[int] = field(default_factory=set)
     same_ids: set[int] = field(default_factory=set)  # unchanged or touched
     had_vector: set[int] = field(default_factory=set)  # rows with a vector of this model before the run
+    was_pending: set[int] = field(default_factory=set)  # rows never decoded before (left pending by a crash)
 
 
 def apply_plan(store: Store, slot: ModelSlot, plan: Plan, rows: Mapping[int, Image]) -> Applied:
@@ -330,8 +331,10 @@ class Indexer:
         files = list(scan(roots, exclude=scan_opts.exclude, include_hidden=scan_opts.include_hidden, issues=issues))
         report.scanned = len(files)
         plan, rows = self._plan(roots, files, scan_opts.prune, opts.workers, issues)
+        pending_before = {rid for rid, row in rows.items() if row.status == "pending"}
         applied = apply_plan(self.store, self.slot, plan, rows)
         applied.had_vector = set(self.store.image_vector_map(self.slot.row.id))
+        applied.was_pending = pending_before
         todo = self._todo(roots, {f.path for f in files})
         bar = self.progress(len(todo), "indexing", "img")
         try:
@@ -397,10 +400,12 @@ def _count(report: IndexReport, plan: Plan, applied: Applied, todo: list[Image],
         if row.status == "failed":
             report.failed += 1
             report.failures.append((row.path, row.error or ""))
-        elif row.id in applied.new_ids or (row.id not in applied.had_vector and row.id not in changed):
+        elif row.id in applied.new_ids or (row.id in applied.was_pending and row.id not in changed):
             report.added += 1  # searchable now, and was not before (new, or pending since a crash)
-        else:
+        elif row.id in changed or row.id in applied.had_vector:
             report.updated += 1  # changed bytes, or an outdated vector
+        else:
+            report.unchanged += 1  # an unchanged file, new to this model (encoded: see ``encoded``)
     settled = applied.new_ids - todo_ids  # new rows that took a copy's status and vector
     for row in store.images_by_id(sorted(settled)).values():
         if row.status == "failed":
@@ -409,5 +414,5 @@ def _count(report: IndexReport, plan: Plan, applied: Applied, todo: list[Image],
         else:
             report.added += 1
     report.updated += len(applied.moved_ids - todo_ids)
-    report.unchanged = len(applied.same_ids - todo_ids)
+    report.unchanged += len(applied.same_ids - todo_ids)
     report.removed = len(plan.gone)

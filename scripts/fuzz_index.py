@@ -56,8 +56,8 @@ def main() -> int:
         ext = os.path.splitext(row.path)[1]
         by_ext[ext][row.status] += 1
         no_reason += row.status == "failed" and not row.error
-    print(f"| format | files | indexed | failed | left pending |")
-    print(f"| --- | ---: | ---: | ---: | ---: |")
+    print("| format | files | indexed | failed | left pending |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for ext in sorted(by_ext):
         c = by_ext[ext]
         print(f"| {ext[1:]} | {sum(c.values())} | {c['ok']} | {c['failed']} | {c['pending']} |")
