@@ -159,7 +159,7 @@ def add_texts_cmd(ctx: click.Context, file: str, corpus: str | None, replace: bo
     with _engine(ctx, model) as eng:
         rep = eng.add_texts(file, corpus=corpus, replace=replace, progress=not as_json)
     for err in rep.errors:
-        _stderr(f"{file}: {err}")
+        _stderr(f"{_show(file)}: {err}")
     if as_json:
         _print_json(rep.to_json())
         return
@@ -330,6 +330,7 @@ def history_cmd(ctx: click.Context, limit: int, as_json: bool) -> None:
         what = q.text or ""
         if q.image_path:
             what = (what + " " if what else "") + f"[image {q.image_path}]"
+        what = _show(what)
         extra = f" terms={json.dumps(q.terms)}" if q.terms else ""
         extra += f" filters={json.dumps(q.filters)}" if q.filters else ""
         when = q.created_at.isoformat(timespec="seconds")

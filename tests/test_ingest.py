@@ -155,6 +155,10 @@ def test_non_utf8_file_name_round_trips(tmp_path, tiny_model, capsysbinary):
     assert code == 0 and b"caf\\xe9-\\xff.png" in out
     code, out, _ = cli(["search", "--image", str(folder / "plain.png"), "--json"], lib, capsysbinary)
     assert json.loads(out)["hits"][0]["path"] == bad
+    code, out, _ = cli(["history"], lib, capsysbinary)  # the query image's name, escaped
+    assert code == 0 and b"caf\\xe9-\\xff.png" in out
+    code, out, _ = cli(["history", "--json"], lib, capsysbinary)
+    assert bad in [s["image"] for s in json.loads(out)["searches"]]
     code, out, _ = cli(["remove", bad], lib, capsysbinary)
     assert code == 0 and b"removed 1 images" in out
 
