@@ -67,8 +67,30 @@ def main() -> int:
     print(f"| **all** | {len(rows)} | {ok} | {failed} | {pending} |")
     print(f"\nfiles written {total}, scanned {rep.scanned}, indexed {ok}, failed {failed} (without a reason: {no_reason}), "
           f"pending {pending}, crashes 0, {seconds:.1f}s")
+    kinds = _raw_exceptions([row.path for row in rows if row.status == "failed"])
+    print("what plain Pillow raises on the failed files: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
     good = len(rows) == total and pending == 0 and no_reason == 0
     return 0 if good else 1
+
+
+def _raw_exceptions(paths: list[str]) -> collections.Counter[str]:
+    """The exception types Pillow itself raises on ``paths`` (open + load), to show
+    what an index run has to survive beyond OSError."""
+    import warnings
+
+    from PIL import Image
+
+    out: collections.Counter[str] = collections.Counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for p in paths:
+            try:
+                with Image.open(p) as im:
+                    im.load()
+                out["none (refused by crossfind's own checks)"] += 1
+            except Exception as exc:
+                out[type(exc).__name__] += 1
+    return out
 
 
 if __name__ == "__main__":
