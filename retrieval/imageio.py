@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import IO
@@ -43,19 +44,25 @@ _EXIF_DATETIME = 0x0132
 
 
 _HEIF_READY = False
+_HEIF_LOCK = threading.Lock()
 
 
 def _register_heif() -> None:
-    """Let Pillow open HEIC/HEIF (iPhone photos) through pillow-heif, once."""
+    """Let Pillow open HEIC/HEIF (iPhone photos) through pillow-heif, once
+    (loader threads call this at the same time: the lock makes them wait)."""
     global _HEIF_READY
     if _HEIF_READY:
         return
-    _HEIF_READY = True
-    try:
-        from pillow_heif import register_heif_opener
-    except ImportError:  # pragma: no cover - a core dependency; tolerated when missing
-        return
-    register_heif_opener()
+    with _HEIF_LOCK:
+        if _HEIF_READY:
+            return
+        try:
+            from pillow_heif import register_heif_opener
+
+            register_heif_opener()
+        except ImportError:  # pragma: no cover - a core dependency; tolerated when missing
+            pass
+        _HEIF_READY = True
 
 
 class ImageLoadError(Exception):

@@ -231,13 +231,16 @@ def hash_files(paths: list[str], workers: int | None, bar: Any) -> tuple[dict[st
         except OSError as exc:
             return p, None, describe_error(exc)
 
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers or default_workers())
+    try:
         for p, h, why in pool.map(one, paths):
             if h is not None:
                 out[p] = h
             elif why is not None:
                 issues.append(ScanIssue(p, why))
             bar.update(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: do not hash the rest first
     return out, issues
 
 
