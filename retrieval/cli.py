@@ -46,7 +46,15 @@ def _stderr(msg: str) -> None:
 
 
 def _print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, ensure_ascii=False))
+    from .paths import json_safe
+
+    click.echo(json_safe(json.dumps(obj, ensure_ascii=False)))
+
+
+def _show(path: str) -> str:
+    from .paths import display
+
+    return display(path)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -104,27 +112,44 @@ def _writer(eng: Engine, no_wait: bool) -> Any:
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per encoder batch (default 32 on CPU, 128 on GPU).")
 @click.option("--workers", type=click.IntRange(1, 64), help="Image decoding threads (default: number of cores, 2 to 8).")
 @click.option("--checkpoint-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="Make progress durable this often.")
+@click.option("--prune", is_flag=True, help="Also remove images indexed before that are still on disk but no longer "
+              "selected (hidden without --include-hidden, or matched by a new --exclude); by default they are kept.")
 @no_wait_option
 @json_option
 @click.pass_context
 def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exclude: tuple[str, ...], include_hidden: bool,
-              batch_size: int | None, workers: int | None, checkpoint_seconds: float, no_wait: bool, as_json: bool) -> None:
+              batch_size: int | None, workers: int | None, checkpoint_seconds: float, prune: bool, no_wait: bool,
+              as_json: bool) -> None:
     """Index image files under PATHS (incremental: only new or changed files are encoded).
+
+    Files that cannot be used (broken symlinks, unreadable or special files)
+    and files that fail to decode are listed on stderr. Images indexed before
+    that a new --exclude (or leaving out --include-hidden) no longer selects
+    are kept unless --prune.
 
     \b
     Example:
       crossfind index ~/Pictures --exclude '*/.thumbnails/*'
       crossfind index ~/Pictures --model shapes-tiny --json
+      crossfind index ~/Pictures --exclude 'screenshots' --prune
       crossfind index ~/Pictures --no-wait   # fail at once if another process is writing
     """
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
         rep = eng.index_folder(paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
-                               workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json)
+                               workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json, prune=prune)
+    for path, reason in rep.issues:
+        _stderr(f"skipped {_show(path)}: {reason}")
+    for path, reason in rep.failures:
+        _stderr(f"failed {_show(path)}: {reason}")
+    if rep.kept:
+        _stderr(f"kept {rep.kept} images indexed before that this run no longer selects (hidden or excluded); "
+                "rerun with --prune to remove them, or `crossfind remove PATH`")
     if as_json:
         _print_json(rep.to_json())
         return
     click.echo(f"scanned {rep.scanned}: {rep.added} added, {rep.updated} updated, {rep.unchanged} unchanged, "
-               f"{rep.removed} removed, {rep.failed} failed; {rep.encoded} encoded in {rep.seconds:.1f}s")
+               f"{rep.removed} removed, {rep.failed} failed" + (f", {len(rep.issues)} skipped" if rep.issues else "")
+               + (f", {rep.kept} kept" if rep.kept else "") + f"; {rep.encoded} encoded in {rep.seconds:.1f}s")
     if rep.failed:
         _stderr("see the failures with: crossfind status")
 
@@ -149,7 +174,7 @@ def add_texts_cmd(ctx: click.Context, file: str, corpus: str | None, replace: bo
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
         rep = eng.add_texts(file, corpus=corpus, replace=replace, progress=not as_json)
     for err in rep.errors:
-        _stderr(f"{file}: {err}")
+        _stderr(f"{_show(file)}: {err}")
     if as_json:
         _print_json(rep.to_json())
         return
@@ -158,19 +183,43 @@ def add_texts_cmd(ctx: click.Context, file: str, corpus: str | None, replace: bo
 
 
 def _parse_term(raw: str, sign: float) -> Term:
+    """``[W:][text:|image:]Q``: a weighted text or image term.
+
+    Without a prefix, Q is an image when it names an existing image file; Q
+    that looks like a path (an image extension, or starting with /, ./, ../
+    or ~) but does not exist is an error, so a typo is never searched as text.
+    """
+    import math
+
     from .imageio import IMAGE_EXTENSIONS
     from .types import Term
 
     weight, body = 1.0, raw
     head, sep, rest = raw.partition(":")
-    if sep and rest:
+    if sep and head not in ("text", "image"):
         try:
             weight, body = float(head), rest
         except ValueError:
             pass
+        if not math.isfinite(weight) or abs(weight) > 1000:
+            raise click.UsageError(f"term {raw!r}: the weight must be a finite number between -1000 and 1000")
+    kind, sep, rest = body.partition(":")
+    if sep and kind in ("text", "image"):
+        body = rest
+    else:
+        kind = ""
+    if not body.strip():
+        raise click.UsageError(f"term {raw!r} is empty")
+    if kind == "text":
+        return Term(sign * weight, text=body)
     p = Path(os.path.expanduser(body))
-    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-        return Term(sign * weight, image=str(p.absolute()))
+    looks_like_path = p.suffix.lower() in IMAGE_EXTENSIONS or body.startswith(("/", "./", "../", "~"))
+    if kind == "image" or looks_like_path:
+        if p.is_file():
+            return Term(sign * weight, image=os.path.abspath(p))
+        what = "is a folder, not an image file" if p.is_dir() else "does not exist"
+        hint = "" if kind == "image" else f"; to search it as text write text:{body}"
+        raise click.UsageError(f"term {raw!r}: {p} {what}{hint}")
     return Term(sign * weight, text=body)
 
 
@@ -182,9 +231,8 @@ def _print_result(res: SearchResult, fmt: str) -> None:
     if fmt == "json":
         _print_json(res.to_json())
         return
-    if fmt == "paths":
-        for h in res.hits:
-            click.echo(h.path if h.kind == "image" else h.text)
+    if fmt in ("paths", "null"):
+        _print_paths(res, fmt == "null")
         return
     if not res.hits:
         click.echo("no results")
@@ -193,14 +241,32 @@ def _print_result(res: SearchResult, fmt: str) -> None:
     header = f"{'rank':>4}  {'score':>6}" + (f"  {'match':>6}" if rr else "") + "  item"
     click.echo(header)
     for h in res.hits:
-        item = h.path if h.kind == "image" else h.text
+        item = _show(h.path or "") if h.kind == "image" else _show(h.text or "")
         click.echo(f"{h.rank:>4}  {_fmt(h.score):>6}" + (f"  {_fmt(h.rerank_score):>6}" if rr else "") + f"  {item}")
 
 
-def _output_format(as_json: bool, paths: bool) -> str:
-    if as_json and paths:
+def _print_paths(res: SearchResult, null: bool) -> None:
+    """One item per line with control characters escaped, or with ``null``
+    NUL-terminated raw bytes exactly as the file system names them (``find -print0``)."""
+    for h in res.hits:
+        item = (h.path if h.kind == "image" else h.text) or ""
+        if null:
+            click.echo(os.fsencode(item) + b"\0", nl=False)
+        else:
+            click.echo(_show(item))
+
+
+def _output_format(as_json: bool, paths: bool, null: bool = False) -> str:
+    if as_json and (paths or null):
         raise click.UsageError("choose one of --json and --paths")
+    if null:
+        return "null"
     return "json" if as_json else "paths" if paths else "table"
+
+
+null_option = click.option("-0", "--null", "null", is_flag=True,
+                           help="With --paths: end each path with a NUL byte instead of a newline, "
+                           "unescaped (for xargs -0), e.g. --paths -0 | xargs -0 ls -l.")
 
 
 @cli.command("search")
@@ -220,11 +286,12 @@ def _output_format(as_json: bool, paths: bool) -> str:
 @model_option
 @json_option
 @click.option("--paths", "paths_only", is_flag=True, help="Print one path (or text) per line, for xargs.")
+@null_option
 @click.pass_context
 def search_cmd(ctx: click.Context, query: str | None, image: str | None, target: str, k: int, candidates: int,
                no_rerank: bool, threshold: float | None, adds: tuple[str, ...], subs: tuple[str, ...],
                path_glob: str | None, corpus: str | None, since: dt.datetime | None, until: dt.datetime | None,
-               model: str | None, as_json: bool, paths_only: bool) -> None:
+               model: str | None, as_json: bool, paths_only: bool, null: bool) -> None:
     """Search the library by text and/or example image.
 
     \b
@@ -234,10 +301,11 @@ def search_cmd(ctx: click.Context, query: str | None, image: str | None, target:
       crossfind search --image photo.jpg --target texts        # best captions
       crossfind search "beach" --add 2:sunset --subtract people --paths | xargs open
       crossfind search "dog" --path '*/2024/*' --since 2024-06-01 --json
+      crossfind search "cat" --add image:cat.jpg --add text:kitten.png --paths -0 | xargs -0 ls
     """
     from .types import SearchQuery
 
-    fmt = _output_format(as_json, paths_only)
+    fmt = _output_format(as_json, paths_only, null)
     if query is None and image is None and not adds:
         raise click.UsageError("give a QUERY text, --image PATH, or --add terms")
     if until is not None and until.time() == dt.time(0):
@@ -273,6 +341,7 @@ def history_cmd(ctx: click.Context, limit: int, as_json: bool) -> None:
         what = e.text or ""
         if e.image:
             what = (what + " " if what else "") + f"[image {e.image}]"
+        what = _show(what)
         extra = f" terms={json.dumps(e.terms)}" if e.terms else ""
         extra += f" filters={json.dumps(e.filters)}" if e.filters else ""
         when = e.when.isoformat(timespec="seconds")
@@ -280,18 +349,19 @@ def history_cmd(ctx: click.Context, limit: int, as_json: bool) -> None:
 
 
 @cli.command("show")
-@click.argument("query_id", type=int)
+@click.argument("query_id", type=click.IntRange(1, 2**63 - 1))
 @json_option
 @click.option("--paths", "paths_only", is_flag=True, help="Print one path (or text) per line.")
+@null_option
 @click.pass_context
-def show_cmd(ctx: click.Context, query_id: int, as_json: bool, paths_only: bool) -> None:
+def show_cmd(ctx: click.Context, query_id: int, as_json: bool, paths_only: bool, null: bool) -> None:
     """Print a stored search's results again, without recomputing.
 
     \b
     Example:
       crossfind show 12 --json
     """
-    fmt = _output_format(as_json, paths_only)
+    fmt = _output_format(as_json, paths_only, null)
     with _engine(ctx) as eng:
         res = eng.show(query_id)
     _print_result(res, fmt)
@@ -324,7 +394,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     if st["failures"]:
         click.echo("failed files:")
         for f in st["failures"]:
-            click.echo(f"  {f['path']}: {f['error']}")
+            click.echo(f"  {_show(f['path'])}: {f['error']}")
 
 
 @cli.command("set-default-model")
@@ -343,18 +413,31 @@ def set_default_model_cmd(ctx: click.Context, spec: str, no_wait: bool) -> None:
     click.echo(f"default model: {name}")
 
 
+#: ``remove`` of more images than this asks for confirmation on a terminal.
+CONFIRM_REMOVE_OVER = 5
+
+
 @cli.command("remove")
 @click.argument("paths", nargs=-1, required=True)
+@click.option("--yes", "-y", is_flag=True, help=f"Do not ask before removing more than {CONFIRM_REMOVE_OVER} images.")
 @no_wait_option
 @click.pass_context
-def remove_cmd(ctx: click.Context, paths: tuple[str, ...], no_wait: bool) -> None:
+def remove_cmd(ctx: click.Context, paths: tuple[str, ...], yes: bool, no_wait: bool) -> None:
     """Remove images (files, or everything under folders) from the library.
+
+    The files themselves are not touched. On a terminal, removing more than a
+    handful of images asks first (--yes does not).
 
     \b
     Example:
       crossfind remove ~/Pictures/old
+      crossfind remove ~/Pictures/old --yes
     """
     with _engine(ctx) as eng, _writer(eng, no_wait):
+        if not yes and sys.stdin.isatty():
+            n = len(eng.images_under(paths))
+            if n > CONFIRM_REMOVE_OVER and not click.confirm(f"remove {n} images from the library? (--yes skips this)", err=True):
+                raise click.exceptions.Abort()
         n = eng.remove_images(paths)
     click.echo(f"removed {n} images")
 
@@ -442,9 +525,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CrossfindError as exc:
         click.echo(f"crossfind: error: {exc}", err=True)
         sys.exit(1)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(1)
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else "crossfind"
         click.echo(f"crossfind: error: {exc.format_message()} (see '{where} --help')", err=True)
@@ -452,7 +532,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"crossfind: error: {exc.format_message()}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.exceptions.Abort) as exc:
+        # click turns Ctrl-C inside a command into Abort (from KeyboardInterrupt)
+        if isinstance(exc, click.exceptions.Abort) and not isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            click.echo("aborted", err=True)
+            sys.exit(1)
         click.echo("interrupted; work up to the last checkpoint is kept", err=True)
         sys.exit(130)
     except BrokenPipeError:

@@ -43,6 +43,15 @@ def _norm(text: Any) -> str:
     return " ".join(str(text).split())
 
 
+def _encodable(obj: Any) -> bool:
+    """Whether a parsed JSON value can be stored as UTF-8 (JSON allows lone surrogates)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_corpus(path: str | Path) -> ParsedCorpus:
     """Parse a corpus file by its extension; raises :class:`CorpusError` if unreadable."""
     path = Path(path)
@@ -83,6 +92,9 @@ def read_corpus(path: str | Path) -> ParsedCorpus:
                 continue
             ext_id = str(obj["id"]) if obj.get("id") is not None else str(n)
             meta = {k: v for k, v in obj.items() if k not in ("text", "id")} or None
+            if not _encodable(obj):
+                out.errors.append(f"line {n}: not valid Unicode (a lone surrogate escape such as \\ud800)")
+                continue
             keep(TextRecord(ext_id, _norm(obj["text"]), meta, n))
     else:
         reader = csv.DictReader(raw.splitlines())

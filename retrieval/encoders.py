@@ -148,6 +148,9 @@ def _check_available(ms: ModelSpec) -> None:
             raise ModelNotAvailable(f"no open_clip_config.json in {ms.local_dir}; {hint}")
         if not any(any(ms.local_dir.glob(p)) for p in ("open_clip*.safetensors", "open_clip*.bin", "*model*.safetensors", "*.bin", "*.pth")):
             raise ModelNotAvailable(f"no weights (*.safetensors, *.bin, *.pth) in {ms.local_dir}; {hint}")
+        from .model_checks import check_open_clip_config
+
+        check_open_clip_config(ms.local_dir)
         return
     import open_clip
 
@@ -460,7 +463,13 @@ def load_encoder(spec: str | ModelSpec, device: str | None = None) -> Encoder:
         with skip:
             model, _, preprocess = open_clip.create_model_and_transforms(ms.model_name, pretrained=ms.pretrained, device="cpu")
         tokenizer = open_clip.get_tokenizer(ms.model_name)
-    except (RuntimeError, OSError, ValueError) as exc:
+    except Exception as exc:
+        local = ms.local_dir or (Path(ms.pretrained) if ms.pretrained and os.path.sep in ms.pretrained else None)
+        if local is not None:  # the files are here: they are damaged or do not fit, nothing to download
+            raise ModelNotAvailable(
+                f"cannot load model {ms.spec!r}: the files in {local} are damaged or do not fit its config "
+                f"({type(exc).__name__}: {_first_line(exc)})"
+            ) from exc
         where = ms.pretrained or ms.model_name
         raise ModelNotAvailable(
             f"cannot load model {ms.spec!r}: weights for {where} are neither cached nor downloadable ({_first_line(exc)}); "

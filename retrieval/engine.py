@@ -13,14 +13,13 @@ loses at most the work since the last checkpoint.
 
 from __future__ import annotations
 
-import datetime as dt
 import errno
 import functools
 import logging
+import math
 import os
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -30,16 +29,19 @@ from sqlalchemy import select
 
 from .corpus import read_corpus
 from .encoders import DEFAULT_MODEL, Encoder, parse_spec
-from .errors import LibraryError, QueryError
+from .errors import CorpusError, LibraryError, QueryError
 from .imageio import ImageLoadError, LoadedImage, load_image
 from .lock import WriterLock
-from .pipeline import default_workers, load_batches
-from .scan import FileInfo, file_hash, scan
+from .paths import is_utf8, normalize_path
+from .scan import file_hash
 from .slot import ModelSlot
 from .store import Image, ImageVector, Query, Result, Store, TextItem, TextVector, open_store, utcnow
 from .types import TARGETS, HistoryEntry, Hit, ImageInput, IndexReport, SearchQuery, SearchResult, TextsReport
 
 LOG = logging.getLogger(__name__)
+
+#: Largest |weight| of an --add/--subtract term (larger ones overflow float32 sums).
+MAX_TERM_WEIGHT = 1000.0
 
 #: Seconds between checkpoints (index save + commit) while indexing.
 CHECKPOINT_SECONDS = 30.0
@@ -90,6 +92,17 @@ def default_library() -> Path:
     return Path(xdg) / "crossfind"
 
 
+def path_pattern(glob: str) -> str:
+    """The SQLite GLOB for ``--path``: absolute globs as given (normalised), others
+    match at any depth (``'2024/*'`` is ``'*/2024/*'``); a leading ``./`` is
+    dropped, never a leading dot of a name (``'.hidden/*'``)."""
+    if glob.startswith("/"):
+        return glob
+    while glob.startswith("./"):
+        glob = glob[2:]
+    return glob if glob.startswith("*") else "*/" + glob
+
+
 def _progress(total: int | None, desc: str, enabled: bool, unit: str = "img") -> Any:
     from tqdm.auto import tqdm
 
@@ -137,6 +150,8 @@ class Engine:
         library's default model is used, else ``ViT-B-32:laion2b_s34b_b79k``.
         Nothing heavy is loaded until it is needed.
         """
+        if library_dir is not None and not os.fspath(library_dir).strip():
+            raise LibraryError("empty library path; give a folder (or leave --library out for the default)")
         lib = Path(library_dir).expanduser() if library_dir is not None else default_library()
         if lib.exists() and not lib.is_dir():
             raise LibraryError(f"library path {lib} is a file, not a folder")
@@ -263,196 +278,30 @@ class Engine:
         workers: int | None = None,
         checkpoint_seconds: float = CHECKPOINT_SECONDS,
         progress: bool = False,
+        prune: bool = False,
     ) -> IndexReport:
         """Index image files under ``paths`` incrementally; returns counts.
 
         Unchanged files (same size and mtime) are not decoded again; renamed
         or duplicated files are recognised by content hash and reuse their
         vector; files gone from disk leave the store and the index; files that
-        cannot be decoded are recorded as failed with their reason.
+        cannot be decoded are recorded as failed with their reason. Files
+        indexed before that are still on disk but no longer selected (hidden,
+        or matched by a new ``exclude``) are kept and reported, or removed
+        with ``prune``. See :mod:`retrieval.indexing`.
         """
+        from .indexing import EncodeOptions, Indexer, ScanOptions
+
         t0 = time.perf_counter()
         roots = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        abs_roots = []
-        for r in roots:
-            p = Path(os.path.expanduser(os.fspath(r))).absolute()
-            if not p.exists():
-                raise LibraryError(f"{p}: no such file or folder")
-            abs_roots.append(str(p))
         state = self.state()
-        model_id = state.row.id
+        state.row  # loads the model before anything is written
         self._mark_default(state)
-        store = self.store
-        report = IndexReport()
-
-        files = list(scan(abs_roots, exclude=exclude, include_hidden=include_hidden))
-        report.scanned = len(files)
-        existing = {row.path: row for row in store.images_under(abs_roots)}
-        found = {f.path for f in files}
-        gone = {p: row for p, row in existing.items() if p not in found}
-        new_files: list[FileInfo] = []
-        changed: list[tuple[FileInfo, Image]] = []
-        for f in files:
-            row = existing.get(f.path)
-            if row is None:
-                new_files.append(f)
-            elif row.size != f.size or row.mtime_ns != f.mtime_ns:
-                changed.append((f, row))
-            else:
-                report.unchanged += 1
-
-        hashes = self._hash_files([f.path for f in new_files] + [f.path for f, _ in changed], workers, progress)
-        vectors = state.images
-        vec_map = store.image_vector_map(model_id)
-        for f, row in changed:
-            h = hashes.get(f.path)
-            if h is None:
-                continue  # vanished while scanning
-            if h == row.content_hash:
-                report.unchanged += 1  # touched, same bytes
-            else:
-                report.updated += 1
-                row.content_hash, row.status, row.error = h, "pending", None
-            row.size, row.mtime_ns = f.size, f.mtime_ns
-        gone_by_hash: dict[str, list[Image]] = {}
-        for row in gone.values():
-            gone_by_hash.setdefault(row.content_hash, []).append(row)
-        known = store.images_by_hash(h for p, h in hashes.items() if p not in existing)
-        copies: list[tuple[int, int, str]] = []  # (new id, source id, hash) sharing a vector
-        for f in new_files:
-            h = hashes.get(f.path)
-            if h is None:
-                continue
-            moved = gone_by_hash.get(h)
-            if moved:
-                row = moved.pop()
-                del gone[row.path]
-                row.path, row.size, row.mtime_ns = f.path, f.size, f.mtime_ns
-                report.updated += 1
-                continue
-            source = next((r for r in known.get(h, []) if r.path not in gone), None)
-            row = Image(path=f.path, size=f.size, mtime_ns=f.mtime_ns, content_hash=h, status="pending")
-            if source is not None and source.status in ("ok", "failed"):
-                row.status, row.error = source.status, source.error
-                row.width, row.height, row.taken_at = source.width, source.height, source.taken_at
-            store.session.add(row)
-            store.session.flush()
-            report.added += 1
-            if source is not None and source.id in vec_map and vec_map[source.id] == h:
-                copies.append((row.id, source.id, h))
-        if gone:
-            ids = [row.id for row in gone.values()]
-            vectors.remove(ids)
-            store.delete_images(ids)
-            report.removed = len(ids)
-        if copies:
-            vectors.add([n for n, _, _ in copies], vectors.reconstruct([s for _, s, _ in copies]))
-            tokens = state.tokens
-            src_tokens = state.read_tokens([s for _, s, _ in copies])[0] if tokens is not None else {}
-            token_src = set(src_tokens)
-            if tokens is not None and token_src:
-                pairs = [(n, s) for n, s, _ in copies if s in token_src]
-                tokens.write([n for n, _ in pairs], np.stack([src_tokens[s] for _, s in pairs]))
-            state.record_images([(n, h, s in token_src) for n, s, h in copies])
-        if gone or copies:
-            state.save_images()
-        store.commit()
-
-        # Everything under the roots that lacks a current vector for this model.
-        vec_map = store.image_vector_map(model_id)
-        todo = [
-            row
-            for row in store.images_under(abs_roots)
-            if row.status != "failed" and vec_map.get(row.id) != row.content_hash
-        ]
-        self._encode_images(state, todo, report, batch_size, workers, checkpoint_seconds, progress)
-        report.failed = sum(row.status == "failed" for row in todo)
+        indexer = Indexer(self.store, state, lambda total, desc, unit: _progress(total, desc, progress, unit))
+        report = indexer.run(roots, ScanOptions(tuple(exclude), include_hidden, prune),
+                             EncodeOptions(batch_size, workers, checkpoint_seconds))
         report.seconds = time.perf_counter() - t0
         return report
-
-    def _hash_files(self, paths: list[str], workers: int | None, progress: bool) -> dict[str, str]:
-        out: dict[str, str] = {}
-        if not paths:
-            return out
-        bar = _progress(len(paths), "hashing", progress, "file")
-
-        def one(p: str) -> tuple[str, str | None]:
-            try:
-                return p, file_hash(p)
-            except OSError:
-                return p, None
-
-        with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-            for p, h in pool.map(one, paths):
-                if h is not None:
-                    out[p] = h
-                bar.update(1)
-        bar.close()
-        return out
-
-    def _encode_images(
-        self,
-        state: ModelSlot,
-        rows: list[Image],
-        report: IndexReport,
-        batch_size: int | None,
-        workers: int | None,
-        checkpoint_seconds: float,
-        progress: bool,
-    ) -> None:
-        if not rows:
-            return
-        enc = state.encoder
-        model_id = state.row.id
-        index = state.images
-        tokens = state.tokens
-        batch_size = batch_size or (128 if enc.device.startswith("cuda") else 32)
-        size = enc.image_size
-
-        def load(row: Image) -> tuple[LoadedImage, Any]:
-            img = load_image(row.path, min_size=size)
-            return img, enc.prepare(img.image)
-
-        bar = _progress(len(rows), "indexing", progress)
-        pending: list[tuple[int, str, bool]] = []
-        last = time.monotonic()
-        try:
-            for batch in load_batches(rows, load, batch_size, workers, errors=(ImageLoadError, OSError)):
-                good = []
-                for out in batch:
-                    row = out.item
-                    if out.error is not None:
-                        row.status, row.error = "failed", out.error
-                        continue
-                    assert out.value is not None
-                    loaded, pixels = out.value
-                    row.status, row.error = "ok", None
-                    row.width, row.height = loaded.width, loaded.height
-                    row.taken_at = loaded.taken_at or dt.datetime.fromtimestamp(row.mtime_ns / 1e9)
-                    good.append((row, pixels))
-                if good:
-                    x = enc.batch([p for _, p in good])
-                    vecs, toks = enc.encode_images(x, with_tokens=tokens is not None, token_layer=state.token_layer)
-                    ids = [r.id for r, _ in good]
-                    index.add(ids, vecs)
-                    if tokens is not None and toks is not None:
-                        tokens.write(ids, toks)
-                    pending.extend((r.id, r.content_hash, toks is not None) for r, _ in good)
-                    report.encoded += len(good)
-                bar.update(len(batch))
-                if time.monotonic() - last >= checkpoint_seconds:
-                    self._checkpoint_images(state, model_id, pending)
-                    pending = []
-                    last = time.monotonic()
-        finally:
-            bar.close()
-        self._checkpoint_images(state, model_id, pending)
-
-    def _checkpoint_images(self, state: ModelSlot, model_id: int, pending: list[tuple[int, str, bool]]) -> None:
-        """Make the work so far durable: index (and tokens) first, then rows."""
-        state.save_images()
-        state.record_images(pending)
-        self.store.commit()
 
     # --------------------------------------------------------------- texts
     @writes
@@ -462,77 +311,35 @@ class Engine:
         ``corpus`` defaults to the file's stem. Changed texts are re-encoded,
         new ones added; with ``replace`` texts no longer in the file are removed.
         Malformed records are reported (``report.errors``) and the rest load.
+        See :mod:`retrieval.ingest_texts`.
         """
+        from .ingest_texts import add_texts
+
         t0 = time.perf_counter()
         path = Path(path).expanduser()
         parsed = read_corpus(path)
         corpus = corpus or path.stem
+        if not corpus.strip() or not is_utf8(corpus):
+            raise CorpusError(f"corpus name {corpus!r} is empty or not valid UTF-8; give one with --corpus NAME")
         state = self.state()
         self._mark_default(state)
-        store = self.store
-        report = TextsReport(scanned=parsed.read, failed=len(parsed.errors), errors=list(parsed.errors))
-        rows = {r.ext_id: r for r in store.corpus_rows(corpus)}
-        for rec in parsed.records:
-            row = rows.get(rec.ext_id)
-            if row is None:
-                store.session.add(TextItem(corpus=corpus, ext_id=rec.ext_id, text=rec.text, meta=rec.meta, content_hash=rec.content_hash))
-                report.added += 1
-            elif row.content_hash != rec.content_hash or row.meta != rec.meta:
-                if row.content_hash != rec.content_hash:
-                    report.updated += 1
-                else:
-                    report.unchanged += 1
-                row.text, row.meta, row.content_hash = rec.text, rec.meta, rec.content_hash
-            else:
-                report.unchanged += 1
-        texts = state.texts
-        if replace:
-            keep = {rec.ext_id for rec in parsed.records}
-            drop = [r.id for k, r in rows.items() if k not in keep]
-            if drop:
-                texts.remove(drop)
-                store.delete_texts(drop)
-                state.save_texts()
-                report.removed = len(drop)
-        store.commit()
-        self._encode_texts(state, store.corpus_rows(corpus), progress)
+        report = add_texts(self.store, state, parsed, corpus, replace,
+                           lambda total, desc, unit: _progress(total, desc, progress, unit))
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _encode_texts(self, state: ModelSlot, rows: list[TextItem], progress: bool, batch_size: int = 256) -> int:
-        store = self.store
-        model_id = state.row.id
-        vec_map = store.text_vector_map(model_id)
-        todo = [r for r in rows if vec_map.get(r.id) != r.content_hash]
-        if not todo:
-            return 0
-        enc = state.encoder
-        index = state.texts
-        bar = _progress(len(todo), "encoding texts", progress, "text")
-        last = time.monotonic()
-        pending: list[tuple[int, str]] = []
-        for start in range(0, len(todo), batch_size):
-            part = todo[start : start + batch_size]
-            vecs = enc.encode_texts([r.text for r in part], batch_size=batch_size)
-            index.add([r.id for r in part], vecs)
-            pending.extend((r.id, r.content_hash) for r in part)
-            bar.update(len(part))
-            if time.monotonic() - last >= CHECKPOINT_SECONDS:
-                state.save_texts()
-                state.record_texts(pending)
-                store.commit()
-                pending, last = [], time.monotonic()
-        bar.close()
-        state.save_texts()
-        state.record_texts(pending)
-        store.commit()
-        return len(todo)
-
     # -------------------------------------------------------------- removal
+    def images_under(self, paths: Iterable[str | os.PathLike[str]]) -> list[str]:
+        """Paths of the library's images that are ``paths`` or lie under them."""
+        roots = [normalize_path(p) for p in paths]
+        return sorted(r.path for r in self.store.images_under(roots))
+
     @writes
     def remove_images(self, paths: Iterable[str | os.PathLike[str]]) -> int:
         """Remove images (files, or every image under folders) from the library."""
-        roots = [str(Path(os.path.expanduser(os.fspath(p))).absolute()) for p in paths]
+        roots = [normalize_path(p) for p in paths]
+        if not roots:
+            raise LibraryError("no path to remove")
         rows = self.store.images_under(roots)
         ids = [r.id for r in rows]
         if ids:
@@ -625,8 +432,10 @@ class Engine:
             from .imageio import to_rgb
 
             return LoadedImage(to_rgb(image), image.width, image.height, None)
-        path = Path(os.path.expanduser(os.fspath(image)))
-        if not path.is_file():
+        path = Path(normalize_path(image, "query image path"))
+        if path.is_dir():
+            raise QueryError(f"query image {path} is a folder; give an image file")
+        if not path.exists():
             raise QueryError(f"query image {path} does not exist")
         try:
             return load_image(path, min_size=self.encoder.image_size)
@@ -649,7 +458,7 @@ class Engine:
                 return None
             q = select(Image.id).join(ImageVector, ImageVector.image_id == Image.id).where(ImageVector.model_id == model_id)
             if query.path_glob is not None:
-                pattern = query.path_glob if query.path_glob.startswith("/") else "*/" + query.path_glob.lstrip("./")
+                pattern = path_pattern(query.path_glob)
                 q = q.where(Image.path.op("GLOB")(pattern))
             if query.since is not None:
                 q = q.where(Image.taken_at >= query.since)
@@ -667,9 +476,9 @@ class Engine:
         """Library ids of the query image itself (same path or same bytes)."""
         if query.target != "images" or query.image is None or not isinstance(query.image, (str, os.PathLike)):
             return set()
-        path = Path(os.path.expanduser(os.fspath(query.image))).absolute()
+        path = normalize_path(query.image, "query image path")
         out = set()
-        row = self.store.image_by_path(str(path))
+        row = self.store.image_by_path(path)
         if row is not None:
             out.add(row.id)
         try:
@@ -680,6 +489,25 @@ class Engine:
             out.update(r.id for r in rows)
         return out
 
+    def _check_query(self, query: SearchQuery) -> None:
+        """Refuse what would be silently wrong: bad weights, text that is not
+        UTF-8, filters that do not apply to the target, an unknown corpus."""
+        for t in query.terms:
+            if not math.isfinite(t.weight) or abs(t.weight) > MAX_TERM_WEIGHT:
+                raise QueryError(f"term weight {t.weight!r} must be a finite number between "
+                                 f"-{MAX_TERM_WEIGHT:g} and {MAX_TERM_WEIGHT:g}")
+        for text in [query.text] + [t.text for t in query.terms]:
+            if text is not None and not is_utf8(text):
+                raise QueryError("the query text is not valid UTF-8; check the terminal's encoding")
+            if text is not None and not text.strip():
+                raise QueryError("the query text is empty")
+        if query.target == "texts" and (query.path_glob or query.since or query.until):
+            raise QueryError("--path, --since and --until filter images; they do not apply to --target texts")
+        if query.target == "images" and query.corpus is not None:
+            raise QueryError("--corpus filters texts; use it with --target texts")
+        if query.corpus is not None and query.corpus not in self.store.corpora():
+            raise QueryError(f"no corpus named {query.corpus!r}; corpora: {', '.join(self.store.corpora()) or 'none'}")
+
     def search(self, query: SearchQuery) -> SearchResult:
         """Run one search and record it in the history; see :class:`SearchQuery`."""
         t0 = time.perf_counter()
@@ -689,6 +517,7 @@ class Engine:
             raise QueryError("k must be at least 1")
         if query.threshold is not None and not 0.0 <= query.threshold <= 1.0:
             raise QueryError("threshold is a probability between 0 and 1")
+        self._check_query(query)
         state = self.state()
         model = self.store.find_model(state.spec.spec)
         if model is None:
@@ -805,7 +634,7 @@ class Engine:
         if image is None:
             return None
         if isinstance(image, (str, os.PathLike)):
-            return str(Path(os.path.expanduser(os.fspath(image))).absolute())
+            return normalize_path(image, "query image path")
         return "<PIL image>"
 
     def _candidate_tokens(self, state: ModelSlot, ids: list[int], rows: dict[int, Image]) -> np.ndarray:
@@ -844,6 +673,8 @@ class Engine:
 
     def show(self, query_id: int) -> SearchResult:
         """A stored search's results, as they were found (nothing recomputed)."""
+        if not 0 < query_id < 2**63:
+            raise QueryError(f"no stored search with id {query_id}; see `crossfind history`")
         found = self.store.query(query_id)
         if found is None:
             raise QueryError(f"no stored search with id {query_id}; see `crossfind history`")

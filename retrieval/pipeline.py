@@ -2,7 +2,11 @@
 
 Pillow releases the GIL while it decodes and resizes, so a thread pool keeps
 the next batches decoding while the encoder runs on the current one. Results
-come back in input order; a failure is returned in place, never raised.
+come back in input order; a failure is returned in place, never raised:
+any ``Exception`` from loading one item is that item's outcome (only
+``MemoryError``, which is about the process, and ``KeyboardInterrupt`` /
+``SystemExit`` propagate). When the consumer stops early (Ctrl-C, an error),
+items not yet started are cancelled instead of waited for.
 """
 
 from __future__ import annotations
@@ -32,12 +36,21 @@ class Outcome(Generic[T, R]):
         self.error = error
 
 
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason:
+        return reason
+    msg = str(exc).strip()
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
 def _call(fn: Callable[[T], R], item: T, errors: tuple[type[BaseException], ...]) -> Outcome[T, R]:
     try:
         return Outcome(item, fn(item), None)
+    except MemoryError:
+        raise
     except errors as exc:
-        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-        return Outcome(item, None, reason)
+        return Outcome(item, None, _reason(exc))
 
 
 def load_batches(
@@ -56,7 +69,8 @@ def load_batches(
     ahead = batch_size * 2 + workers
     pending: deque[Future[Outcome[T, R]]] = deque()
     it = iter(items)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crossfind-load") as pool:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crossfind-load")
+    try:
         exhausted = False
 
         def fill() -> None:
@@ -76,3 +90,7 @@ def load_batches(
                 batch.append(pending.popleft().result())
                 fill()
             yield batch
+    finally:
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)

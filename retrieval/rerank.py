@@ -77,8 +77,17 @@ class RerankerConfig:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> RerankerConfig:
-        data = json.loads(text)
+    def from_json(cls, text: str, where: str = "reranker.json") -> RerankerConfig:
+        """Parse and validate (types, sane bounds) a saved config; one-line errors."""
+        from .model_checks import check_reranker_config
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelNotAvailable(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise ModelNotAvailable(f"{where} must hold a JSON object")
+        check_reranker_config(data, where)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -591,7 +600,11 @@ class Reranker:
                 f"no reranker in {where} (needs {WEIGHTS_NAME} and {CONFIG_NAME}); "
                 f"train one with scripts/train_reranker.py --model {name}"
             )
-        config = RerankerConfig.from_json(cfg_path.read_text())
+        try:
+            text = cfg_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelNotAvailable(f"cannot read {cfg_path}: {exc}") from None
+        config = RerankerConfig.from_json(text, where=str(cfg_path))
         if not callable(encoder):
             _check_compatible(config, encoder, where=str(where))
         module = CrossAttentionITM(config)
@@ -601,7 +614,7 @@ class Reranker:
             # its mask token, which scoring never used.
             state.pop("mask_token", None)
             module.load_state_dict({k: v.float() for k, v in state.items()})
-        except (RuntimeError, OSError) as exc:  # weights of another config, or a damaged file
+        except Exception as exc:  # weights of another config, or a damaged (truncated) file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelNotAvailable(
                 f"reranker weights in {where} do not fit {CONFIG_NAME} ({first}); retrain with "

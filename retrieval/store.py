@@ -27,15 +27,18 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    cast,
     create_engine,
     delete,
     event,
     func,
     select,
+    type_coerce,
     update,
 )
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 from .errors import LibraryError
 
@@ -49,6 +52,34 @@ CHUNK = 900
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class FsPath(TypeDecorator[str]):
+    """A file path stored losslessly: names that are not valid UTF-8 (carried in
+    Python as surrogateescape'd ``str``) go to SQLite as their raw bytes in a
+    TEXT value, and come back as the same ``str``. Valid UTF-8 is plain text."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return value.encode("utf-8", "surrogateescape")
+        return value
+
+    def bind_expression(self, bindvalue: Any) -> Any:
+        return cast(bindvalue, String)  # raw bytes stay TEXT, so comparisons and substr work
+
+    def column_expression(self, column: Any) -> Any:
+        return type_coerce(cast(column, LargeBinary), self)  # fetched as bytes: sqlite3 would refuse to decode them
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return bytes(value).decode("utf-8", "surrogateescape")
+        return value
 
 
 class Base(DeclarativeBase):
@@ -70,7 +101,7 @@ class Image(Base):
 
     __tablename__ = "images"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(String, unique=True)
+    path: Mapped[str] = mapped_column(FsPath, unique=True)
     size: Mapped[int] = mapped_column(Integer)
     mtime_ns: Mapped[int] = mapped_column(Integer)
     content_hash: Mapped[str] = mapped_column(String, index=True)
@@ -126,7 +157,7 @@ class Query(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     model: Mapped[str] = mapped_column(String)
     text: Mapped[str | None] = mapped_column(Text, nullable=True)
-    image_path: Mapped[str | None] = mapped_column(String, nullable=True)
+    image_path: Mapped[str | None] = mapped_column(FsPath, nullable=True)
     target: Mapped[str] = mapped_column(String)
     terms: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     filters: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -146,7 +177,7 @@ class Result(Base):
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String)
     item_id: Mapped[int] = mapped_column(Integer)
-    path: Mapped[str | None] = mapped_column(String, nullable=True)
+    path: Mapped[str | None] = mapped_column(FsPath, nullable=True)
     text: Mapped[str | None] = mapped_column(Text, nullable=True)
     score: Mapped[float] = mapped_column(Float)
     rerank_score: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -308,9 +339,10 @@ class Store:
         """Image rows whose path lies under any of ``roots`` (absolute paths)."""
         out: dict[int, Image] = {}
         for root in roots:
-            prefix = root.rstrip("/") + "/"
-            # substr, not LIKE: SQLite's LIKE ignores case, paths must not
-            in_root = func.substr(Image.path, 1, len(prefix)) == prefix
+            base = root.rstrip("/")
+            # A byte range, not LIKE or substr: LIKE ignores case, and both count
+            # characters, which paths that are not UTF-8 do not have. '0' follows '/'.
+            in_root = (Image.path > base + "/") & (Image.path < base + "0")
             q = select(Image).where((Image.path == root) | in_root)
             for row in self.session.scalars(q):
                 out[row.id] = row

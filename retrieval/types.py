@@ -163,6 +163,10 @@ class IndexReport(_Counts):
     """Counts of one ``index`` run."""
 
     encoded: int = 0  # images run through the encoder in this run
+    kept: int = 0  # indexed before, still on disk, not selected now (hidden or excluded): kept
+    kept_paths: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of files failed in this run
+    issues: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) skipped: unreadable, broken link...
 
 
 @dataclass
