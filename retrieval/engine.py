@@ -289,7 +289,7 @@ class Engine:
     ) -> None:
         if not rows:
             return
-        enc = state.encoder
+        enc = state.runtime("image")
         model_id = state.row.id
         index = state.images
         tokens = state.tokens
@@ -393,7 +393,7 @@ class Engine:
         todo = [r for r in rows if vec_map.get(r.id) != r.content_hash]
         if not todo:
             return 0
-        enc = state.encoder
+        enc = state.runtime("text")
         index = state.texts
         bar = _progress(len(todo), "encoding texts", progress, "text")
         last = time.monotonic()
@@ -484,7 +484,7 @@ class Engine:
             if raw is not None and len(raw) == 4 * state.dim:
                 vec = np.frombuffer(raw, dtype=np.float32).copy()
             else:
-                vec = state.encoder.encode_texts([text])[0]
+                vec = state.runtime("text").encode_texts([text])[0]
             self._text_vectors[key] = vec
         return vec
 
@@ -514,14 +514,14 @@ class Engine:
         if not path.is_file():
             raise QueryError(f"query image {path} does not exist")
         try:
-            return load_image(path, min_size=self.encoder.image_size)
+            return load_image(path, min_size=self.state().runtime("image").image_size)
         except ImageLoadError as exc:
             raise QueryError(f"cannot use query image {path}: {exc.reason}") from None
 
     def _encode_query_image(
         self, image: ImageInput, with_tokens: bool = False, token_layer: str = "final"
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        enc = self.encoder
+        enc = self.state().runtime("image")
         loaded = self._open_query_image(image)
         vecs, toks = enc.encode_images(enc.image_batch([loaded.image]), with_tokens=with_tokens, token_layer=token_layer)
         return vecs[0], (toks[0] if toks is not None else None)
@@ -588,7 +588,7 @@ class Engine:
         timings["encode"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        index = state.images if query.target == "images" else state.texts
+        index = state.search_index(query.target)
         allowed = self._allowed(query, model.id)
         exclude = self._exclude_query_image(query)
         text_mode = query.text is not None and query.image is None
@@ -684,7 +684,7 @@ class Engine:
                 out[i] = t
         missing = [i for i in ids if i not in out]
         if missing:
-            enc = state.encoder
+            enc = state.runtime("image")
             ok: list[int] = []
             pix = []
             for i in missing:
