@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from .encoders import Encoder, ModelSpec, load_encoder, weights_fingerprint
 from .index import VectorIndex
-from .onnx_runtime import OnnxEncoder, OnnxReranker, export_dir, export_key, find_export, onnx_enabled
+from .onnx_runtime import OnnxEncoder, OnnxReranker, export_key, find_export, onnx_enabled
 from .store import Store
 from .tokens import TokenStore
 
@@ -107,7 +107,7 @@ class ModelSlot:
     def _open_onnx(self) -> OnnxEncoder | None:
         key = export_key(self.spec, self._fingerprint)
         where = find_export(self.library_dir, self.spec, key)
-        failed = export_dir(self.library_dir, self.spec, key).with_suffix(".failed")
+        failed = self.dir / f"onnx-{key}.failed"  # beside, not inside, the export: its folder may be what fails
         if where is None and not failed.is_file():
             where = self._export(key, failed)
         if where is None:
@@ -125,8 +125,11 @@ class ModelSlot:
 
             return export_model(self.encoder, self.library_dir, key, reranker=self._torch_reranker())
         except Exception as exc:  # any exporter failure: torch keeps working
-            failed.parent.mkdir(parents=True, exist_ok=True)
-            failed.write_text(f"{type(exc).__name__}: {exc}\n")
+            try:
+                failed.parent.mkdir(parents=True, exist_ok=True)
+                failed.write_text(f"{type(exc).__name__}: {exc}\n")
+            except OSError:
+                pass  # then it is tried (and said) again next time
             LOG.warning("could not export %s to ONNX (%s); searches use torch (slower to start). "
                         "Delete %s to try again.", self.spec.spec, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__, failed)
             return None
