@@ -82,6 +82,9 @@ class Engine:
         self._text_vectors: dict[tuple[str, str], np.ndarray] = {}
         self._query_tokens: dict[tuple[str, str], np.ndarray] = {}  # reranker tokens of text queries
         self._model_spec = model
+        #: Free each ONNX session as soon as a search is done with it: lower peak
+        #: memory for a process that searches once (the CLI), slower for one that searches on.
+        self.lean = False
         if encoder is not None:
             self._models[encoder.spec.spec] = ModelSlot(store, self.library_dir, encoder.spec, device=device, encoder=encoder)
             self._model_spec = encoder.spec.spec
@@ -586,6 +589,8 @@ class Engine:
         timings: dict[str, float] = {}
         vec = self.query_vector(query)
         timings["encode"] = time.perf_counter() - t0
+        if self.lean and state.onnx_loaded is not None and not (query.rerank and state.reranker is not None):
+            state.onnx_loaded.release()  # before the index is read: the two never share the peak
 
         t1 = time.perf_counter()
         index = state.search_index(query.target)

@@ -118,6 +118,10 @@ class OnnxEncoder:
             self._sessions[part] = _session(self.folder / name, self.threads)
         return self._sessions[part]
 
+    def release(self) -> None:
+        """Close every session (each is created again on its next use)."""
+        self._sessions.clear()
+
     # ------------------------------------------------------------------ texts
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -238,7 +242,16 @@ class OnnxReranker:
             bool(cfg.get("text_words", False)), float(cfg.get("temperature", 1.0)), float(cfg.get("shift", 0.0)),
         )
 
+    def score_images(self, text: str | np.ndarray, image_tokens: np.ndarray, dual_scores: np.ndarray | None = None) -> np.ndarray:
+        """Match probabilities of one text query against candidate patch tokens."""
+        return self.probability(self.logits_images(text, image_tokens, dual_scores))
+
+    def score_texts(self, image_tokens: np.ndarray, texts: Sequence[str], dual_scores: np.ndarray | None = None) -> np.ndarray:
+        """Match probabilities of one image query against candidate texts."""
+        return self.probability(self.logits_texts(image_tokens, texts, dual_scores))
+
     def probability(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated match probabilities of raw logits."""
         z = (np.asarray(logits, np.float32) - np.float32(self.config.shift)) / np.float32(self.config.temperature)
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 

@@ -104,6 +104,11 @@ class ModelSlot:
             self._onnx = None if self._injected or not onnx_enabled(self.device) else self._open_onnx()
         return self._onnx
 
+    @property
+    def onnx_loaded(self) -> OnnxEncoder | None:
+        """:attr:`onnx` when it has been opened already (never exports or loads)."""
+        return self._onnx or None
+
     def _open_onnx(self) -> OnnxEncoder | None:
         key = export_key(self.spec, self._fingerprint)
         where = find_export(self.library_dir, self.spec, key)
