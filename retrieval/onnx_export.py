@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,9 +90,8 @@ def export_model(encoder: Encoder, library_dir: Path, key: str, reranker: Any = 
     """Export ``encoder``'s towers (and ``reranker``, a :class:`retrieval.rerank.Reranker`)
     into the library; returns the folder. Raises ExportUnsupported or the exporter's error."""
     where = export_dir(library_dir, encoder.spec, key)
-    tmp = where.with_name(where.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", suffix=".tmp", dir=where.parent))  # processes exporting at once do not collide
     manifest: dict[str, Any] = {
         "spec": encoder.spec.spec,
         "key": key,
@@ -141,9 +141,28 @@ def export_model(encoder: Encoder, library_dir: Path, key: str, reranker: Any = 
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    shutil.rmtree(where, ignore_errors=True)
-    tmp.replace(where)
+    try:
+        tmp.replace(where)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (where / MANIFEST).is_file():
+            raise
+        return where  # another process finished the same export first
+    # Exports of earlier weights (or a half-written one) are of no use any more.
+    for other in where.parent.iterdir():
+        if other != where and other.is_dir() and not (other.name.endswith(".tmp") and _recent(other)):
+            shutil.rmtree(other, ignore_errors=True)
     return where
+
+
+def _recent(path: Path, seconds: float = 3600.0) -> bool:
+    """Whether ``path`` changed within ``seconds`` (an export another process may still be writing)."""
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return False
 
 
 def _export(module: Any, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict, dynamo: bool = False) -> None:
