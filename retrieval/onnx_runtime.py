@@ -130,6 +130,14 @@ class OnnxEncoder:
         return ClipTokenizer(self.manifest["tokenizer"]["context_length"])
 
     def _run_text(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if "text" not in self._sessions and "tokenizer" not in self.__dict__:
+            # ONNX Runtime builds the session without the GIL: read the vocabulary meanwhile.
+            import threading
+
+            starter = threading.Thread(target=self.session, args=("text",), daemon=True)
+            starter.start()
+            self.tokenizer
+            starter.join()
         ids = self.tokenizer(list(texts))
         mask = ids != 0
         if self.manifest.get("text_cut") and mask.any():
