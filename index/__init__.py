@@ -314,15 +314,17 @@ class VectorIndex:
             raise ValueError(f"not a crossfind index: {exc}") from None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], dim: int | None = None) -> VectorIndex:
-        """Read an index written by :meth:`save`."""
+    def load(cls, path: str | os.PathLike[str], dim: int | None = None, mmap: bool = False) -> VectorIndex:
+        """Read an index written by :meth:`save`; with ``mmap`` the file is mapped
+        (``IO_FLAG_MMAP``: nothing read up front, pages come in as searches touch
+        them), for processes that only search: such an index must not be changed."""
         faiss = _faiss()
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
         if dim is not None and index.d != dim:
             raise ValueError(f"index at {path} has dimension {index.d}, expected {dim}")
         return cls(index.d, index)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], dim: int) -> VectorIndex:
-        """Load the index at ``path`` or start an empty one of dimension ``dim``."""
-        return cls.load(path, dim) if Path(path).exists() else cls(dim)
+    def open(cls, path: str | os.PathLike[str], dim: int, mmap: bool = False) -> VectorIndex:
+        """Load the index at ``path`` (mapped with ``mmap``, see :meth:`load`) or start an empty one of dimension ``dim``."""
+        return cls.load(path, dim, mmap=mmap) if Path(path).exists() else cls(dim)

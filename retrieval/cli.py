@@ -314,6 +314,7 @@ def search_cmd(ctx: click.Context, query: str | None, image: str | None, target:
     q = SearchQuery(text=query, image=image, target=target, terms=terms, k=k, candidates=candidates,
                     rerank=not no_rerank, threshold=threshold, path_glob=path_glob, corpus=corpus, since=since, until=until)
     with _engine(ctx, model) as eng:
+        eng.lean = True  # one search per process: free the text tower once the query is encoded
         res = eng.search(q)
     for note in res.notes:
         _stderr(f"note: {note}")

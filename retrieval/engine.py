@@ -136,6 +136,9 @@ class Engine:
         self._text_vectors: dict[tuple[str, str], np.ndarray] = {}
         self._query_tokens: dict[tuple[str, str], np.ndarray] = {}  # reranker tokens of text queries
         self._model_spec = model
+        #: Free each ONNX session as soon as a search is done with it: lower peak
+        #: memory for a process that searches once (the CLI), slower for one that searches on.
+        self.lean = False
         if encoder is not None:
             self._models[encoder.spec.spec] = ModelSlot(
                 store, self.library_dir, encoder.spec, device=device, encoder=encoder, lock=self.lock
@@ -406,7 +409,7 @@ class Engine:
             if raw is not None and len(raw) == 4 * state.dim:
                 vec = np.frombuffer(raw, dtype=np.float32).copy()
             else:
-                vec = state.encoder.encode_texts([text])[0]
+                vec = state.runtime("text").encode_texts([text])[0]
             self._text_vectors[key] = vec
         return vec
 
@@ -438,14 +441,14 @@ class Engine:
         if not path.exists():
             raise QueryError(f"query image {path} does not exist")
         try:
-            return load_image(path, min_size=self.encoder.image_size)
+            return load_image(path, min_size=self.state().runtime("image").image_size)
         except ImageLoadError as exc:
             raise QueryError(f"cannot use query image {path}: {exc.reason}") from None
 
     def _encode_query_image(
         self, image: ImageInput, with_tokens: bool = False, token_layer: str = "final"
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        enc = self.encoder
+        enc = self.state().runtime("image")
         loaded = self._open_query_image(image)
         vecs, toks = enc.encode_images(enc.image_batch([loaded.image]), with_tokens=with_tokens, token_layer=token_layer)
         return vecs[0], (toks[0] if toks is not None else None)
@@ -530,9 +533,11 @@ class Engine:
         timings: dict[str, float] = {}
         vec = self.query_vector(query)
         timings["encode"] = time.perf_counter() - t0
+        if self.lean and state.onnx_loaded is not None and not (query.rerank and state.reranker is not None):
+            state.onnx_loaded.release()  # before the index is read: the two never share the peak
 
         t1 = time.perf_counter()
-        index = state.images if query.target == "images" else state.texts
+        index = state.search_index(query.target)
         allowed = self._allowed(query, model.id)
         exclude = self._exclude_query_image(query)
         text_mode = query.text is not None and query.image is None
@@ -642,7 +647,7 @@ class Engine:
         # Rows whose checksum fails (a damaged or cut-off token file) count as missing.
         out, missing = state.read_tokens(ids)
         if missing:
-            enc = state.encoder
+            enc = state.runtime("image")
             ok: list[int] = []
             pix = []
             for i in missing:

@@ -263,7 +263,7 @@ def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: Encod
     """
     if not rows:
         return 0
-    enc = slot.encoder
+    enc = slot.runtime("image")
     tokens = slot.tokens
     batch_size = opts.batch_size or (128 if enc.device.startswith("cuda") else 32)
     size = enc.image_size

@@ -60,7 +60,7 @@ def encode_texts(store: Store, slot: ModelSlot, rows: list[TextItem], progress: 
     todo = [r for r in rows if vec_map.get(r.id) != r.content_hash]
     if not todo:
         return 0
-    enc = slot.encoder
+    enc = slot.runtime("text")
     bar = progress(len(todo), "encoding texts", "text")
     last = time.monotonic()
     pending: list[tuple[int, str]] = []

@@ -36,6 +36,7 @@ import numpy as np
 from .encoders import Encoder, ModelSpec, load_encoder, weights_fingerprint
 from .index import VectorIndex
 from .lock import WriterLock
+from .onnx_runtime import OnnxEncoder, OnnxReranker, export_key, find_export, onnx_enabled
 from .store import Store
 from .tokens import TokenStore, row_crc
 
@@ -70,11 +71,15 @@ class ModelSlot:
         self.device = device
         self.spec = spec
         self._encoder = encoder
+        self._injected = encoder is not None  # an encoder handed in is used for everything
+        self._onnx: Any = False  # False: not looked up yet; None: torch is used
         self._images: VectorIndex | None = None
+        self._mapped: dict[str, VectorIndex] = {}  # memory-mapped indexes, for searching only
         self._texts: VectorIndex | None = None
         self._tokens: TokenStore | None = None
         self._reranker: Any = False  # False: not looked up yet
         self._generation: dict[str, str | None] = {}  # the store's generation of each index as loaded
+        self.library_dir = library_dir
         self.dir = library_dir / "models" / spec.slug
         self.weights_changed = self._check_weights()
 
@@ -87,7 +92,7 @@ class ModelSlot:
         fingerprint: a crash in between leaves the old fingerprint, so the next
         open drops again.
         """
-        now = weights_fingerprint(self.spec)
+        now = self._fingerprint = weights_fingerprint(self.spec)
         if now is None:
             return False
         store, key = self.store, f"weights:{self.spec.spec}"
@@ -123,10 +128,70 @@ class ModelSlot:
         return self._encoder
 
     @property
+    def onnx(self) -> OnnxEncoder | None:
+        """The model's ONNX exports on ONNX Runtime, or None when torch is used
+        (see :mod:`retrieval.onnx_runtime`). A missing export is made now, once
+        per weights (this loads torch); one that cannot be made is said once,
+        and torch serves from then on."""
+        if self._onnx is False:
+            self._onnx = None if self._injected or not onnx_enabled(self.device) else self._open_onnx()
+        return self._onnx
+
+    @property
+    def onnx_loaded(self) -> OnnxEncoder | None:
+        """:attr:`onnx` when it has been opened already (never exports or loads)."""
+        return self._onnx or None
+
+    def _open_onnx(self) -> OnnxEncoder | None:
+        key = export_key(self.spec, self._fingerprint)
+        where = find_export(self.library_dir, self.spec, key)
+        failed = self.dir / f"onnx-{key}.failed"  # beside, not inside, the export: its folder may be what fails
+        if where is None and not failed.is_file():
+            where = self._export(key, failed)
+        if where is None:
+            return None
+        try:
+            return OnnxEncoder(where, self.spec)
+        except (OSError, ValueError, KeyError) as exc:
+            LOG.warning("cannot read the ONNX export of %s (%s); using torch", self.spec.spec, exc)
+            return None
+
+    def _export(self, key: str, failed: Path) -> Path | None:
+        LOG.info("exporting %s to ONNX for torch-free searches (once per model and weights)", self.spec.spec)
+        try:
+            from .onnx_export import export_model
+
+            return export_model(self.encoder, self.library_dir, key, reranker=self._torch_reranker())
+        except Exception as exc:  # any exporter failure: torch keeps working
+            try:
+                failed.parent.mkdir(parents=True, exist_ok=True)
+                failed.write_text(f"{type(exc).__name__}: {exc}\n")
+            except OSError:
+                pass  # then it is tried (and said) again next time
+            LOG.warning("could not export %s to ONNX (%s); searches use torch (slower to start). "
+                        "Delete %s to try again.", self.spec.spec, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__, failed)
+            return None
+
+    def runtime(self, part: str) -> Any:
+        """What encodes ``part`` (``text`` or ``image``) here: the ONNX export
+        when it holds that part (and, for images, the reranker's patch tokens),
+        else the torch encoder."""
+        fast = self.onnx
+        if fast is not None:
+            if part == "text":
+                return fast
+            if fast.has_image and (self.reranker is None or fast.tokens_layer == self.token_layer):
+                return fast
+        return self.encoder
+
+    @property
     def row(self):
         """The model's store row (created on first use, which loads the encoder)."""
         found = self.store.find_model(self.spec.spec)
-        return found if found is not None else self.store.model(self.spec.spec, self.encoder.dim)
+        if found is not None:
+            return found
+        fast = self.onnx
+        return self.store.model(self.spec.spec, fast.dim if fast is not None else self.encoder.dim)
 
     @property
     def dim(self) -> int:
@@ -141,13 +206,39 @@ class ModelSlot:
     @property
     def images(self) -> VectorIndex:
         if self._images is None:
+            self._mapped.pop("images", None)
             self._images = self._open("images")
             self._generation["images"] = self.store.get_setting(self._generation_key("images"))
         return self._images
 
+    def search_index(self, kind: str) -> VectorIndex:
+        """The index to search: the writable one when this process has it open,
+        else the saved file memory-mapped (nothing read up front), when it is in
+        step with the store (this library's, the committed generation, the
+        store's count; the full checks of :meth:`_open` read the whole file, so
+        anything else takes that path)."""
+        if (self._images if kind == "images" else self._texts) is None and kind not in self._mapped:
+            path = self.dir / f"{kind}.faiss"
+            side = self._sidecar(kind)
+            saved = self.store.get_setting(self._generation_key(kind))
+            if (
+                path.is_file() and side is not None and saved is not None and side.get("generation") == saved
+                and side.get("library") == self.store.library_id
+            ):
+                try:
+                    mapped: VectorIndex | None = VectorIndex.open(path, self.dim, mmap=True)
+                except (RuntimeError, ValueError, OSError):
+                    mapped = None
+                if mapped is not None and len(mapped) == self.store.count_vectors(self.row.id, kind):
+                    self._mapped[kind] = mapped
+        if (self._images if kind == "images" else self._texts) is None and kind in self._mapped:
+            return self._mapped[kind]
+        return self.images if kind == "images" else self.texts
+
     @property
     def texts(self) -> VectorIndex:
         if self._texts is None:
+            self._mapped.pop("texts", None)
             self._texts = self._open("texts")
             self._generation["texts"] = self.store.get_setting(self._generation_key("texts"))
         return self._texts
@@ -163,20 +254,17 @@ class ModelSlot:
 
     @property
     def reranker(self) -> Any:
-        """The reranker trained for this model, or None."""
+        """The reranker trained for this model, or None: its ONNX export when the
+        model runs on ONNX Runtime, else the torch module."""
         if self._reranker is False:
             from .rerank_files import reranker_dir
 
-            where = reranker_dir(self.spec)  # decided without loading torch
-            if where is None:
+            if reranker_dir(self.spec) is None:  # decided without loading torch
                 self._reranker = None
+            elif self.onnx is not None and self.onnx.manifest.get("reranker"):
+                self._reranker = OnnxReranker(self.onnx)
             else:
-                from .rerank import Reranker
-
-                # The encoder only when the reranker needs it: a query asked
-                # before is re-scored from its kept tokens without it.
-                encoder = self._encoder if self._encoder is not None else (lambda: self.encoder)
-                self._reranker = Reranker.load(where, encoder, model=self.spec.spec)
+                self._reranker = self._torch_reranker()
         return self._reranker
 
     @contextmanager
@@ -196,6 +284,18 @@ class ModelSlot:
             yield True
         finally:
             self.lock.release()
+    def _torch_reranker(self) -> Any:
+        from .rerank_files import reranker_dir
+
+        where = reranker_dir(self.spec)
+        if where is None:
+            return None
+        from .rerank import Reranker
+
+        # The encoder only when the reranker needs it: a query asked
+        # before is re-scored from its kept tokens without it.
+        encoder = self._encoder if self._encoder is not None else (lambda: self.encoder)
+        return Reranker.load(where, encoder, model=self.spec.spec)
 
     @property
     def tokens(self) -> TokenStore | None:

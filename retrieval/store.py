@@ -242,6 +242,42 @@ def alembic_config(engine: SAEngine | None = None) -> Any:
     return cfg
 
 
+def head_revision() -> str | None:
+    """The newest revision in ``migrations/versions``, read from the revision
+    files' ``revision``/``down_revision`` lines without loading Alembic: the one
+    revision no other revises. None when that is not a single one (Alembic decides)."""
+    import re
+    from importlib.resources import files
+
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for entry in files("retrieval.migrations").joinpath("versions").iterdir():
+        if not entry.name.endswith(".py"):
+            continue
+        text = entry.read_text()
+        rev = re.search(r"""^revision\s*(?::[^=]*)?=\s*["']([^"']+)["']""", text, re.M)
+        down = re.search(r"""^down_revision\s*(?::[^=]*)?=\s*(.+)$""", text, re.M)
+        if rev is None or down is None:
+            return None
+        revisions.add(rev.group(1))
+        parents.update(re.findall(r"""["']([^"']+)["']""", down.group(1)))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _current_revision(engine: SAEngine) -> str | None:
+    """The revision recorded in the database (one query), or None when there is none."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except OperationalError:  # no table yet: a new library
+        return None
+    return rows[0] if len(rows) == 1 else None
+
+
 def upgrade(engine: SAEngine, revision: str = "head") -> None:
     """Create or upgrade the schema to ``revision`` with Alembic."""
     from alembic import command
@@ -583,7 +619,11 @@ def open_store(db_path: str | Path, read_only: bool = False) -> Store:
         raise LibraryError(f"cannot create library folder {db_path.parent}: {exc.strerror}") from exc
     engine = make_engine(db_path)
     try:
-        upgrade(engine)
+        # Alembic takes a third of a second to load: run it only when the
+        # database is not already at the newest revision.
+        current = _current_revision(engine)
+        if current is None or current != head_revision():
+            upgrade(engine)
     except Exception as exc:
         engine.dispose()
         raise LibraryError(f"cannot open library database {db_path}: {exc}") from exc

@@ -97,3 +97,12 @@ def kill_indexing_when(folder: Path, lib: Path, model: str, ready: Callable[[], 
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def _torch_unless_onnx_test(request, monkeypatch):
+    """Tests outside tests/test_onnx.py run the torch encoders (CROSSFIND_ONNX=0):
+    an ONNX export per test library would add seconds to each. test_onnx.py
+    checks the ONNX path against torch, end to end."""
+    if request.module.__name__ != "test_onnx":
+        monkeypatch.setenv("CROSSFIND_ONNX", "0")

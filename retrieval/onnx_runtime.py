@@ -1,0 +1,300 @@
+"""Run a model's ONNX exports with ONNX Runtime on the CPU: no torch at search time.
+
+:class:`OnnxEncoder` offers the part of :class:`retrieval.encoders.Encoder`
+that indexing and searching use (``encode_texts``, ``text_tokens``,
+``prepare``/``batch``/``encode_images``), and :class:`OnnxReranker` the part
+of :class:`retrieval.rerank.Reranker` that search uses, both over the files
+:mod:`retrieval.onnx_export` writes. Each ONNX session is created on first
+use, so a text query never loads the image tower. Tokenising is
+:class:`retrieval.tokenizer.ClipTokenizer`, preprocessing is Pillow and numpy
+with the numbers open_clip's transform was built with.
+
+Set ``CROSSFIND_ONNX=0`` to use torch for everything.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from .encoders import ModelSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+MANIFEST = "manifest.json"
+ONNX_OPSET = 18
+
+
+def onnx_enabled(device: str | None) -> bool:
+    """Whether the ONNX path may be used: CPU work (or no device named) and not switched off."""
+    if os.environ.get("CROSSFIND_ONNX", "1").lower() in ("0", "false", "no", "off"):
+        return False
+    return device is None or device == "cpu"
+
+
+def export_key(spec: ModelSpec, weights: str | None) -> str:
+    """The folder name of a model's export: its weights fingerprint (``weights``,
+    or the spec when weights are named by a tag) and its reranker's files."""
+    from .rerank_files import CONFIG_NAME, WEIGHTS_NAME, reranker_dir
+
+    digest = hashlib.sha256(f"{spec.spec}\0{weights or ''}\0onnx{ONNX_OPSET}".encode())
+    where = reranker_dir(spec)
+    if where is not None:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            digest.update(hashlib.sha256((where / name).read_bytes()).digest())
+    return (weights or "tag")[:8] + "-" + digest.hexdigest()[:12]
+
+
+def export_dir(library_dir: Path, spec: ModelSpec, key: str) -> Path:
+    return Path(library_dir) / "models" / spec.slug / "onnx" / key
+
+
+def find_export(library_dir: Path, spec: ModelSpec, key: str) -> Path | None:
+    """The finished export of ``key`` in the library, or None."""
+    where = export_dir(library_dir, spec, key)
+    return where if (where / MANIFEST).is_file() else None
+
+
+def _threads() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 16))
+
+
+def _session(path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or _threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+class OnnxEncoder:
+    """A model's exported towers; see the module docstring."""
+
+    device = "cpu"
+    dtype = np.float32
+
+    def __init__(self, folder: Path, spec: ModelSpec, threads: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.spec = spec
+        self.manifest: dict[str, Any] = json.loads((self.folder / MANIFEST).read_text())
+        self.dim: int = int(self.manifest["dim"])
+        self.image_size: int = int(self.manifest["image_size"])
+        self.threads = threads
+        self._sessions: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.spec.spec
+
+    @property
+    def has_image(self) -> bool:
+        return bool(self.manifest.get("image"))
+
+    @property
+    def tokens_layer(self) -> str | None:
+        """The layer whose patch tokens the image export returns (the reranker's), or None."""
+        return self.manifest.get("image_tokens_layer")
+
+    @property
+    def has_tokens(self) -> bool:
+        return self.tokens_layer is not None
+
+    def session(self, part: str) -> Any:
+        """The ONNX Runtime session of ``text``, ``image`` or ``reranker`` (created on first use)."""
+        if part not in self._sessions:
+            name = self.manifest.get(part)
+            if not name:
+                raise KeyError(f"the ONNX export in {self.folder} has no {part} part")
+            self._sessions[part] = _session(self.folder / name, self.threads)
+        return self._sessions[part]
+
+    def release(self) -> None:
+        """Close every session (each is created again on its next use)."""
+        self._sessions.clear()
+
+    # ------------------------------------------------------------------ texts
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        from .tokenizer import ClipTokenizer
+
+        return ClipTokenizer(self.manifest["tokenizer"]["context_length"])
+
+    def _run_text(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if "text" not in self._sessions and "tokenizer" not in self.__dict__:
+            # ONNX Runtime builds the session without the GIL: read the vocabulary meanwhile.
+            import threading
+
+            starter = threading.Thread(target=self.session, args=("text",), daemon=True)
+            starter.start()
+            self.tokenizer
+            starter.join()
+        ids = self.tokenizer(list(texts))
+        mask = ids != 0
+        if self.manifest.get("text_cut") and mask.any():
+            length = int(mask.sum(1).max())
+            ids, mask = ids[:, :length], mask[:, :length]
+        vec, tokens, words = self.session("text").run(None, {"ids": ids})
+        return vec, tokens, words, mask
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Normalised float32 vectors of ``texts``."""
+        out = [self._run_text(texts[s : s + batch_size])[0] for s in range(0, len(texts), batch_size)]
+        if not out:
+            return np.empty((0, self.dim), np.float32)
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def text_tokens(self, texts: Sequence[str], words: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens after ``ln_final`` (with the input word embeddings beside them when
+        ``words``) and the padding mask, as :meth:`Encoder.text_tokens` gives them."""
+        _, tokens, emb, mask = self._run_text(texts)
+        if words:
+            tokens = np.concatenate([tokens, emb], axis=-1)
+        return tokens, mask
+
+    # ----------------------------------------------------------------- images
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """open_clip's resize, centre crop and RGB conversion, as a uint8 ``(H, W, 3)`` array."""
+        from PIL import Image as PILImage
+
+        p = self.manifest["preprocess"]
+        w, h = image.size
+        size = p["resize"]
+        if len(size) == 1:  # the shorter side to size[0], as torchvision computes it
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = size[0], int(size[0] * long / short)
+            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        else:
+            new_h, new_w = size
+        if (new_w, new_h) != (w, h):
+            resample = PILImage.Resampling.BICUBIC if p["interpolation"] == "bicubic" else PILImage.Resampling.BILINEAR
+            image = image.resize((new_w, new_h), resample)
+        ch, cw = p["crop"]
+        if (cw, ch) != image.size:
+            if cw > image.size[0] or ch > image.size[1]:
+                raise ValueError("image smaller than the crop after resizing")  # open_clip pads; never happens after resize
+            top = int(round((image.size[1] - ch) / 2.0))
+            left = int(round((image.size[0] - cw) / 2.0))
+            image = image.crop((left, top, left + cw, top + ch))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return np.asarray(image, dtype=np.uint8)
+
+    def batch(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
+        """Stack :meth:`prepare` outputs into one normalised float32 ``(n, 3, H, W)`` batch."""
+        p = self.manifest["preprocess"]
+        x = np.stack(prepared).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+        mean = np.asarray(p["mean"], np.float32)[None, :, None, None]
+        std = np.asarray(p["std"], np.float32)[None, :, None, None]
+        return np.ascontiguousarray((x - mean) / std)
+
+    def image_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.batch([self.prepare(im) for im in images])
+
+    def encode_images(
+        self, pixels: np.ndarray, with_tokens: bool = False, token_layer: str = "final"
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(normalised vectors, patch tokens as float16 or None), as :meth:`Encoder.encode_images`."""
+        sess = self.session("image")
+        if with_tokens and self.tokens_layer is not None:
+            if token_layer != self.tokens_layer:
+                raise ValueError(f"the ONNX export holds tokens of layer {self.tokens_layer}, not {token_layer}")
+            vec, tok = sess.run(None, {"pixels": np.asarray(pixels, np.float32)})
+            return np.ascontiguousarray(vec, np.float32), tok.astype(np.float16)
+        (vec,) = sess.run(["vector"], {"pixels": np.asarray(pixels, np.float32)})
+        return np.ascontiguousarray(vec, np.float32), None
+
+    def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.encode_images(self.image_batch(images))[0]
+
+
+@dataclass(frozen=True)
+class RerankerInfo:
+    """The fields of a reranker's config that search reads (``reranker.json``)."""
+
+    text_width: int
+    image_width: int
+    image_tokens: int
+    image_layer: str
+    text_words: bool
+    temperature: float
+    shift: float
+
+    @property
+    def text_features(self) -> int:
+        return self.text_width * (2 if self.text_words else 1)
+
+    @property
+    def image_features(self) -> int:
+        return self.image_width * len(self.image_layer.split("+"))
+
+
+class OnnxReranker:
+    """The exported reranker: what :class:`retrieval.rerank.Reranker` does at search time."""
+
+    def __init__(self, encoder: OnnxEncoder, batch_size: int = 256) -> None:
+        cfg = encoder.manifest["reranker_config"]
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.config = RerankerInfo(
+            int(cfg["text_width"]), int(cfg["image_width"]), int(cfg["image_tokens"]), str(cfg.get("image_layer", "final")),
+            bool(cfg.get("text_words", False)), float(cfg.get("temperature", 1.0)), float(cfg.get("shift", 0.0)),
+        )
+
+    def score_images(self, text: str | np.ndarray, image_tokens: np.ndarray, dual_scores: np.ndarray | None = None) -> np.ndarray:
+        """Match probabilities of one text query against candidate patch tokens."""
+        return self.probability(self.logits_images(text, image_tokens, dual_scores))
+
+    def score_texts(self, image_tokens: np.ndarray, texts: Sequence[str], dual_scores: np.ndarray | None = None) -> np.ndarray:
+        """Match probabilities of one image query against candidate texts."""
+        return self.probability(self.logits_texts(image_tokens, texts, dual_scores))
+
+    def probability(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated match probabilities of raw logits."""
+        z = (np.asarray(logits, np.float32) - np.float32(self.config.shift)) / np.float32(self.config.temperature)
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+    def query_tokens(self, text: str) -> np.ndarray:
+        """The query's text tokens as the reranker reads them, float32 ``(length, text_features)``."""
+        tok, mask = self.encoder.text_tokens([text], words=self.config.text_words)
+        return np.ascontiguousarray(tok[0][mask[0]], dtype=np.float32)
+
+    def _run(self, text: np.ndarray, mask: np.ndarray, image: np.ndarray, dual: np.ndarray) -> np.ndarray:
+        n = len(dual)  # the graph takes n pairs: the query side is repeated
+        feeds = {
+            "text": np.ascontiguousarray(np.broadcast_to(text.astype(np.float32), (n, *text.shape[1:]))),
+            "mask": np.ascontiguousarray(np.broadcast_to(mask.astype(bool), (n, *mask.shape[1:]))),
+            "image": np.ascontiguousarray(np.broadcast_to(image.astype(np.float16), (n, *image.shape[1:]))),
+            "dual": np.ascontiguousarray(dual, dtype=np.float32),
+        }
+        return np.asarray(self.encoder.session("reranker").run(None, feeds)[0], np.float32)
+
+    def logits_images(self, text: str | np.ndarray, image_tokens: np.ndarray, dual_scores: np.ndarray | None = None) -> np.ndarray:
+        """Raw logits of one text query (or its :meth:`query_tokens`) against candidate patch tokens."""
+        kept = self.query_tokens(text) if isinstance(text, str) else np.asarray(text, np.float32)
+        tokens = np.asarray(image_tokens)
+        n = len(tokens)
+        dual = np.zeros(n, np.float32) if dual_scores is None else np.asarray(dual_scores, np.float32).reshape(-1)
+        mask = np.ones((1, len(kept)), bool)
+        out = [self._run(kept[None], mask, tokens[s : s + self.batch_size], dual[s : s + self.batch_size])
+               for s in range(0, n, self.batch_size)]
+        return np.concatenate(out) if out else np.empty(0, np.float32)
+
+    def logits_texts(self, image_tokens: np.ndarray, texts: Sequence[str], dual_scores: np.ndarray | None = None) -> np.ndarray:
+        """Raw logits of one image query (its patch tokens) against candidate texts."""
+        image = np.asarray(image_tokens)[None]
+        dual = np.zeros(len(texts), np.float32) if dual_scores is None else np.asarray(dual_scores, np.float32).reshape(-1)
+        out = []
+        for s in range(0, len(texts), self.batch_size):
+            tok, mask = self.encoder.text_tokens(list(texts[s : s + self.batch_size]), words=self.config.text_words)
+            out.append(self._run(tok, mask, image, dual[s : s + self.batch_size]))
+        return np.concatenate(out) if out else np.empty(0, np.float32)

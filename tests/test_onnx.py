@@ -1,0 +1,281 @@
+"""The torch-free query path: the BPE tokenizer against open_clip's, ONNX
+exports against the torch towers and reranker (vectors, tokens, logits), equal
+rankings through the engine, what a search process imports, the fallback when
+an export cannot be made, the cheap schema check and memory-mapped indexes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import noise_image
+from PIL import Image
+
+from retrieval import Engine
+from retrieval.encoders import load_encoder, weights_fingerprint
+
+TEXTS = [
+    "a photo of a dog",
+    "a red circle left of a blue square",
+    "A RED Circle LEFT of a BLUE square!!",
+    "two green triangles above a yellow star",
+    "Café crème brûlée — naïve façade",
+    "日本語のテキスト 和 中文",
+    "emoji 🐶🏖️ on the beach",
+    "&amp;lt;b&amp;gt; html &quot;quoted&quot; &#39;x&#39;",
+    "  lots   of\t\twhitespace\n\nand newlines ",
+    "it's we'll they'd I'M you've",
+    "numbers 12345 and 3.14159",
+    "mojibake: Ã©tÃ© â€œquotesâ€\x9d",
+    "\x00control\x07chars\x1b",
+    "<start_of_text>inside<end_of_text>",
+    "ＦＵＬＬＷＩＤＴＨ ﬁ ligature",
+    "",
+    "x",
+    "word " * 120,
+    "supercalifragilisticexpialidocious " * 30,
+]
+
+
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789.,!?'\"&;:-()éüßñø中文日本🙂👍\t\n"
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 160))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("context", [77, 16])
+def test_tokenizer_matches_open_clip(context):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from retrieval.tokenizer import ClipTokenizer
+
+    texts = TEXTS + random_texts(400)
+    want = SimpleTokenizer(context_length=context)(texts).numpy()
+    got = ClipTokenizer(context)(texts)
+    assert got.dtype == np.int64 and got.shape == want.shape
+    bad = [t for t, a, b in zip(texts, want, got) if (a != b).any()]
+    assert not bad, bad[:3]
+    long = got[TEXTS.index("word " * 120)]
+    assert long[-1] == ClipTokenizer(context).eot and (long != 0).all()  # truncated, ends with end-of-text
+
+
+def test_tokenizer_module_does_not_import_torch():
+    code = ("import sys; from retrieval.tokenizer import ClipTokenizer; ClipTokenizer(77)(['a dog', 'Café ☕']);"
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def sample_images() -> list[Image.Image]:
+    """Odd sizes and modes: portrait, landscape, smaller than the model, grey, RGBA, palette."""
+    ims = [noise_image(i, size) for i, size in enumerate([(64, 48), (48, 64), (200, 90), (17, 33), (32, 32), (300, 300)])]
+    ims.append(noise_image(7, (50, 40)).convert("L"))
+    ims.append(noise_image(8, (40, 50)).convert("RGBA"))
+    ims.append(noise_image(9, (45, 45)).convert("P"))
+    return ims
+
+
+def export(spec: str, lib: Path):
+    from retrieval.onnx_export import export_model
+    from retrieval.onnx_runtime import OnnxEncoder, OnnxReranker, export_key
+    from retrieval.rerank import find_reranker
+
+    enc = load_encoder(spec, device="cpu")
+    reranker = find_reranker(enc)
+    where = export_model(enc, lib, export_key(enc.spec, weights_fingerprint(enc.spec)), reranker)
+    onnx = OnnxEncoder(where, enc.spec)
+    return enc, reranker, onnx, (OnnxReranker(onnx) if reranker is not None else None)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module", params=["tiny", "shapes-tiny"])
+def exported(request, tiny_model, tmp_path_factory):
+    spec = tiny_model if request.param == "tiny" else "shapes-tiny"
+    return export(spec, tmp_path_factory.mktemp("onnx-lib"))
+
+
+def test_onnx_vectors_equal_torch(exported):
+    enc, reranker, onnx, _ = exported
+    texts = TEXTS + random_texts(40, seed=1)
+    assert cosines(enc.encode_texts(texts), onnx.encode_texts(texts)).min() >= 0.9999
+    ims = sample_images()
+    pixels_t = enc.image_batch(ims).numpy()
+    pixels_o = onnx.image_batch(ims)
+    np.testing.assert_allclose(pixels_o, pixels_t, atol=1e-6)  # same resize, crop, mode and normalisation
+    assert cosines(enc.encode_pil(ims), onnx.encode_pil(ims)).min() >= 0.9999
+    if reranker is not None:  # patch tokens at the reranker's layer, as stored while indexing
+        layer = reranker.config.image_layer
+        _, tok_t = enc.encode_images(enc.image_batch(ims), with_tokens=True, token_layer=layer)
+        vec_o, tok_o = onnx.encode_images(pixels_o, with_tokens=True, token_layer=layer)
+        assert tok_o is not None and tok_t is not None and tok_o.dtype == np.float16 and tok_o.shape == tok_t.shape
+        flat_t, flat_o = tok_t.reshape(-1, tok_t.shape[-1]).astype(np.float32), tok_o.reshape(-1, tok_o.shape[-1]).astype(np.float32)
+        assert cosines(flat_t, flat_o).min() >= 0.9999
+
+
+def test_onnx_reranker_equals_torch(exported):
+    enc, reranker, onnx, onnx_reranker = exported
+    if reranker is None:
+        pytest.skip("this model has no reranker")
+    ims = sample_images()
+    layer = reranker.config.image_layer
+    _, tokens = enc.encode_images(enc.image_batch(ims), with_tokens=True, token_layer=layer)
+    dual = np.linspace(0.1, 0.9, len(ims)).astype(np.float32)
+    for text in ["a red circle left of a blue square", "a small green triangle", "x"]:
+        q_t, q_o = reranker.query_tokens(text), onnx_reranker.query_tokens(text)
+        np.testing.assert_allclose(q_o, q_t, atol=1e-4)
+        want = reranker.logits_images(q_t, tokens, dual_scores=dual)
+        got = onnx_reranker.logits_images(text, tokens, dual_scores=dual)
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+        assert list(np.argsort(-got)) == list(np.argsort(-want))
+        np.testing.assert_allclose(onnx_reranker.probability(got), reranker.probability(want), atol=1e-4)
+    texts = ["a red circle", "two blue squares left of a star", "a yellow triangle above a green circle"]
+    want = reranker.logits_texts(tokens[0], texts, dual_scores=dual[:3])
+    got = onnx_reranker.logits_texts(tokens[0], texts, dual_scores=dual[:3])
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+
+
+def _hits(res) -> list[tuple[int, float, float | None]]:
+    return [(h.id, h.score, h.rerank_score) for h in res]
+
+
+@pytest.mark.parametrize("which", ["tiny", "shapes-tiny"])
+def test_same_rankings_onnx_and_torch(tmp_path, tiny_model, photo_dir, monkeypatch, which, caplog):
+    """One library searched through ONNX Runtime and, in a copy, through torch:
+    the same hits in the same order, scores equal to float precision."""
+    spec = tiny_model if which == "tiny" else "shapes-tiny"
+    lib = tmp_path / "lib"
+    monkeypatch.setenv("CROSSFIND_ONNX", "0")
+    with Engine.open(lib, model=spec) as eng:
+        eng.index_folder(photo_dir)  # torch vectors: both copies search the same index
+    shutil.copytree(lib, tmp_path / "lib-torch")
+    queries = ["a photo of noise", "a red circle left of a blue square", "two yellow stars"]
+    query_image = photo_dir / "a" / "img04.jpg"
+    with Engine.open(tmp_path / "lib-torch", model=spec) as eng:
+        want = [_hits(eng.search_text(q, k=6, candidates=12)) for q in queries]
+        want.append(_hits(eng.search_image(query_image, k=6)))
+        assert eng.state().onnx is None
+    monkeypatch.setenv("CROSSFIND_ONNX", "1")
+    with caplog.at_level(logging.INFO, logger="retrieval.slot"), Engine.open(lib, model=spec) as eng:
+        got = [_hits(eng.search_text(q, k=6, candidates=12)) for q in queries]
+        got.append(_hits(eng.search_image(query_image, k=6)))
+        assert eng.state().onnx is not None
+        if which == "shapes-tiny":
+            assert type(eng.state().reranker).__name__ == "OnnxReranker"
+    assert sum("exporting" in r.getMessage() for r in caplog.records) == 1
+    for w, g in zip(want, got):
+        assert [i for i, _, _ in g] == [i for i, _, _ in w]
+        np.testing.assert_allclose([s for _, s, _ in g], [s for _, s, _ in w], atol=1e-5)
+        if which == "shapes-tiny" and w[0][2] is not None:
+            np.testing.assert_allclose([r for _, _, r in g], [r for _, _, r in w], atol=1e-4)
+
+
+def test_indexing_through_onnx_equals_torch(tmp_path, tiny_model, photo_dir, monkeypatch):
+    """Vectors written while indexing with ONNX Runtime are the torch ones (cosine >= 0.9999)."""
+    vecs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("CROSSFIND_ONNX", flag)
+        with Engine.open(tmp_path / f"lib{flag}", model=tiny_model) as eng:
+            rep = eng.index_folder(photo_dir)
+            assert (rep.encoded, rep.failed) == (12, 0)
+            assert (eng.state().onnx is not None) == (flag == "1")
+            index = eng.state().images
+            ids = np.sort(index.ids())
+            paths = {r.id: r.path for r in eng.store.images_by_id(ids.tolist()).values()}
+            vecs[flag] = {paths[i]: v for i, v in zip(ids.tolist(), index.reconstruct(ids))}
+    assert vecs["0"].keys() == vecs["1"].keys()
+    paths = sorted(vecs["0"])
+    assert cosines(np.stack([vecs["0"][p] for p in paths]), np.stack([vecs["1"][p] for p in paths])).min() >= 0.9999
+
+
+def _run(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_search_process_imports_no_torch(tmp_path, tiny_model, photo_dir):
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model=tiny_model) as eng:
+        eng.index_folder(photo_dir)  # makes the export
+    probe = (
+        "import sys, json, io, contextlib\nfrom retrieval.cli import main\n"
+        "buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    try:\n        main({args})\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+        "print(json.dumps({{m: m in sys.modules for m in ('torch', 'open_clip', 'onnxruntime', 'alembic', 'faiss')}}))\n"
+    )
+    search = _run(probe.format(args=repr(["--library", str(lib), "search", "a brand new text", "-k", "3", "--json"])))
+    assert search == {**search, "torch": False, "open_clip": False, "alembic": False, "onnxruntime": True}
+    for args in (["--help"], ["--library", str(lib), "status"]):
+        mods = _run(probe.format(args=repr(args)))
+        assert mods == {**mods, "torch": False, "onnxruntime": False, "alembic": False}, args
+
+
+def test_export_failure_falls_back_to_torch_and_says_so_once(tmp_path, tiny_model, photo_dir, caplog):
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model=tiny_model) as eng:
+        slug_dir = eng.state().dir
+    slug_dir.mkdir(parents=True, exist_ok=True)
+    (slug_dir / "onnx").write_text("not a folder")  # the export has nowhere to go
+    with caplog.at_level(logging.WARNING, logger="retrieval.slot"):
+        with Engine.open(lib, model=tiny_model) as eng:
+            eng.index_folder(photo_dir)
+            hits = eng.search_text("a photo of noise", k=3)
+            assert len(hits) == 3 and eng.state().onnx is None
+        with Engine.open(lib, model=tiny_model) as eng:
+            assert len(eng.search_text("another new text", k=3)) == 3
+    warnings = [r.getMessage() for r in caplog.records if "could not export" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+
+
+def test_head_revision_is_alembics():
+    from alembic.script import ScriptDirectory
+
+    from retrieval.store import alembic_config, head_revision
+
+    assert head_revision() == ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def test_library_behind_head_is_still_upgraded(tmp_path):
+    from sqlalchemy import text
+
+    from retrieval.store import head_revision, make_engine, open_store, upgrade
+
+    engine = make_engine(tmp_path / "library.db")
+    upgrade(engine, "0003")
+    engine.dispose()
+    store = open_store(tmp_path / "library.db")
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head_revision()
+        cols = {row[1] for row in conn.execute(text("PRAGMA table_info(queries)"))}
+    assert "text_tokens" in cols  # added by 0004
+    store.close()
+
+
+@pytest.mark.parametrize("n", [500, 60_000])
+def test_mmap_index_searches_like_loaded(tmp_path, n):
+    from retrieval.index import VectorIndex
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((n, 32)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    index = VectorIndex(32)
+    index.add(np.arange(n) * 3 + 1, vecs)
+    index.save(tmp_path / "x.faiss")
+    loaded = VectorIndex.load(tmp_path / "x.faiss", 32)
+    mapped = VectorIndex.load(tmp_path / "x.faiss", 32, mmap=True)
+    assert mapped.kind == loaded.kind and len(mapped) == n
+    q = vecs[:5] + 0.01
+    a, b = loaded.search(q, 10), mapped.search(q, 10)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.scores, b.scores)
+    allowed = np.arange(n)[::7] * 3 + 1
+    np.testing.assert_array_equal(loaded.search(q, 5, allowed=allowed).ids, mapped.search(q, 5, allowed=allowed).ids)
