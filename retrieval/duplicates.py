@@ -3,12 +3,16 @@
 :func:`find_duplicates` groups the images of a library whose embeddings lie
 within a cosine-similarity threshold of each other. Candidate pairs come from
 FAISS range search over the model's own index (the library's vectors queried in
-batches, so memory follows the number of matches, never ``n**2``); byte-identical
-files (same content hash) are joined too and marked exact. Pairs are joined into
+batches, so memory follows the number of matches, never ``n**2``). Candidate
+pairs are then checked on the pixels (coarse colour thumbnails of the two files
+must correlate), so images a model embeds alike without looking alike (the same
+subject in another picture, black frames) stay apart. Byte-identical files
+(same content hash) are joined too and marked exact. Pairs are joined into
 connected components, and each component is then split around its keeper so
 that **every member of a reported group is within the threshold of the group's
-keeper**: a chain A~B~C of gradually changing images (a slow pan, a burst drifting
-across a scene) never joins A and C unless they are alike themselves.
+keeper** (and passes the pixel check with it): a chain A~B~C of gradually
+changing images (a slow pan, a burst drifting across a scene) never joins A and
+C unless they are alike themselves.
 
 The keeper follows :data:`KEEP_RULE`. crossfind reports; it never deletes a file.
 
@@ -48,6 +52,13 @@ MODEL_FILE = "duplicates.json"
 QUERY_BATCH = 2048
 #: Groups larger than this get a note: near-uniform images (black or blank frames) embed alike.
 LARGE_GROUP = 50
+#: Candidate pairs are checked on the pixels: the correlation of the two images'
+#: colour thumbnails (:data:`THUMB_SIDE` squared pixels, each channel centred)
+#: must reach this. Measured with scripts/bench_duplicates.py (docs/benchmarks.md).
+PIXEL_THRESHOLD = 0.76
+#: Side of the thumbnails compared by the pixel check: coarse enough that
+#: resizing, re-encoding, 10 % crops and small rotations keep them alike.
+THUMB_SIDE = 8
 #: How the image to keep is chosen in each group.
 KEEP_RULE = "most pixels (width x height), then the largest file, then the oldest (EXIF date, else file time), then the lowest id"
 
@@ -134,6 +145,35 @@ class DuplicateReport:
         }
 
 
+def thumbnail(path: str) -> np.ndarray | None:
+    """An image's pixel signature for the pixel check: its :data:`THUMB_SIDE`-pixel
+    colour thumbnail, each channel centred, as one unit vector; None when the
+    file cannot be read or the image is near-uniform (a black or blank frame has
+    nothing to compare, so it is never a near-duplicate, only an exact copy)."""
+    from PIL import Image as PILImage
+    from PIL import ImageOps
+
+    try:
+        with PILImage.open(path) as f:
+            f.draft("RGB", (THUMB_SIDE * 8, THUMB_SIDE * 8))  # JPEG: decode at 1/2..1/8 scale
+            small = ImageOps.exif_transpose(f).convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), PILImage.Resampling.BOX)
+            x = np.asarray(small, np.float32).reshape(-1, 3)
+    except (OSError, ValueError, PILImage.DecompressionBombError):
+        return None
+    x = (x - x.mean(axis=0)).ravel()
+    norm = float(np.linalg.norm(x))
+    if norm < 2.0 * np.sqrt(x.size):  # under ~2 grey levels of spread: near-uniform
+        return np.zeros_like(x)
+    return x / norm
+
+
+def _thumbnails(paths: dict[int, str], workers: int = 4) -> dict[int, np.ndarray | None]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(paths, pool.map(thumbnail, paths.values())))
+
+
 def glob_pattern(path_glob: str) -> str:
     """A SQLite GLOB over absolute paths: absolute globs as given, others match anywhere below the root."""
     return path_glob if path_glob.startswith("/") else "*/" + path_glob.lstrip("./")
@@ -196,6 +236,7 @@ def find_duplicates(
     path: str | None = None,
     model: str | None = None,
     batch: int = QUERY_BATCH,
+    verify: bool = True,
 ) -> DuplicateReport:
     """Group the library's near-duplicate and byte-identical images.
 
@@ -204,7 +245,11 @@ def find_duplicates(
     (``'*/2024/*'``, or an absolute glob); ``model`` a model spec (default: the
     engine's). Every member of a group is within the threshold of the group's
     keeper (see the module docstring); byte-identical copies are grouped even
-    without a vector and marked ``exact``.
+    without a vector and marked ``exact``. With ``verify`` (the default) each
+    candidate pair is also checked on the pixels (:func:`thumbnail`, only the
+    files in candidate pairs are read): images a model embeds alike but that
+    do not look alike (same subject, other photo; blank frames) stay apart.
+    A file that cannot be read is judged by its embedding alone.
     """
     t0 = time.perf_counter()
     state = engine.state(model)
@@ -231,6 +276,18 @@ def find_duplicates(
     order = np.argsort(ids, kind="stable")
     ids, vecs = ids[order], vecs[order]
     a, b, _ = _range_pairs(index, ids, vecs, t, allowed, batch)
+    notes = []
+    thumbs: dict[int, np.ndarray | None] = {}
+    if verify and len(a):
+        rows_ab = store.images_by_id(np.unique(np.concatenate([a, b])).tolist())
+        same_file = np.array([rows_ab[x].content_hash == rows_ab[y].content_hash if x in rows_ab and y in rows_ab else False
+                              for x, y in zip(a.tolist(), b.tolist())], dtype=bool)
+        thumbs = _thumbnails({i: r.path for i, r in rows_ab.items()})
+        passed = same_file | np.array([_looks_alike(thumbs.get(x), thumbs.get(y)) for x, y in zip(a.tolist(), b.tolist())], dtype=bool)
+        unread = sum(v is None for v in thumbs.values())
+        if unread:
+            notes.append(f"{unread} image(s) could not be read for the pixel check; their pairs rest on the embeddings alone")
+        a, b = a[passed], b[passed]
 
     # Byte-identical files: same content hash (whatever their vectors).
     dup_hashes = select(Image.content_hash).group_by(Image.content_hash).having(func.count() > 1)
@@ -263,9 +320,8 @@ def find_duplicates(
             if node in rows:
                 by_label.setdefault(label, []).append(node)
         for members in by_label.values():
-            groups.extend(_split(sorted(members, key=lambda i: _keep_key(rows[i])), rows, vecs, pos, t))
+            groups.extend(_split(sorted(members, key=lambda i: _keep_key(rows[i])), rows, vecs, pos, t, thumbs if verify else None))
     groups.sort(key=lambda g: (-len(g.items), g.keep))
-    notes = []
     large = sum(len(g.items) > LARGE_GROUP for g in groups)
     if large:
         notes.append(
@@ -275,7 +331,15 @@ def find_duplicates(
     return DuplicateReport(spec, t, tuple(groups), len(ids), time.perf_counter() - t0, KEEP_RULE, tuple(notes))
 
 
-def _split(members: list[int], rows: dict[int, Image], vecs: np.ndarray, pos: dict[int, int], t: float) -> list[DuplicateGroup]:
+def _looks_alike(x: np.ndarray | None, y: np.ndarray | None) -> bool:
+    """The pixel check of one pair; True when either file could not be read."""
+    if x is None or y is None:
+        return True
+    return float(x @ y) >= PIXEL_THRESHOLD
+
+
+def _split(members: list[int], rows: dict[int, Image], vecs: np.ndarray, pos: dict[int, int], t: float,
+           thumbs: dict[int, np.ndarray | None] | None) -> list[DuplicateGroup]:
     """Split one connected component into groups around keepers.
 
     ``members`` come in keep order. The first remaining member is a keeper; every
@@ -294,6 +358,9 @@ def _split(members: list[int], rows: dict[int, Image], vecs: np.ndarray, pos: di
             sims[has] = vecs[[pos[i] for i in np.asarray(rest)[has].tolist()]] @ vecs[pos[centre]]
         exact = np.array([rows[i].content_hash == crow.content_hash for i in rest])
         sims[exact] = 1.0
+        if thumbs is not None:
+            unlike = np.array([not _looks_alike(thumbs.get(centre), thumbs.get(i)) for i in rest])
+            sims[unlike & ~exact] = -np.inf
         take = (sims >= t) | exact
         if take.sum() >= 2:
             items = [

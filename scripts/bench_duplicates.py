@@ -18,13 +18,17 @@ runs ``retrieval.duplicates.find_duplicates`` at each threshold of the sweep:
 A true pair is two files of one source family. Reported per threshold: the
 precision and recall of the pairs ``find_duplicates`` puts in one group (what a
 user sees), per subset, and of the raw pairs at or above the threshold. The
-suggested threshold is the one with the best recall among those whose grouped
-precision is at least ``--min-precision``.
+suggested threshold is the highest one whose recall is within a point of the
+best recall among the settings whose grouped precision is at least
+``--min-precision`` (a higher threshold leaves fewer candidate pairs to check). The sweep runs once with the embeddings
+alone and once per pixel-check threshold (``--pixel-thresholds``).
 
 ``scale`` times ``find_duplicates`` over a library of N synthetic CLIP-like
 512-d vectors (``bench_common.clustered_vectors``) with planted near-duplicates
 (copies of 1 % of the vectors moved to cosine ~0.97), built without encoding
-anything: time, peak memory (RSS), and the planted pairs found.
+anything: time, peak memory (RSS), and the planted pairs found. The rows name no
+real files, so the pixel check is timed apart: its cost per 4000x3000 JPEG
+(it reads each image of a candidate pair once).
 
 Examples::
 
@@ -47,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import WORK, _make_jpeg, clustered_vectors, fill_library, machine, say, write_json
+from bench_common import WORK, _make_jpeg, fill_library, gen_jpegs, machine, say, write_json
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -92,20 +96,35 @@ def transform(img, rng: np.random.Generator):
     return img, quality, "+".join(what)
 
 
-def build_generated(out: Path, sources: int, copies: int, unrelated: int, seed: int) -> list[dict]:
+def distinct_scenes(n: int, seed: int, same_key: bool) -> list:
+    """``n`` shapes samples at 256 px; unless ``same_key``, no two with the same scene
+    (same objects, colours, sizes and relations: shapes-tiny is trained to embed those alike)."""
+    from retrieval.shapes import samples
+
+    out, seen, k = [], set(), 0
+    while len(out) < n:
+        sample = next(iter(samples(1, seed=seed * 100_000 + k, size=256)))
+        k += 1
+        if same_key or sample.scene.key() not in seen:
+            seen.add(sample.scene.key())
+            out.append(sample)
+    return out
+
+
+def build_generated(out: Path, sources: int, copies: int, unrelated: int, seed: int, same_key: bool = False,
+                    subsets: tuple[str, ...] = ("shapes", "noise")) -> list[dict]:
     """Sources, copies and unrelated images of both subsets under ``out``; one record per file."""
     from PIL import Image
 
-    from retrieval.shapes import samples
-
     records: list[dict] = []
     rng = np.random.default_rng(seed)
-    for subset in ("shapes", "noise"):
+    scenes = distinct_scenes(sources + unrelated, seed, same_key) if "shapes" in subsets else []
+    for subset in subsets:
         d = out / subset
         d.mkdir(parents=True, exist_ok=True)
         for i in range(sources + unrelated):
             if subset == "shapes":
-                img = next(iter(samples(1, seed=seed * 1000 + i, size=256))).image
+                img = scenes[i].image
                 src = d / f"s{i:04d}.png"
                 img.save(src)
             else:
@@ -184,15 +203,17 @@ def score(pred: set[tuple[str, str]], truth: set[tuple[str, str]], subset_of: di
 
 def run_pairs(args: argparse.Namespace) -> dict:
     from retrieval import Engine
+    from retrieval import duplicates
     from retrieval.duplicates import find_duplicates
 
-    work = args.work / ("folder" if args.folder else "generated")
+    work = args.work / ("folder" if args.folder else "generated-" + args.subsets.replace(",", "-"))
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
     if args.folder:
         records = build_from_folder(work / "images", args.folder.expanduser(), args.sample, args.copies, args.unrelated, args.seed)
     else:
-        records = build_generated(work / "images", args.sources, args.copies, args.unrelated, args.seed)
+        records = build_generated(work / "images", args.sources, args.copies, args.unrelated, args.seed, args.same_key_scenes,
+                                  tuple(args.subsets.split(",")))
     say(f"built {len(records)} files in {time.perf_counter() - t0:.1f}s under {work / 'images'}")
     family = {r["path"]: r["family"] for r in records}
     subset_of = {r["path"]: r["subset"] for r in records}
@@ -213,14 +234,20 @@ def run_pairs(args: argparse.Namespace) -> dict:
         sims = vecs @ vecs.T
         iu = np.triu_indices(len(ids), 1)
         flat = sims[iu]
+        raw_scores = {}
         for th in thresholds:
-            res = find_duplicates(eng, threshold=th)
-            grouped = pair_set([[it.path for it in g.items] for g in res.groups])
             hit = flat >= th
             raw = {tuple(sorted((paths[int(ids[a])], paths[int(ids[b])]))) for a, b in zip(iu[0][hit], iu[1][hit])}
-            row = {"threshold": th, "groups": len(res.groups), "seconds": round(res.seconds, 3),
-                   "grouped": score(grouped, truth, subset_of, subsets), "raw": score(raw, truth, subset_of, subsets)}
-            rows.append(row)
+            raw_scores[th] = score(raw, truth, subset_of, subsets)
+        for pixel in args.pixel_thresholds.split(","):
+            verify = pixel != "none"
+            if verify:
+                duplicates.PIXEL_THRESHOLD = float(pixel)
+            for th in thresholds:
+                res = find_duplicates(eng, threshold=th, verify=verify)
+                grouped = pair_set([[it.path for it in g.items] for g in res.groups])
+                rows.append({"pixel": pixel, "threshold": th, "groups": len(res.groups), "seconds": round(res.seconds, 3),
+                             "grouped": score(grouped, truth, subset_of, subsets), "raw": raw_scores[th]})
         # Similarities of true pairs and of the nearest unrelated image, per subset: where the two overlap.
         spread = {}
         for s in subsets:
@@ -248,8 +275,12 @@ def run_pairs(args: argparse.Namespace) -> dict:
                 by_kind.setdefault(f"{r['subset']}:{kind}", []).append(sim)
         transforms = {k: {"copies": len(v), "mean": round(float(np.mean(v)), 4), "p05": round(float(np.percentile(v, 5)), 4),
                           "min": round(float(np.min(v)), 4)} for k, v in sorted(by_kind.items())}
+    # Among the settings with precision >= min: the best recall, then the highest threshold whose
+    # recall is within a point of it (a higher threshold means fewer candidate pairs to check).
     ok = [r for r in rows if r["grouped"]["all"]["precision"] >= args.min_precision]
-    best = max(ok, key=lambda r: (r["grouped"]["all"]["recall"], -r["threshold"])) if ok else None
+    top = max(ok, key=lambda r: r["grouped"]["all"]["recall"]) if ok else None
+    near = [r for r in ok if top and r["pixel"] == top["pixel"] and r["grouped"]["all"]["recall"] >= top["grouped"]["all"]["recall"] - 0.01]
+    best = max(near, key=lambda r: r["threshold"]) if near else None
     return {"model": args.model, "files": len(records), "true_pairs": len(truth), "subsets": subsets,
             "sweep": rows, "similarity": spread, "copy_vs_source": transforms, "suggested_threshold": best["threshold"] if best else None,
             "suggested": best, "machine": machine()}
@@ -257,18 +288,20 @@ def run_pairs(args: argparse.Namespace) -> dict:
 
 def print_table(out: dict) -> None:
     subsets = out["subsets"]
-    head = f"{'T':>6}  {'groups':>6}  {'P':>6} {'R':>6}" + "".join(f"  {s + ' P':>9} {s + ' R':>9}" for s in subsets) + f"  {'raw P':>6} {'raw R':>6}"
+    head = f"{'pixel':>5}  {'T':>6}  {'groups':>6}  {'P':>6} {'R':>6}" + "".join(f"  {s + ' P':>9} {s + ' R':>9}" for s in subsets) + f"  {'raw P':>6} {'raw R':>6}"
     print(head, file=sys.stderr)
     for r in out["sweep"]:
         g = r["grouped"]
-        line = f"{r['threshold']:>6.3f}  {r['groups']:>6}  {g['all']['precision']:>6.3f} {g['all']['recall']:>6.3f}"
+        line = f"{r['pixel']:>5}  {r['threshold']:>6.3f}  {r['groups']:>6}  {g['all']['precision']:>6.3f} {g['all']['recall']:>6.3f}"
         line += "".join(f"  {g[s]['precision']:>9.3f} {g[s]['recall']:>9.3f}" for s in subsets)
         line += f"  {r['raw']['all']['precision']:>6.3f} {r['raw']['all']['recall']:>6.3f}"
         print(line, file=sys.stderr)
     print(f"similarity spread: {json.dumps(out['similarity'])}", file=sys.stderr)
     for k, v in out["copy_vs_source"].items():
         print(f"copy vs source {k:<22} {json.dumps(v)}", file=sys.stderr)
-    print(f"suggested threshold (best recall at precision >= min): {out['suggested_threshold']}", file=sys.stderr)
+    best = out["suggested"]
+    print(f"suggested (best recall at precision >= min): threshold {out['suggested_threshold']}, "
+          f"pixel check {best['pixel'] if best else None}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------- scale
@@ -341,15 +374,23 @@ def run_scale(args: argparse.Namespace) -> dict:
         kind, size, nprobe = index.kind, len(index), index.nprobe
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t = time.perf_counter()
-        rep = find_duplicates(eng, threshold=args.threshold)
+        rep = find_duplicates(eng, threshold=args.threshold, verify=False)  # the rows name no real files
         wall = time.perf_counter() - t
         rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The pixel check reads each image of a candidate pair once: its cost per 12-megapixel JPEG.
+    from retrieval.duplicates import thumbnail
+
+    big = sorted(gen_jpegs(16, "large").glob("*.jpg"))
+    t = time.perf_counter()
+    for f in big:
+        assert thumbnail(str(f)) is not None
+    thumb_ms = 1000 * (time.perf_counter() - t) / len(big)
     found = {tuple(sorted((g.keep, it.id))) for g in rep.groups for it in g.items if it.id != g.keep}
     want = {tuple(sorted(p)) for p in planted}
     return {"n": size, "index": kind, "nprobe": nprobe, "threshold": args.threshold, "seconds": round(wall, 2),
             "peak_rss_mb_before": round(rss0), "peak_rss_mb_after": round(rss1), "groups": len(rep.groups),
             "planted_pairs": len(want), "planted_found": len(want & found), "other_pairs": len(found - want),
-            "machine": machine()}
+            "pixel_check_ms_per_4000x3000_jpeg": round(thumb_ms, 1), "machine": machine()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -362,6 +403,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sources", type=int, default=60, help="generated sources per subset (shapes, noise)")
     p.add_argument("--copies", type=int, default=4, help="transformed copies per source")
     p.add_argument("--unrelated", type=int, default=200, help="unrelated images per subset (or from --folder)")
+    p.add_argument("--same-key-scenes", action="store_true",
+                   help="let unrelated shapes scenes repeat a scene (same objects and relations, other layout)")
+    p.add_argument("--subsets", default="shapes,noise", help="generated subsets to use (shapes, noise)")
+    p.add_argument("--pixel-thresholds", default="none,0.62,0.66,0.70,0.74,0.78",
+                   help="pixel-check thresholds to sweep ('none': embeddings alone)")
     p.add_argument("--t-min", type=float, default=0.80)
     p.add_argument("--t-max", type=float, default=0.99)
     p.add_argument("--t-step", type=float, default=0.01)
