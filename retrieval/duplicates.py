@@ -50,6 +50,9 @@ DEFAULT_THRESHOLD = 0.94
 MODEL_FILE = "duplicates.json"
 #: Library vectors per range-search batch (bounds the memory of one batch's matches).
 QUERY_BATCH = 2048
+#: At most this many matches per image are kept (its most similar ones): a pile
+#: of images a model embeds as one point (blank frames) costs n*this, not n**2.
+MAX_NEIGHBOURS = 256
 #: Groups larger than this get a note: near-uniform images (black or blank frames) embed alike.
 LARGE_GROUP = 50
 #: Candidate pairs are checked on the pixels: the correlation of the two images'
@@ -211,13 +214,17 @@ def _keep_key(row: Image) -> tuple[Any, ...]:
 
 def _range_pairs(index: VectorIndex, ids: np.ndarray, vecs: np.ndarray, threshold: float, allowed: np.ndarray | None,
                  batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(a, b, score) with a < b for every pair of library vectors within ``threshold`` (range search in batches)."""
+    """(a, b, score) with a < b for the pairs of library vectors within ``threshold``
+    (range search in batches; each vector's :data:`MAX_NEIGHBOURS` best matches)."""
     parts_a, parts_b, parts_s = [], [], []
     for start in range(0, len(ids), batch):
         res = index.range_search(vecs[start : start + batch], threshold, allowed=allowed)
         counts = np.diff(res.lims)
         q = np.repeat(ids[start : start + batch], counts)
         other = res.ids != q
+        for row in np.nonzero(counts > MAX_NEIGHBOURS + 1)[0].tolist():
+            lo, hi = int(res.lims[row]), int(res.lims[row + 1])
+            other[lo + np.argsort(-res.scores[lo:hi], kind="stable")[MAX_NEIGHBOURS + 1 :]] = False
         a, b = np.minimum(q[other], res.ids[other]), np.maximum(q[other], res.ids[other])
         parts_a.append(a)
         parts_b.append(b)

@@ -281,3 +281,22 @@ def test_pixel_signature(tmp_path):
     assert a is not None and a_small is not None and b is not None
     assert float(a @ a_small) >= PIXEL_THRESHOLD > float(a @ b)
     assert thumbnail(str(tmp_path / "broken.jpg")) is None and thumbnail(str(tmp_path / "missing.jpg")) is None
+
+
+def test_a_pile_keeps_its_best_matches_only(tmp_path, tiny_model, monkeypatch):
+    """Each image keeps its MAX_NEIGHBOURS best matches (memory n*cap, not n**2); the pile still forms one group."""
+    from retrieval import duplicates
+
+    monkeypatch.setattr(duplicates, "MAX_NEIGHBOURS", 4)
+    rng = np.random.default_rng(3)
+    pile = np.zeros((30, 32), np.float32)
+    pile[:, 0] = 1.0
+    pile[:, 1:] = rng.standard_normal((30, 31)) * 0.01
+    pile /= np.linalg.norm(pile, axis=1, keepdims=True)
+    ids = _vector_library(tmp_path / "lib", tiny_model, pile)
+    with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
+        index = eng.state().images
+        a, b, s = duplicates._range_pairs(index, np.asarray(ids), pile, 0.9, None, 7)
+        rep = find_duplicates(eng, threshold=0.9)
+    assert len(a) <= 30 * 4 and (a < b).all() and (s >= 0.9).all()
+    assert len(rep.groups) == 1 and len(rep.groups[0].items) == 30
