@@ -37,7 +37,7 @@ IVF_REGROW = 2
 #: Vectors sampled to train the IVF coarse quantizer.
 IVF_TRAIN_SAMPLE = 131_072
 
-__all__ = ["VectorIndex", "SearchResult", "factory_string", "IVF_THRESHOLD"]
+__all__ = ["VectorIndex", "SearchResult", "RangeResult", "factory_string", "IVF_THRESHOLD"]
 
 
 def _faiss():
@@ -52,6 +52,16 @@ class SearchResult:
 
     scores: np.ndarray  # (nq, k) float32 inner products, best first
     ids: np.ndarray  # (nq, k) int64 SQLite primary keys, -1 where fewer than k exist
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    """Every stored vector within a threshold of each query row, in FAISS's
+    ``lims`` layout: query ``q``'s matches are ``ids[lims[q]:lims[q+1]]``."""
+
+    lims: np.ndarray  # (nq + 1,) int64 offsets into scores and ids
+    scores: np.ndarray  # float32 inner products, each >= the threshold
+    ids: np.ndarray  # int64 SQLite primary keys
 
 
 def ivf_lists(n: int) -> int:
@@ -251,6 +261,37 @@ class VectorIndex:
             params = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nlist)
             scores, ids = self._index.search(queries, kk, params=params)
         return SearchResult(scores, ids)
+
+    def range_search(
+        self, queries: np.ndarray, threshold: float, allowed: np.ndarray | None = None, nprobe: int | None = None
+    ) -> RangeResult:
+        """Every id whose vector has inner product >= ``threshold`` with a query row.
+
+        Runs on the CPU index (an IVF index probes ``nprobe`` lists, default
+        :attr:`nprobe`, so a match in an unprobed list is missed). ``allowed``
+        restricts the matches to those ids. The result grows with the number
+        of matches: callers bound memory by passing queries in batches.
+        """
+        faiss = _faiss()
+        queries = _as_matrix(queries, self.dim)
+        if len(self) == 0 or len(queries) == 0:
+            return RangeResult(np.zeros(len(queries) + 1, np.int64), np.empty(0, np.float32), np.empty(0, np.int64))
+        sel = None
+        if allowed is not None:
+            allowed = np.unique(_as_ids(allowed))
+            sel = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
+        ivf = self._ivf()
+        if ivf is not None:
+            probe = min(int(nprobe or self.nprobe), int(ivf.nlist))
+            params: Any = faiss.SearchParametersIVF(nprobe=probe, sel=sel) if sel is not None else faiss.SearchParametersIVF(nprobe=probe)
+        else:
+            params = faiss.SearchParameters(sel=sel) if sel is not None else None
+        lims, scores, ids = self._index.range_search(queries, float(threshold), params=params)
+        return RangeResult(np.asarray(lims, np.int64), np.asarray(scores, np.float32), np.asarray(ids, np.int64))
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (id, vector) held: int64 ids and float32 ``(n, dim)`` vectors, in the same order."""
+        return self._dump()
 
     def _search_index(self):
         faiss = _faiss()

@@ -283,6 +283,7 @@ null_option = click.option("-0", "--null", "null", is_flag=True,
 @click.option("--corpus", metavar="NAME", help="Texts: only this corpus.")
 @click.option("--since", type=click.DateTime(DATE_FORMATS), help="Images: taken on or after this date (EXIF date, else file time).")
 @click.option("--until", type=click.DateTime(DATE_FORMATS), help="Images: taken on or before this date.")
+@click.option("--dedup", is_flag=True, help="Fold near-duplicate hits (resized copies, re-encodes, bursts) into the best-ranked one.")
 @model_option
 @json_option
 @click.option("--paths", "paths_only", is_flag=True, help="Print one path (or text) per line, for xargs.")
@@ -291,7 +292,7 @@ null_option = click.option("-0", "--null", "null", is_flag=True,
 def search_cmd(ctx: click.Context, query: str | None, image: str | None, target: str, k: int, candidates: int,
                no_rerank: bool, threshold: float | None, adds: tuple[str, ...], subs: tuple[str, ...],
                path_glob: str | None, corpus: str | None, since: dt.datetime | None, until: dt.datetime | None,
-               model: str | None, as_json: bool, paths_only: bool, null: bool) -> None:
+               dedup: bool, model: str | None, as_json: bool, paths_only: bool, null: bool) -> None:
     """Search the library by text and/or example image.
 
     \b
@@ -302,6 +303,7 @@ def search_cmd(ctx: click.Context, query: str | None, image: str | None, target:
       crossfind search "beach" --add 2:sunset --subtract people --paths | xargs open
       crossfind search "dog" --path '*/2024/*' --since 2024-06-01 --json
       crossfind search "cat" --add image:cat.jpg --add text:kitten.png --paths -0 | xargs -0 ls
+      crossfind search "sunset" --dedup                         # one hit per set of near-duplicates
     """
     from .types import SearchQuery
 
@@ -312,13 +314,60 @@ def search_cmd(ctx: click.Context, query: str | None, image: str | None, target:
         until = until + dt.timedelta(days=1) - dt.timedelta(microseconds=1)
     terms = tuple(_parse_term(a, 1.0) for a in adds) + tuple(_parse_term(s, -1.0) for s in subs)
     q = SearchQuery(text=query, image=image, target=target, terms=terms, k=k, candidates=candidates,
-                    rerank=not no_rerank, threshold=threshold, path_glob=path_glob, corpus=corpus, since=since, until=until)
+                    rerank=not no_rerank, threshold=threshold, path_glob=path_glob, corpus=corpus, since=since, until=until,
+                    dedup=dedup)
     with _engine(ctx, model) as eng:
         eng.lean = True  # one search per process: free the text tower once the query is encoded
         res = eng.search(q)
     for note in res.notes:
         _stderr(f"note: {note}")
     _print_result(res, fmt)
+
+
+@cli.command("duplicates")
+@model_option
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), metavar="T",
+              help="Cosine similarity at or above which two images are duplicates (default: the model's measured one).")
+@click.option("--path", "path_glob", metavar="GLOB", help="Only images whose path matches GLOB, e.g. --path '*/2024/*'.")
+@json_option
+@click.pass_context
+def duplicates_cmd(ctx: click.Context, model: str | None, threshold: float | None, path_glob: str | None, as_json: bool) -> None:
+    """Find near-duplicate images: resized copies, re-encodes, small crops, burst shots, exact copies.
+
+    Each group names the image to keep (most pixels, then largest file, then
+    oldest); every other member is within the threshold of it. Exact copies
+    (byte-identical) are marked. crossfind never deletes a file: act on the
+    list yourself.
+
+    \b
+    Examples:
+      crossfind duplicates
+      crossfind duplicates --path '*/2024/*' --threshold 0.95
+      crossfind duplicates --json | jq -r '.groups[] | .keep as $k | .items[] | select(.id != $k) | .path'
+    """
+    from .duplicates import find_duplicates
+
+    with _engine(ctx, model) as eng:
+        rep = find_duplicates(eng, threshold=threshold, path=path_glob)
+    for note in rep.notes:
+        _stderr(f"note: {note}")
+    if as_json:
+        _print_json(rep.to_json())
+        return
+    if not rep.groups:
+        click.echo(f"no duplicates among {rep.images} images (model {rep.model}, threshold {rep.threshold:g})")
+        return
+    for n, g in enumerate(rep.groups, 1):
+        click.echo(f"group {n}: {len(g.items)} images" + (" (exact copies)" if g.exact else ""))
+        for it in g.items:
+            mark = "keep " if it.id == g.keep else "     "
+            dims = f"{it.width}x{it.height}" if it.width and it.height else "?x?"
+            date = it.date.strftime("%Y-%m-%d %H:%M") if it.date else "-"
+            how = "exact" if it.exact and it.id != g.keep else f"{it.score:.3f}"
+            click.echo(f"  {mark}{how:>6}  {dims:>11}  {it.bytes:>10}  {date}  {it.path}")
+    dupes = sum(len(g.items) - 1 for g in rep.groups)
+    click.echo(f"{len(rep.groups)} groups, {dupes} images besides the kept ones, among {rep.images} images "
+               f"(model {rep.model}, threshold {rep.threshold:g}; keep: {rep.rule})")
 
 
 @cli.command("history")

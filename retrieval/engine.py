@@ -29,6 +29,7 @@ from sqlalchemy import select
 
 from .corpus import read_corpus
 from .encoders import DEFAULT_MODEL, Encoder, parse_spec
+from .duplicates import default_threshold, fold_duplicates
 from .errors import CorpusError, LibraryError, QueryError
 from .imageio import ImageLoadError, LoadedImage, load_image
 from .lock import WriterLock
@@ -46,6 +47,8 @@ MAX_TERM_WEIGHT = 1000.0
 #: Seconds between checkpoints (index save + commit) while indexing.
 CHECKPOINT_SECONDS = 30.0
 DB_NAME = "library.db"
+#: With ``SearchQuery(dedup=True)``, at least this many candidates per hit wanted are fetched to fold.
+DEDUP_CANDIDATES = 4
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -549,6 +552,7 @@ class Engine:
         if can_rerank and reranker is None:
             notes.append(f"model {state.spec.spec} has no reranker; results are ranked by the dual encoder alone")
         n_cand = max(query.k, query.candidates) if reranker is not None else query.k
+        n_cand = max(n_cand, DEDUP_CANDIDATES * query.k) if query.dedup else n_cand  # folded hits leave room
         res = index.search(vec, n_cand + len(exclude), allowed=allowed)
         ids = [int(i) for i in res.ids[0] if i >= 0 and int(i) not in exclude][:n_cand]
         scores = {int(i): float(s) for i, s in zip(res.ids[0], res.scores[0]) if i >= 0}
@@ -584,6 +588,8 @@ class Engine:
                 ids = [i for i in ids if rerank_scores[i] >= query.threshold]
             else:
                 notes.append("--threshold needs a reranker's match probability; it was not applied")
+        if query.dedup:
+            ids = fold_duplicates(index, ids, default_threshold(state.spec))
         ids = ids[: query.k]
         hits = []
         for rank, i in enumerate(ids, 1):

@@ -66,6 +66,7 @@ class SearchQuery:
     corpus: str | None = None  # texts: only this corpus
     since: dt.datetime | None = None  # images: taken at or after (EXIF date, else mtime)
     until: dt.datetime | None = None  # images: taken before or at
+    dedup: bool = False  # fold near-duplicate hits into the best-ranked one (the model's duplicate threshold)
 
     def filters_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -77,6 +78,8 @@ class SearchQuery:
             out["since"] = self.since.isoformat()
         if self.until:
             out["until"] = self.until.isoformat()
+        if self.dedup:
+            out["dedup"] = True
         return out
 
 
