@@ -28,6 +28,7 @@ from .corpus import read_corpus
 from .encoders import DEFAULT_MODEL, Encoder, parse_spec
 from .errors import LibraryError, QueryError
 from .imageio import ImageLoadError, LoadedImage, load_image
+from .locations import default_library
 from .pipeline import default_workers, load_batches
 from .scan import FileInfo, file_hash, scan
 from .slot import ModelSlot
@@ -39,15 +40,6 @@ LOG = logging.getLogger(__name__)
 #: Seconds between checkpoints (index save + commit) while indexing.
 CHECKPOINT_SECONDS = 30.0
 DB_NAME = "library.db"
-
-
-def default_library() -> Path:
-    """``$CROSSFIND_LIBRARY``, else ``$XDG_DATA_HOME/crossfind`` (``~/.local/share/crossfind``)."""
-    env = os.environ.get("CROSSFIND_LIBRARY")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(xdg) / "crossfind"
 
 
 def _progress(total: int | None, desc: str, enabled: bool, unit: str = "img") -> Any:

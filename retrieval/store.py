@@ -132,6 +132,14 @@ class Query(Base):
     text_vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32 embedding of ``text``
     text_tokens: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32 reranker tokens of ``text`` (Reranker.query_tokens)
 
+    def to_json(self) -> dict[str, Any]:
+        """One entry of ``history --json`` (and of ``/api/history``)."""
+        return {
+            "id": self.id, "when": self.created_at.isoformat(timespec="seconds"), "text": self.text,
+            "image": self.image_path, "target": self.target, "model": self.model, "k": self.k, "terms": self.terms,
+            "filters": self.filters, "reranked": self.reranked, "seconds": round(self.seconds, 4),
+        }
+
 
 class Result(Base):
     """A ranked hit of a stored query (path/text kept so it prints even after removal)."""
