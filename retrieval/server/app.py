@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -347,6 +348,10 @@ def _bind_unix(path: Path) -> socket.socket | None:
     return sock
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def run(library: str | os.PathLike[str] | None, opts: ServeOptions, echo: Callable[[str], None]) -> None:
     """Serve until interrupted (SIGINT/SIGTERM); ``echo`` gets the address and warnings."""
     import uvicorn
@@ -377,7 +382,16 @@ def run(library: str | os.PathLike[str] | None, opts: ServeOptions, echo: Callab
         echo(f"crossfind serve: http://{shown}:{port}/ (library {service.library}, model {spec}); Ctrl-C stops")
         app = create_app(service, token=opts.token, cors=opts.cors)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=sockets)
+        # uvicorn stops gracefully on SIGINT/SIGTERM and then re-raises the signal
+        # with the previous handler: make SIGTERM an exception so the socket is removed below.
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            uvicorn.Server(config).run(sockets=sockets)
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        echo("crossfind serve: stopped")
     except OSError as exc:
         raise LibraryError(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror or exc}") from None
     finally:
