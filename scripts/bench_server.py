@@ -99,18 +99,19 @@ def search_url(text: str, **opts: Any) -> str:
     return "/api/search?" + urllib.parse.urlencode({"q": text, **opts})
 
 
-def sequential(srv: Server, n: int, tag: str, **opts: Any) -> list[float]:
+def sequential(srv: Server, n: int, tag: str, repeat: int = 0, **opts: Any) -> list[float]:
+    """``n`` searches one after another; new texts, or with ``repeat`` a cycle of that many texts."""
     conn = srv.conn()
     out = []
     for i in range(n):
-        status, body, sec = get(conn, search_url(f"{QUERY} {tag} {i}", **opts))
+        status, body, sec = get(conn, search_url(f"{QUERY} {tag} {i % repeat if repeat else i}", **opts))
         assert status == 200, body[:200]
         out.append(sec)
     conn.close()
     return out
 
 
-def concurrent(srv: Server, n: int, clients: int, tag: str) -> dict[str, Any]:
+def concurrent(srv: Server, n: int, clients: int, tag: str, repeat: int = 0) -> dict[str, Any]:
     lat: list[float] = []
     lock = threading.Lock()
     todo = iter(range(n))
@@ -122,7 +123,7 @@ def concurrent(srv: Server, n: int, clients: int, tag: str) -> dict[str, Any]:
                 i = next(todo, None)
             if i is None:
                 break
-            status, body, sec = get(conn, search_url(f"{QUERY} {tag} {i}", k=10, rerank="false"))
+            status, body, sec = get(conn, search_url(f"{QUERY} {tag} {i % repeat if repeat else i}", k=10, rerank="false"))
             assert status == 200, body[:200]
             with lock:
                 lat.append(sec)
@@ -166,6 +167,12 @@ def bench_vectors(args: argparse.Namespace) -> dict[str, Any]:
         say(f"1 client: {res['search_1_client']}")
         res["search_8_clients"] = concurrent(srv, args.requests, 8, "conc")
         say(f"8 clients: {res['search_8_clients']}")
+        # Texts asked before: their vectors are kept, so this is the server, FAISS and SQLite without the text tower.
+        sequential(srv, 10, "rep", repeat=10, k=10, rerank="false")
+        lat = sequential(srv, args.requests, "rep", repeat=10, k=10, rerank="false")
+        res["repeat_1_client"] = {"requests": len(lat), "p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99))}
+        res["repeat_8_clients"] = concurrent(srv, args.requests, 8, "rep", repeat=10)
+        say(f"repeated texts: {res['repeat_1_client']} {res['repeat_8_clients']}")
 
         # A whole `crossfind search` process handed to the server, and once in process.
         walls = [cli_search(lib, f"{QUERY} cli {i}", server=True) for i in range(args.cli_runs)]

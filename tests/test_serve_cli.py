@@ -88,8 +88,14 @@ def test_search_through_server_prints_the_same(served_lib, photo_dir):
         assert served.returncode == 0, served.stderr
         assert served.stdout == alone.stdout, args
         assert served.stderr == alone.stderr, args
+    # The hand-over is lean: no torch, numpy, FAISS or SQLAlchemy in the client process.
+    probe = ("import sys\nfrom retrieval.cli import main\ntry:\n    main(['--library', sys.argv[1], 'search', 'a red square', '--json'])\n"
+             "except SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'numpy', 'faiss', 'sqlalchemy', 'PIL') if m in sys.modules))")
+    lean = subprocess.run([sys.executable, "-c", probe, str(lib)], capture_output=True, text=True, timeout=120)
+    assert lean.stdout.strip().splitlines()[-1] == "[]", lean.stdout + lean.stderr
+    assert json.loads(lean.stdout.splitlines()[0])["hits"]
     n_before = json.loads(run(lib, "history", "-n", "100", "--json", server=False).stdout)["searches"]
-    assert len(n_before) == 2 * len(cases)  # the served searches are in the history too
+    assert len(n_before) == 2 * len(cases) + 1  # the served searches are in the history too
     # Refusals read the same: a missing query image, a model nothing was indexed with.
     for args in (["search", "--image", "/no/such.png"], ["search", "x", "--model", "shapes-tiny"]):
         alone, served = run(lib, *args, server=False), run(lib, *args, server=True)
