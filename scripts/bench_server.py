@@ -210,7 +210,7 @@ def bench_shapes(args: argparse.Namespace) -> dict[str, Any]:
     from retrieval import Engine
     from retrieval.shapes import generate
 
-    root = WORK / "serve-shapes"
+    root = WORK / f"serve-shapes-{args.scenes}-{args.thumbs}"
     lib = root / "lib"
     scenes = root / "scenes"
     photos = gen_jpegs(args.thumbs, "small", seed=11)

@@ -278,6 +278,17 @@ def test_token_and_cors(service):
         assert r.headers["access-control-allow-origin"] == "http://app.example"
 
 
+def test_loopback_server_refuses_foreign_host_names_and_simple_posts(service):
+    with TestClient(create_app(service, allowed_hosts=("127.0.0.1", "localhost", "::1")), base_url="http://127.0.0.1:8756") as c:
+        assert c.get("/api/status").status_code == 200
+        assert c.get("/api/status", headers={"Host": "localhost:8756"}).status_code == 200
+        rebound = c.get("/api/status", headers={"Host": "evil.example:8756"})
+        assert rebound.status_code == 400 and "Host" in rebound.json()["error"]
+        # A cross-site form may POST text/plain without a preflight: it starts nothing.
+        form = c.post("/api/index", content=b'{"path": "/"}', headers={"Content-Type": "text/plain"})
+        assert form.status_code == 415 and c.get("/api/jobs").json() == {"jobs": []}
+
+
 def test_docs_and_page_are_served_offline(client):
     docs = client.get("/docs")
     assert docs.status_code == 200 and "cdn" not in docs.text.lower()

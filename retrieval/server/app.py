@@ -73,8 +73,14 @@ def _over_unix_socket(request: Request) -> bool:
     return isinstance(server, (tuple, list)) and len(server) == 2 and server[1] is None
 
 
-def create_app(service: Service, token: str | None = None, cors: tuple[str, ...] = ()) -> FastAPI:
-    """The ASGI app for ``service``: JSON API under ``/api``, the web page at ``/``, docs at ``/docs``."""
+def create_app(service: Service, token: str | None = None, cors: tuple[str, ...] = (),
+               allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
+    """The ASGI app for ``service``: JSON API under ``/api``, the web page at ``/``, docs at ``/docs``.
+
+    ``allowed_hosts`` (when given) are the only ``Host`` headers answered: a
+    server on 127.0.0.1 answers only to loopback names, so a web page cannot
+    reach it by pointing its own domain name at 127.0.0.1 (DNS rebinding).
+    """
     app = FastAPIOffline(
         title="crossfind",
         version="0.1.0",
@@ -127,6 +133,16 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
                     response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
                 return response
             return _error(401, "this server needs a token: send 'Authorization: Bearer TOKEN' (or open /?token=TOKEN)")
+
+    if allowed_hosts:
+        @app.middleware("http")
+        async def check_host(request: Request, call_next: Callable[[Request], Any]) -> Response:
+            raw = request.headers.get("host", "")
+            host = raw[1 : raw.index("]")] if raw.startswith("[") and "]" in raw else raw.rsplit(":", 1)[0]
+            if _over_unix_socket(request) or host in allowed_hosts:
+                response: Response = await call_next(request)
+                return response
+            return _error(400, f"unexpected Host header {host!r}; this server answers to {', '.join(allowed_hosts)}")
 
     if cors:
         from fastapi.middleware.cors import CORSMiddleware
@@ -184,6 +200,8 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             return await _search_upload(request)
+        if not ctype.startswith("application/json"):
+            return _error(415, "send Content-Type: application/json (or a multipart form with the image in 'file')")
         try:
             body = json.loads(await request.body() or b"{}")
         except ValueError:
@@ -288,6 +306,8 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
                   "required": ["path"]}}}}})
     async def index(request: Request) -> JSONResponse:
         """`{"path": "/abs/folder"}` starts a job (202); while one runs, another gets 409."""
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            return _error(415, "send Content-Type: application/json")  # a cross-site form cannot start jobs
         try:
             body = json.loads(await request.body() or b"{}")
         except ValueError:
@@ -380,7 +400,8 @@ def run(library: str | os.PathLike[str] | None, opts: ServeOptions, echo: Callab
         port = tcp.getsockname()[1]
         shown = f"[{opts.host}]" if family == socket.AF_INET6 else opts.host
         echo(f"crossfind serve: http://{shown}:{port}/ (library {service.library}, model {spec}); Ctrl-C stops")
-        app = create_app(service, token=opts.token, cors=opts.cors)
+        hosts = ("127.0.0.1", "localhost", "::1") if _is_loopback(opts.host) else ()
+        app = create_app(service, token=opts.token, cors=opts.cors, allowed_hosts=hosts)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
         # uvicorn stops gracefully on SIGINT/SIGTERM and then re-raises the signal
         # with the previous handler: make SIGTERM an exception so the socket is removed below.
