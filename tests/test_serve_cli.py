@@ -122,3 +122,12 @@ def test_second_server_refused_and_stale_socket_ignored(served_lib, tiny_model):
 def test_non_loopback_needs_a_token(tmp_path):
     got = run(tmp_path / "lib", "serve", "--host", "0.0.0.0", "--port", "0", server=False)
     assert got.returncode == 1 and "--token" in got.stderr and "Traceback" not in got.stderr
+
+
+def test_missing_extra_is_one_line(tmp_path):
+    probe = ("import sys\nsys.modules['fastapi'] = None\nfrom retrieval.cli import main\n"
+             f"main(['--library', {str(tmp_path / 'lib')!r}, 'serve'])\n")
+    got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert got.returncode == 1
+    assert got.stderr.strip() == ("crossfind: error: crossfind serve needs the 'serve' extra (fastapi is missing): "
+                                  "pip install 'crossfind[serve]'")

@@ -274,7 +274,8 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
             service.image_file(iid)  # still allowed (not removed, not redirected outside)
             return Response(status_code=304, headers={**headers, "ETag": etag})
         path, etag = service.thumbnail(iid, size)
-        return FileResponse(path, media_type="image/jpeg", headers={**headers, "ETag": etag})
+        # A few KB: read here, in this worker thread, rather than streamed in more thread hops.
+        return Response(path.read_bytes(), media_type="image/jpeg", headers={**headers, "ETag": etag})
 
     @app.get("/api/files/{image_id}", tags=["items"], summary="The original image file")
     def file(image_id: str) -> FileResponse:
