@@ -8,7 +8,6 @@ process.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
@@ -35,21 +34,57 @@ def socket_path(library_dir: str | os.PathLike[str]) -> Path:
     return Path(library_dir) / SOCKET_NAME
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=CONNECT_TIMEOUT)
-        self._path = path
+def _exchange(path: str, method: str, url: str, data: bytes | None) -> tuple[int, dict[str, str], bytes] | None:
+    """One HTTP/1.1 request on a fresh connection (``Connection: close``), read to EOF.
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    A few lines of socket code instead of ``http.client``, whose imports (the
+    email package) cost more than the whole answer of a warm server.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CONNECT_TIMEOUT)
         try:
-            sock.settimeout(CONNECT_TIMEOUT)
-            sock.connect(self._path)
-            sock.settimeout(ANSWER_TIMEOUT)
+            sock.connect(path)
         except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+            return None  # stale socket: the server is gone
+        sock.settimeout(ANSWER_TIMEOUT)
+        head = [f"{method} {url} HTTP/1.1", "Host: localhost", "Connection: close"]
+        if data is not None:
+            head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (data or b""))
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        sock.close()
+    raw = b"".join(chunks)
+    top, _, body = raw.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ServerError("the server's answer is not HTTP; is another program using the library's socket?")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = _unchunk(body)
+    return int(parts[1]), headers, body
+
+
+def _unchunk(body: bytes) -> bytes:
+    out = []
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out.append(rest[:size])
+        body = rest[size + 2 :]
+    return b"".join(out)
 
 
 def request(library_dir: str | os.PathLike[str], method: str, url: str, body: Any = None) -> tuple[int, Any, dict[str, str]] | None:
@@ -63,20 +98,12 @@ def request(library_dir: str | os.PathLike[str], method: str, url: str, body: An
             return None
     except OSError:
         return None
-    conn = _UnixConnection(str(path))
-    try:
-        try:
-            conn.connect()
-        except OSError:
-            return None  # stale socket: the server is gone
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        conn.request(method, url, body=data, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, json.loads(raw) if raw else None, {k.lower(): v for k, v in resp.getheaders()}
-    finally:
-        conn.close()
+    data = None if body is None else json.dumps(body).encode()
+    got = _exchange(str(path), method, url, data)
+    if got is None:
+        return None
+    status, headers, raw = got
+    return status, json.loads(raw) if raw else None, headers
 
 
 def search(library_dir: str | os.PathLike[str], body: dict[str, Any]) -> tuple[dict[str, Any], list[str]] | None:
