@@ -248,7 +248,7 @@ def test_index_job_one_writer_and_searches_answer_meanwhile(client, lib, tmp_pat
         with open(gate, "wb"):
             pass
 
-    threading.Thread(target=release).start()
+    threading.Thread(target=release, daemon=True).start()  # never holds up the test run if the job died first
     for _ in range(600):
         st = client.get(f"/api/jobs/{job['id']}").json()
         if st["state"] != "running":
