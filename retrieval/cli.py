@@ -20,7 +20,7 @@ from .errors import CrossfindError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
-    from .types import SearchResult, Term
+    from .types import SearchQuery, SearchResult, Term
 
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
 
@@ -228,28 +228,56 @@ def _fmt(x: float | None) -> str:
 
 
 def _print_result(res: SearchResult, fmt: str) -> None:
+    _print_result_json(res.to_json(), fmt)
+
+
+def _print_result_json(obj: dict[str, Any], fmt: str) -> None:
+    """Print a ``search --json`` object in ``fmt``; the same printer serves
+    in-process results and a server's answer, so both print alike."""
     if fmt == "json":
-        _print_json(res.to_json())
+        _print_json(obj)
         return
+    hits = obj["hits"]
     if fmt in ("paths", "null"):
-        _print_paths(res, fmt == "null")
+        _print_paths(hits, fmt == "null")
         return
-    if not res.hits:
+    if not hits:
         click.echo("no results")
         return
-    rr = res.reranked
+    rr = obj["reranked"]
     header = f"{'rank':>4}  {'score':>6}" + (f"  {'match':>6}" if rr else "") + "  item"
     click.echo(header)
-    for h in res.hits:
-        item = _show(h.path or "") if h.kind == "image" else _show(h.text or "")
-        click.echo(f"{h.rank:>4}  {_fmt(h.score):>6}" + (f"  {_fmt(h.rerank_score):>6}" if rr else "") + f"  {item}")
+    for h in hits:
+        item = _show(h["path"] or "") if h["kind"] == "image" else _show(h["text"] or "")
+        click.echo(f"{h['rank']:>4}  {_fmt(h['score']):>6}" + (f"  {_fmt(h['rerank_score']):>6}" if rr else "") + f"  {item}")
 
 
-def _print_paths(res: SearchResult, null: bool) -> None:
+def _search_on_server(ctx: click.Context, q: SearchQuery, model: str | None) -> tuple[dict[str, Any], list[str]] | None:
+    """Hand the search to a server running for this library (``crossfind serve``),
+    or None when there is none. A query image that is not a file stays in
+    process, so its error reads exactly as without a server."""
+    import dataclasses
+
+    from .locations import library_dir
+    from .server import client
+
+    if q.image is not None and not (isinstance(q.image, str) and Path(os.path.expanduser(q.image)).is_file()):
+        return None
+    obj = ctx.find_object(Ctx)
+    assert obj is not None
+    if isinstance(q.image, str):
+        q = dataclasses.replace(q, image=str(Path(os.path.expanduser(q.image)).absolute()))
+    body = q.to_request(model)
+    if model is None:
+        body["library_default"] = True  # the model this command would use in process
+    return client.search(library_dir(obj.library), body)
+
+
+def _print_paths(hits: list[dict[str, Any]], null: bool) -> None:
     """One item per line with control characters escaped, or with ``null``
     NUL-terminated raw bytes exactly as the file system names them (``find -print0``)."""
-    for h in res.hits:
-        item = (h.path if h.kind == "image" else h.text) or ""
+    for h in hits:
+        item = (h["path"] if h["kind"] == "image" else h["text"]) or ""
         if null:
             click.echo(os.fsencode(item) + b"\0", nl=False)
         else:
@@ -296,6 +324,11 @@ def search_cmd(ctx: click.Context, query: str | None, image: str | None, target:
     """Search the library by text and/or example image.
 
     \b
+    When `crossfind serve` runs for the library, the search is handed to it
+    (no model load) and prints the same; set CROSSFIND_NO_SERVER=1 to search
+    in process anyway.
+
+    \b
     Examples:
       crossfind search "a red circle left of a blue square"
       crossfind search --image holiday.jpg -k 5                # similar images
@@ -316,6 +349,13 @@ def search_cmd(ctx: click.Context, query: str | None, image: str | None, target:
     q = SearchQuery(text=query, image=image, target=target, terms=terms, k=k, candidates=candidates,
                     rerank=not no_rerank, threshold=threshold, path_glob=path_glob, corpus=corpus, since=since, until=until,
                     dedup=dedup)
+    served = _search_on_server(ctx, q, model)
+    if served is not None:
+        obj, notes = served
+        for note in notes:
+            _stderr(f"note: {note}")
+        _print_result_json(obj, fmt)
+        return
     with _engine(ctx, model) as eng:
         eng.lean = True  # one search per process: free the text tower once the query is encoded
         res = eng.search(q)
@@ -506,6 +546,39 @@ def remove_texts_cmd(ctx: click.Context, corpus: str, no_wait: bool) -> None:
     with _engine(ctx) as eng, _writer(eng, no_wait):
         n = eng.remove_texts(corpus)
     click.echo(f"removed {n} texts")
+
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback needs --token or --insecure-no-token.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8756, show_default=True, help="TCP port (0: any free port).")
+@model_option
+@click.option("--token", metavar="TOKEN", envvar="CROSSFIND_TOKEN", help="Require 'Authorization: Bearer TOKEN' on every request (env CROSSFIND_TOKEN).")
+@click.option("--insecure-no-token", is_flag=True, help="Allow binding a non-loopback address without a token (anyone who can reach it can read your library).")
+@click.option("--cors", "cors", multiple=True, metavar="ORIGIN", help="Allow cross-origin requests from ORIGIN (repeatable); none by default.")
+@click.option("--no-socket", is_flag=True, help="Do not listen on the library's unix socket (the CLI then searches in process).")
+@click.pass_context
+def serve_cmd(ctx: click.Context, host: str, port: int, model: str | None, token: str | None, insecure_no_token: bool,
+              cors: tuple[str, ...], no_socket: bool) -> None:
+    """Serve a JSON API and a web page for the library, models kept loaded.
+
+    Opens http://HOST:PORT/ (search page), /docs (the API) and the library's
+    unix socket, which `crossfind search` uses when a server runs.
+
+    \b
+    Example:
+      crossfind serve                                   # then open http://127.0.0.1:8756/
+      crossfind serve --model shapes-tiny --port 9000
+      crossfind serve --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+    """
+    try:
+        from .server.app import ServeOptions, run
+    except ImportError as exc:
+        raise click.ClickException(f"crossfind serve needs the 'serve' extra ({exc.name} is missing): pip install 'crossfind[serve]'") from None
+    obj = ctx.find_object(Ctx)
+    assert obj is not None
+    opts = ServeOptions(host=host, port=port, model=model, token=token, insecure_no_token=insecure_no_token,
+                        cors=cors, unix_socket=not no_socket)
+    run(obj.library, opts, echo=_stderr)
 
 
 @cli.command("eval")

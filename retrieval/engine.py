@@ -34,6 +34,7 @@ from .errors import CorpusError, LibraryError, QueryError
 from .imageio import ImageLoadError, LoadedImage, load_image
 from .lock import WriterLock
 from .paths import is_utf8, normalize_path
+from .locations import default_library
 from .scan import file_hash
 from .slot import ModelSlot
 from .store import Image, ImageVector, Query, Result, Store, TextItem, TextVector, open_store, utcnow
@@ -84,15 +85,6 @@ def writes(method: _F) -> _F:
             return method(self, *args, **kwargs)
 
     return run  # type: ignore[return-value]
-
-
-def default_library() -> Path:
-    """``$CROSSFIND_LIBRARY``, else ``$XDG_DATA_HOME/crossfind`` (``~/.local/share/crossfind``)."""
-    env = os.environ.get("CROSSFIND_LIBRARY")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(xdg) / "crossfind"
 
 
 def path_pattern(glob: str) -> str:
@@ -191,10 +183,7 @@ class Engine:
         try:
             if first:
                 self._clean_temp_files()
-                # Another process may have written since this engine loaded its indexes.
-                self.store.session.expire_all()
-                for slot in self._models.values():
-                    slot.drop_if_stale()
+                self.refresh()
             yield
         except Exception as exc:
             reason = _write_failure(exc)
@@ -208,6 +197,14 @@ class Engine:
             ) from None
         finally:
             self.lock.release()
+
+    def refresh(self) -> None:
+        """See what other processes committed since this engine loaded its
+        indexes: stale ones are dropped and reload on use (a long-lived reader,
+        such as a server, calls this before a search; writers on taking the lock)."""
+        self.store.session.expire_all()
+        for slot in self._models.values():
+            slot.drop_if_stale()
 
     def _abandon(self) -> None:
         """After a failed write: drop uncommitted changes and in-memory indexes

@@ -75,6 +75,7 @@ class ModelSlot:
         self._onnx: Any = False  # False: not looked up yet; None: torch is used
         self._images: VectorIndex | None = None
         self._mapped: dict[str, VectorIndex] = {}  # memory-mapped indexes, for searching only
+        self._mapped_generation: dict[str, str | None] = {}  # the store's generation of each mapped index
         self._texts: VectorIndex | None = None
         self._tokens: TokenStore | None = None
         self._reranker: Any = False  # False: not looked up yet
@@ -231,6 +232,7 @@ class ModelSlot:
                     mapped = None
                 if mapped is not None and len(mapped) == self.store.count_vectors(self.row.id, kind):
                     self._mapped[kind] = mapped
+                    self._mapped_generation[kind] = saved
         if (self._images if kind == "images" else self._texts) is None and kind in self._mapped:
             return self._mapped[kind]
         return self.images if kind == "images" else self.texts
@@ -244,13 +246,18 @@ class ModelSlot:
         return self._texts
 
     def drop_if_stale(self) -> None:
-        """Forget indexes another process saved since they were loaded here
-        (called when this process takes the writer lock; they reload on use)."""
-        if self._images is not None and self.store.get_setting(self._generation_key("images")) != self._generation.get("images"):
-            self._images = None
-            self.close()  # the token store too: its rows' checksums are re-read from the store
-        if self._texts is not None and self.store.get_setting(self._generation_key("texts")) != self._generation.get("texts"):
-            self._texts = None
+        """Forget indexes (loaded or memory-mapped) that another process saved
+        since they were opened here; they reload on use. Called when this
+        process takes the writer lock, and by a long-lived reader before a search."""
+        for kind in ("images", "texts"):
+            now = self.store.get_setting(self._generation_key(kind))
+            if kind in self._mapped and self._mapped_generation.get(kind) != now:
+                del self._mapped[kind]
+            if kind == "images" and self._images is not None and now != self._generation.get(kind):
+                self._images = None
+                self.close()  # the token store too: its rows' checksums are re-read from the store
+            if kind == "texts" and self._texts is not None and now != self._generation.get(kind):
+                self._texts = None
 
     @property
     def reranker(self) -> Any:
