@@ -203,6 +203,10 @@ def test_duplicates_view_in_chromium(dups_server):
             assert same in saved["skipped"] and small not in saved["skipped"]
             marks = {it["path"]: it["mark"] for g in saved["groups"] for it in g["items"]}
             assert marks[str(original)] == "keep" and marks[small] == "keep" and marks[same] == "skip"
+            context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url.rstrip("/"))
+            page.click("#dups-copy")
+            page.wait_for_selector("#dups-count:has-text('copied 1 path')")
+            assert page.evaluate("navigator.clipboard.readText()").splitlines() == [same]
             page.click("#dups-reset")
             assert small in page.input_value("#dups-skipped").splitlines()
             assert original.exists() and Path(small).exists() and Path(same).exists()

@@ -359,12 +359,12 @@ async function copySkipped() {
   const text = paths.join("\n") + (paths.length ? "\n" : "");
   try {
     await navigator.clipboard.writeText(text);
-    $("dups-count").textContent = `copied ${paths.length} paths`;
+    $("dups-count").textContent = `copied ${paths.length} path${paths.length === 1 ? "" : "s"}`;
   } catch (e) {  // no clipboard permission: select the list for Ctrl-C
     $("dups-skipped-box").open = true;
     $("dups-skipped").select();
     const ok = document.execCommand && document.execCommand("copy");
-    $("dups-count").textContent = ok ? `copied ${paths.length} paths` : "press Ctrl-C to copy the selected paths";
+    $("dups-count").textContent = ok ? `copied ${paths.length} path${paths.length === 1 ? "" : "s"}` : "press Ctrl-C to copy the selected paths";
   }
 }
 
