@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -224,6 +226,46 @@ def test_status_and_history_are_cli_json(client, lib, tiny_model):
     qid = hist["searches"][0]["id"]
     assert client.get(f"/api/history/{qid}").json() == cli_json(lib, "show", str(qid))
     assert client.get("/api/history/424242").status_code == 404
+
+
+def test_duplicates_is_duplicates_json(tmp_path, tiny_model, photo_dir):
+    copies = photo_dir / "copies"
+    copies.mkdir()
+    noise_image(4).resize((48, 36), Image.Resampling.LANCZOS).save(copies / "img04_small.jpg", quality=70)
+    shutil.copyfile(photo_dir / "a" / "img04.jpg", copies / "img04_copy.jpg")
+    later = (photo_dir / "a" / "img04.jpg").stat().st_mtime + 60
+    os.utime(copies / "img04_copy.jpg", (later, later))  # the original is the older one
+    lib = tmp_path / "duplib"
+    with Engine.open(lib, model=tiny_model) as eng:
+        eng.index_folder(photo_dir)
+    svc = Service(lib, model=tiny_model)
+    try:
+        with TestClient(create_app(svc), raise_server_exceptions=False) as c:
+            got = c.get("/api/duplicates")
+            assert got.status_code == 200, got.text
+            body = got.json()
+            assert body == cli_json(lib, "duplicates", "--model", tiny_model)
+            assert body["images"] == 14 and body["threshold"] == 0.94 and body["rule"]
+            group = next(g for g in body["groups"] if any(it["path"].endswith("img04_small.jpg") for it in g["items"]))
+            by_name = {Path(it["path"]).name: it for it in group["items"]}
+            assert set(by_name) == {"img04.jpg", "img04_small.jpg", "img04_copy.jpg"}
+            assert group["keep"] == by_name["img04.jpg"]["id"] and group["items"][0]["id"] == group["keep"]
+            assert by_name["img04_copy.jpg"]["exact"] and not by_name["img04_small.jpg"]["exact"]
+            assert (by_name["img04_small.jpg"]["width"], by_name["img04_small.jpg"]["height"]) == (48, 36)
+            assert by_name["img04_small.jpg"]["bytes"] == (copies / "img04_small.jpg").stat().st_size
+            # Parameters as the CLI's options; bad ones are 4xx JSON.
+            only = c.get("/api/duplicates", params={"path": "*/copies/*", "threshold": 0.95}).json()
+            assert only == cli_json(lib, "duplicates", "--path", "*/copies/*", "--threshold", "0.95", "--model", tiny_model)
+            assert only["images"] == 2 and only["threshold"] == 0.95
+            assert [Path(it["path"]).name for g in only["groups"] for it in g["items"]] == ["img04_copy.jpg", "img04_small.jpg"]
+            for params, words in [({"threshold": "0"}, "threshold"), ({"threshold": "1.5"}, "threshold"),
+                                  ({"threshold": "high"}, "threshold"), ({"model": "local-dir:/nowhere"}, "")]:
+                bad = c.get("/api/duplicates", params=params)
+                assert 400 <= bad.status_code < 500, (params, bad.text)
+                assert words in bad.json()["error"]
+            assert "/api/duplicates" in c.get("/openapi.json").json()["paths"]
+    finally:
+        svc.close()
 
 
 def test_index_job_one_writer_and_searches_answer_meanwhile(client, lib, tmp_path):

@@ -258,6 +258,17 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
 
         return _answer(await run_in_threadpool(run))
 
+    @app.get("/api/duplicates", summary="Near-duplicate groups (`crossfind duplicates --json`)", tags=["search"])
+    def duplicates(
+        threshold: float | None = Query(None, gt=0, le=1, description="Cosine similarity at or above which two images "
+                                        "are duplicates (default: the model's measured one)"),
+        path: str | None = Query(None, description="Only images whose path matches this glob"),
+        model: str | None = Query(None, description="Model spec (default: the server's)"),
+    ) -> JSONResponse:
+        """Exactly `crossfind duplicates --json`'s object: groups of near-duplicate and byte-identical images,
+        each naming the one to keep. Takes seconds on a large library. crossfind never deletes a file."""
+        return _answer(service.duplicates(threshold, path or None, model or None))
+
     # ----------------------------------------------------- items, files
     @app.get("/api/items/{kind}/{item_id}", tags=["items"], summary="An image or a text of the library")
     def item(kind: str, item_id: str) -> dict[str, Any]:

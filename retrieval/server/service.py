@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
@@ -24,6 +24,9 @@ from ..store import Image, TextItem, open_store
 from ..types import SearchQuery, SearchResult
 from .jobs import Job, JobRunner
 from .thumbs import ThumbCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..duplicates import DuplicateReport
 
 
 class NotFound(CrossfindError):
@@ -114,6 +117,17 @@ class Service:
             eng = self._engine(spec)
             self._fresh(eng)
             return eng.search(query)
+
+    def duplicates(self, threshold: float | None = None, path: str | None = None, model: str | None = None) -> DuplicateReport:
+        """The library's near-duplicate groups (``crossfind duplicates``): seconds on a large library,
+        under the engine lock like every engine call."""
+        from ..duplicates import find_duplicates
+
+        spec = self.resolve_model(model)
+        with self._lock:
+            eng = self._engine(spec)
+            self._fresh(eng)
+            return find_duplicates(eng, threshold=threshold, path=path)
 
     def image_path(self, image_id: int) -> str:
         """The path of library image ``image_id`` (a query by example)."""

@@ -2,7 +2,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 const PAGE = 30;
-const state = { k: PAGE, file: null, imageId: null, terms: [], hits: [], target: "images", sel: -1, detail: null, model: "" };
+const state = { k: PAGE, file: null, imageId: null, terms: [], hits: [], target: "images", sel: -1, detail: null, model: "", library: "" };
 
 function targetValue() { return document.querySelector('input[name="target"]:checked').value; }
 
@@ -209,7 +209,200 @@ async function loadStatus() {
   } catch (e) { $("counts").textContent = e.message; }
 }
 
+// ---------------------------------------------------------- duplicates view
+// Groups from /api/duplicates (crossfind duplicates --json), side by side, with keep/skip
+// marks kept in this browser (localStorage). crossfind never deletes files: the page
+// only hands the list of skipped paths to the user (clipboard or a JSON download).
+const DUP_PAGE = 50;
+const dups = { report: null, shown: 0, marks: {}, loading: false };
+
+function marksKey() { return "crossfind.duplicate-marks:" + (state.library || ""); }
+function markId(it) { return `${it.id}:${it.path}`; }  // an id alone could come back for another file
+function loadMarks() {
+  try { dups.marks = JSON.parse(localStorage.getItem(marksKey()) || "{}") || {}; } catch (e) { dups.marks = {}; }
+}
+function saveMarks() { try { localStorage.setItem(marksKey(), JSON.stringify(dups.marks)); } catch (e) { /* private mode */ } }
+function markOf(g, it) { return dups.marks[markId(it)] || (it.id === g.keep ? "keep" : "skip"); }
+
+function fmtBytes(n) {
+  if (n == null) return "?";
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MB`;
+}
+
+function showView(name) {
+  const d = name === "duplicates";
+  $("search-view").hidden = d; $("dups-view").hidden = !d;
+  $("tab-search").setAttribute("aria-selected", String(!d)); $("tab-dups").setAttribute("aria-selected", String(d));
+  history.replaceState(null, "", d ? "#duplicates" : location.pathname + location.search);
+  if (d && !dups.report && !dups.loading) findDuplicates();
+}
+
+async function findDuplicates() {
+  const params = new URLSearchParams();
+  const thr = $("dups-threshold").value.trim();
+  if (thr) params.set("threshold", thr);
+  if ($("dups-path").value.trim()) params.set("path", $("dups-path").value.trim());
+  if ($("f-model").value && $("f-model").value !== state.model) params.set("model", $("f-model").value);
+  dups.loading = true;
+  $("dups-summary").textContent = "looking for duplicates… (this reads the files of candidate pairs; it can take a while on a large library)";
+  $("dups").innerHTML = ""; $("dups-notes").textContent = ""; $("dups-more").hidden = true;
+  const t0 = performance.now();
+  try {
+    const { body, notes } = await api("/api/duplicates?" + params.toString());
+    dups.report = body; dups.shown = 0;
+    const extra = body.groups.reduce((n, g) => n + g.items.length - 1, 0);
+    $("dups-summary").textContent = body.groups.length
+      ? `${body.groups.length} group${body.groups.length === 1 ? "" : "s"}, ${extra} image${extra === 1 ? "" : "s"} besides the suggested ones, among ${body.images} images · ${body.model} · threshold ${body.threshold} · ${Math.round(performance.now() - t0)} ms. Suggested keep: ${body.rule}.`
+      : `no duplicates among ${body.images} images · ${body.model} · threshold ${body.threshold}`;
+    $("dups-notes").textContent = notes.join(" ");
+    if (!thr) $("dups-threshold").placeholder = String(body.threshold);
+    renderGroups();
+  } catch (e) {
+    dups.report = null;
+    $("dups-summary").textContent = e.message;
+  } finally {
+    dups.loading = false;
+    updateSkipped();
+  }
+}
+
+function renderGroups() {
+  const box = $("dups"), r = dups.report;
+  const end = Math.min(r.groups.length, dups.shown + DUP_PAGE);
+  for (let n = dups.shown; n < end; n++) box.append(groupEl(r.groups[n], n + 1));
+  dups.shown = end;
+  $("dups-more").hidden = end >= r.groups.length;
+}
+
+function groupEl(g, n) {
+  const el = document.createElement("section");
+  el.className = "dgroup"; el.dataset.keep = g.keep;
+  const h = document.createElement("h3");
+  h.textContent = `Group ${n} · ${g.items.length} images` + (g.exact ? " · exact copies" : "");
+  const row = document.createElement("div");
+  row.className = "drow";
+  for (const it of g.items) row.append(itemEl(g, it));
+  el.append(h, row);
+  return el;
+}
+
+function itemEl(g, it) {
+  const el = document.createElement("div");
+  el.className = "ditem" + (it.id === g.keep ? " keeper" : "");
+  el.dataset.id = it.id;
+  const img = document.createElement("img");
+  img.loading = "lazy"; img.alt = it.path; img.src = `/api/thumbs/${it.id}?size=256`; img.title = "open the original";
+  img.addEventListener("click", () => window.open(`/api/files/${it.id}`, "_blank", "noopener"));
+  const info = document.createElement("div");
+  info.className = "info"; info.title = it.path;
+  const badges = document.createElement("div");
+  badges.className = "badges";
+  if (it.id === g.keep) badges.append(badge("suggested keep", "keep-badge"));
+  else if (it.exact) badges.append(badge("exact copy", "exact"));
+  const cut = it.path.lastIndexOf("/");
+  const name = document.createElement("div");
+  name.className = "name"; name.textContent = it.path.slice(cut + 1);
+  const folder = document.createElement("div");
+  folder.className = "folder"; folder.textContent = it.path.slice(0, cut + 1);
+  const dims = document.createElement("div");
+  dims.textContent = [it.width ? `${it.width}×${it.height}` : "?×?", fmtBytes(it.bytes), it.date ? it.date.replace("T", " ") : "no date"].join(" · ");
+  const score = document.createElement("div");
+  score.className = "score";
+  score.textContent = it.id === g.keep ? "kept image" : it.exact ? "byte-identical" : `similarity ${it.score.toFixed(3)}`;
+  info.append(badges, name, folder, dims, score);
+  const mark = document.createElement("div");
+  mark.className = "mark"; mark.setAttribute("role", "group"); mark.setAttribute("aria-label", "keep or skip");
+  for (const [cls, label, value] of [["m-keep", "Keep", "keep"], ["m-skip", "Skip", "skip"]]) {
+    const b = document.createElement("button");
+    b.type = "button"; b.className = cls; b.textContent = label;
+    b.addEventListener("click", () => {
+      const auto = it.id === g.keep ? "keep" : "skip";
+      if (value === auto) delete dups.marks[markId(it)]; else dups.marks[markId(it)] = value;
+      saveMarks(); paintMark(el, g, it); updateSkipped();
+    });
+    mark.append(b);
+  }
+  el.append(img, info, mark);
+  paintMark(el, g, it);
+  return el;
+}
+
+function badge(text, cls) {
+  const b = document.createElement("span");
+  b.className = "badge " + cls; b.textContent = text;
+  return b;
+}
+
+function paintMark(el, g, it) {
+  const m = markOf(g, it);
+  el.classList.toggle("keep", m === "keep"); el.classList.toggle("skip", m === "skip");
+  el.querySelector(".m-keep").setAttribute("aria-pressed", String(m === "keep"));
+  el.querySelector(".m-skip").setAttribute("aria-pressed", String(m === "skip"));
+}
+
+function skippedPaths() {
+  if (!dups.report) return [];
+  return dups.report.groups.flatMap((g) => g.items.filter((it) => markOf(g, it) === "skip").map((it) => it.path));
+}
+
+function updateSkipped() {
+  const paths = skippedPaths(), has = !!(dups.report && dups.report.groups.length);
+  $("dups-skipped").value = paths.join("\n");
+  $("dups-count").textContent = has ? `${paths.length} marked skip` : "";
+  for (const id of ["dups-copy", "dups-download", "dups-reset"]) $(id).disabled = !has;
+}
+
+async function copySkipped() {
+  const paths = skippedPaths();
+  const text = paths.join("\n") + (paths.length ? "\n" : "");
+  try {
+    await navigator.clipboard.writeText(text);
+    $("dups-count").textContent = `copied ${paths.length} path${paths.length === 1 ? "" : "s"}`;
+  } catch (e) {  // no clipboard permission: select the list for Ctrl-C
+    $("dups-skipped-box").open = true;
+    $("dups-skipped").select();
+    const ok = document.execCommand && document.execCommand("copy");
+    $("dups-count").textContent = ok ? `copied ${paths.length} path${paths.length === 1 ? "" : "s"}` : "press Ctrl-C to copy the selected paths";
+  }
+}
+
+function downloadMarks() {
+  const r = dups.report;
+  const out = {
+    library: state.library, model: r.model, threshold: r.threshold, rule: r.rule, marked: new Date().toISOString(),
+    skipped: skippedPaths(),
+    groups: r.groups.map((g) => ({ keep: g.keep, exact: g.exact, items: g.items.map((it) => ({ ...it, mark: markOf(g, it) })) })),
+  };
+  const url = URL.createObjectURL(new Blob([JSON.stringify(out, null, 1)], { type: "application/json" }));
+  const a = document.createElement("a");
+  a.href = url; a.download = "crossfind-duplicates.json";
+  document.body.append(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+function bindDuplicates() {
+  $("tab-search").addEventListener("click", () => showView("search"));
+  $("tab-dups").addEventListener("click", () => showView("duplicates"));
+  $("dups-form").addEventListener("submit", (e) => { e.preventDefault(); findDuplicates(); });
+  $("dups-more").addEventListener("click", renderGroups);
+  $("dups-copy").addEventListener("click", copySkipped);
+  $("dups-download").addEventListener("click", downloadMarks);
+  $("dups-reset").addEventListener("click", () => {
+    if (!dups.report) return;
+    for (const g of dups.report.groups) for (const it of g.items) delete dups.marks[markId(it)];
+    saveMarks();
+    for (const el of document.querySelectorAll(".ditem")) {
+      const g = dups.report.groups.find((x) => x.items.some((it) => String(it.id) === el.dataset.id));
+      if (g) paintMark(el, g, g.items.find((it) => String(it.id) === el.dataset.id));
+    }
+    updateSkipped();
+  });
+}
+
 function bind() {
+  bindDuplicates();
   $("search-form").addEventListener("submit", (e) => { e.preventDefault(); search(false); });
   $("more").addEventListener("click", () => { state.k += PAGE; search(true); });
   $("file").addEventListener("change", () => {
@@ -255,7 +448,8 @@ function bind() {
   document.addEventListener("keydown", (e) => {
     const typing = ["INPUT", "SELECT", "TEXTAREA"].includes(document.activeElement.tagName);
     if (e.key === "Escape") { closeDetail(); return; }
-    if (e.key === "/" && !typing) { e.preventDefault(); $("q").focus(); $("q").select(); return; }
+    if (e.key === "/" && !typing) { e.preventDefault(); showView("search"); $("q").focus(); $("q").select(); return; }
+    if (!$("dups-view").hidden) return;
     if (typing || !$("detail").hidden && !["ArrowLeft", "ArrowRight"].includes(e.key)) return;
     const cols = state.target === "images" ? Math.max(1, Math.round($("grid").clientWidth / 182)) : 1;
     const moves = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: cols, ArrowUp: -cols };
@@ -270,9 +464,13 @@ function bind() {
 
 async function init() {
   bind();
-  try { state.model = (await api("/api/server")).body.model; } catch (e) { /* shown by status */ }
+  try {
+    const { body } = await api("/api/server");
+    state.model = body.model; state.library = body.library;
+  } catch (e) { /* shown by status */ }
+  loadMarks();
   await loadStatus();
   loadRecent();
-  $("q").focus();
+  if (location.hash === "#duplicates") showView("duplicates"); else $("q").focus();
 }
 init();
