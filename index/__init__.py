@@ -149,7 +149,8 @@ class VectorIndex:
         ids = _as_ids(ids)
         ivf = self._ivf()
         if ivf is not None and ivf.direct_map.type == 0:
-            ivf.make_direct_map(True)
+            # A hash table, not make_direct_map's array: SQLite ids are neither
+            # dense nor zero-based, which the array form requires.
             ivf.set_direct_map_type(_faiss().DirectMap.Hashtable)
         out = np.empty((len(ids), self.dim), np.float32)
         for row, i in enumerate(ids):
@@ -180,7 +181,13 @@ class VectorIndex:
         if len(ids) == 0 or len(self) == 0:
             return 0
         faiss = _faiss()
-        removed = int(self._index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+        ivf = self._ivf()
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.Hashtable:
+            # An IVF index that has reconstructed by id looks each id up in its hash table.
+            sel: Any = faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))
+        else:
+            sel = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+        removed = int(self._index.remove_ids(sel))
         if removed:
             self._gpu = None
         return removed
