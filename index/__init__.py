@@ -149,7 +149,7 @@ class VectorIndex:
         ids = _as_ids(ids)
         ivf = self._ivf()
         if ivf is not None and ivf.direct_map.type == 0:
-            ivf.make_direct_map(True)
+            # A hash table, not FAISS's array map: that one needs ids 0..n-1, and library ids start at 1.
             ivf.set_direct_map_type(_faiss().DirectMap.Hashtable)
         out = np.empty((len(ids), self.dim), np.float32)
         for row, i in enumerate(ids):
