@@ -273,6 +273,54 @@ def _search_on_server(ctx: click.Context, q: SearchQuery, model: str | None) -> 
     return client.search(library_dir(obj.library), body)
 
 
+def _preload_sessions(ctx: click.Context, q: SearchQuery, model: str | None) -> None:
+    """Start loading the ONNX sessions a text search will run (the text tower
+    unless the text was asked before, the reranker when it re-ranks) while this
+    process imports the rest and opens the library: see
+    :func:`retrieval.onnx_runtime.preload`. The model is the one
+    ``Engine.open`` picks (``--model``, else the library's default); when it is
+    not, or anything is missing, nothing is preloaded and the search loads
+    what it needs itself, as without this."""
+    if q.text is None:
+        return
+    import contextlib
+    import sqlite3
+
+    from .locations import library_dir
+
+    obj = ctx.find_object(Ctx)
+    assert obj is not None
+    try:
+        lib = library_dir(obj.library)
+        db = lib / "library.db"
+        if not db.is_file():
+            return
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+            if model is None:
+                row = con.execute("SELECT value FROM settings WHERE key = 'default_model'").fetchone()
+                if row is None:
+                    return
+                model = str(row[0])
+            from .encoders import parse_spec
+            from .rerank_files import reranker_dir
+
+            ms = parse_spec(model)
+            reranks = q.rerank and reranker_dir(ms) is not None
+
+            def kept(column: str) -> bool:  # as Store.text_vector / text_tokens find them
+                sql = f"SELECT 1 FROM queries WHERE model = ? AND text = ? AND {column} IS NOT NULL LIMIT 1"
+                return con.execute(sql, (ms.spec, q.text)).fetchone() is not None
+
+            need_text = not kept("text_vector") or (reranks and not kept("text_tokens"))
+        parts = (["text"] if need_text else []) + (["reranker"] if reranks else [])
+        if parts:
+            from .onnx_runtime import preload
+
+            preload(lib, ms.spec, parts)
+    except Exception:  # noqa: BLE001 - only a head start: the search itself meets and reports any problem
+        return
+
+
 def _print_paths(hits: list[dict[str, Any]], null: bool) -> None:
     """One item per line with control characters escaped, or with ``null``
     NUL-terminated raw bytes exactly as the file system names them (``find -print0``)."""
@@ -356,6 +404,7 @@ def search_cmd(ctx: click.Context, query: str | None, image: str | None, target:
             _stderr(f"note: {note}")
         _print_result_json(obj, fmt)
         return
+    _preload_sessions(ctx, q, model)
     with _engine(ctx, model) as eng:
         eng.lean = True  # one search per process: free the text tower once the query is encoded
         res = eng.search(q)

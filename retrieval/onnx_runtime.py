@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -30,6 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 MANIFEST = "manifest.json"
+#: The tokenizer's merge table, kept in an export the first time a search reads it.
+TOKENIZER_CACHE = "bpe_ranks.marshal"
 ONNX_OPSET = 18
 
 
@@ -68,6 +71,13 @@ def _threads() -> int:
 
 
 def _session(path: Path, threads: int | None = None) -> Any:
+    pre = _take_preloaded(path, threads or _threads())
+    if pre is not None:
+        return pre
+    return _new_session(path, threads)
+
+
+def _new_session(path: Path, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -75,6 +85,61 @@ def _session(path: Path, threads: int | None = None) -> Any:
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+# Sessions a search process starts loading before it has opened the library
+# (see :func:`preload`), by (file, threads): each is handed out once.
+_preloaded: dict[tuple[str, int], Any] = {}
+_pending: dict[tuple[str, int], threading.Event] = {}
+
+
+def preload(library_dir: Path, spec: str, parts: Sequence[str] = ("text",)) -> threading.Thread | None:
+    """Start creating the sessions of ``parts`` of ``spec``'s export in
+    ``library_dir`` in a thread, and return it (None when there is no such
+    export, or ONNX is off).
+
+    ONNX Runtime builds a session without holding the GIL, so a search
+    process does this while it imports SQLAlchemy and FAISS and opens the
+    store; :func:`_session` then takes the session instead of making one
+    (waiting for it when it is still loading). It changes nothing else: a
+    session the process never asks for goes with the process, and a failure
+    here is left for the ordinary path to meet, and report, again.
+    """
+    if not onnx_enabled(None):
+        return None
+    from .encoders import parse_spec, weights_fingerprint
+
+    ms = parse_spec(spec)
+    where = find_export(Path(library_dir), ms, export_key(ms, weights_fingerprint(ms)))
+    if where is None:
+        return None
+    manifest = json.loads((where / MANIFEST).read_text())
+    threads = _threads()
+    keys = [(str(where / manifest[p]), threads) for p in parts if manifest.get(p)]
+    for key in keys:
+        _pending[key] = threading.Event()
+
+    def load() -> None:
+        for key in keys:
+            try:
+                _preloaded[key] = _new_session(Path(key[0]), threads)
+            except Exception:  # noqa: BLE001 - the ordinary path tries again and reports it
+                pass
+            finally:
+                _pending[key].set()
+
+    thread = threading.Thread(target=load, name="crossfind-onnx-preload", daemon=True)
+    thread.start()
+    return thread
+
+
+def _take_preloaded(path: Path, threads: int) -> Any:
+    key = (str(path), threads)
+    done = _pending.pop(key, None)
+    if done is None:
+        return None
+    done.wait()
+    return _preloaded.pop(key, None)
 
 
 class OnnxEncoder:
@@ -127,7 +192,7 @@ class OnnxEncoder:
     def tokenizer(self) -> Any:
         from .tokenizer import ClipTokenizer
 
-        return ClipTokenizer(self.manifest["tokenizer"]["context_length"])
+        return ClipTokenizer(self.manifest["tokenizer"]["context_length"], cache=self.folder / TOKENIZER_CACHE)
 
     def _run_text(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if "text" not in self._sessions and "tokenizer" not in self.__dict__:

@@ -12,10 +12,12 @@ and the same truncation (a text longer than the context keeps its first
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import html
 import importlib.util
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -49,20 +51,47 @@ def _byte_alphabet() -> dict[int, str]:
     return table
 
 
+def _ranks(vocab: str | Path | None, cache: str | Path | None) -> dict[str, int]:
+    """The merge table: each merge's line ("a b") and its rank."""
+    import marshal
+
+    if cache is not None:
+        try:
+            ranks = marshal.loads(Path(cache).read_bytes())
+            if isinstance(ranks, dict) and len(ranks) == _MERGES:
+                return ranks
+        except (OSError, ValueError, EOFError, TypeError):
+            pass  # missing, cut off or from another Python: read the vocabulary
+    lines = gzip.open(vocab or default_vocab()).read().decode("utf-8").split("\n")[1 : _MERGES + 1]
+    ranks = {line: i for i, line in enumerate(lines)}
+    if cache is not None and len(ranks) == _MERGES:
+        tmp = Path(f"{cache}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(marshal.dumps(ranks))
+            os.replace(tmp, cache)
+        except OSError:  # a read-only library: read the vocabulary each time
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return ranks
+
+
 class ClipTokenizer:
     """Token ids of texts for a CLIP text tower, as int64 ``(n, context_length)``."""
 
-    def __init__(self, context_length: int = 77, vocab: str | Path | None = None) -> None:
+    def __init__(self, context_length: int = 77, vocab: str | Path | None = None, cache: str | Path | None = None) -> None:
+        """``cache``: a file that keeps the merge table ready to load (``marshal``,
+        a few ms instead of decompressing and parsing the vocabulary, about
+        0.1 s): read when it is there and whole, else written (when it can be)
+        after the vocabulary is read."""
         import regex
 
         self.context_length = int(context_length)
-        lines = gzip.open(vocab or default_vocab()).read().decode("utf-8").split("\n")[1 : _MERGES + 1]
         # A merge is looked up by its line ("a b"); the token it makes has id 512 + its line's rank,
         # after the 256 byte characters and the same 256 ending a word ("</w>").
-        self.ranks = {line: i for i, line in enumerate(lines)}
+        self.ranks = _ranks(vocab, cache)
         self._bytes = _byte_alphabet()
         self._char_ids = {c: i for i, c in enumerate(self._bytes.values())}
-        self.sot, self.eot = 512 + len(lines), 513 + len(lines)
+        self.sot, self.eot = 512 + len(self.ranks), 513 + len(self.ranks)
         self._special = {_SPECIAL[0]: self.sot, _SPECIAL[1]: self.eot}
         self._cache: dict[str, list[int]] = {}
         self._split = regex.compile(

@@ -79,6 +79,7 @@ def test_ivf_past_threshold_has_high_recall(monkeypatch):
     truth = exact(db, np.arange(6_000), q, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.ids.tolist(), truth.tolist())])
     assert recall >= 0.95
+
     # ids survive the rebuild; removal and narrow filters work on IVF too
     assert sorted(idx.ids().tolist()) == list(range(6_000))
     idx.remove([int(truth[0, 0])])

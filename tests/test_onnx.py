@@ -66,6 +66,23 @@ def test_tokenizer_matches_open_clip(context):
     assert long[-1] == ClipTokenizer(context).eot and (long != 0).all()  # truncated, ends with end-of-text
 
 
+def test_tokenizer_cache_gives_the_same_ids(tmp_path):
+    from retrieval.tokenizer import ClipTokenizer
+
+    texts = TEXTS + random_texts(50, seed=1)
+    want = ClipTokenizer(77)(texts)
+    cache = tmp_path / "ranks"
+    first = ClipTokenizer(77, cache=cache)  # reads the vocabulary, writes the cache
+    assert cache.is_file() and not list(tmp_path.glob("*.tmp"))
+    cache_bytes = cache.read_bytes()
+    second = ClipTokenizer(77, cache=cache)  # reads the cache
+    assert second.ranks == first.ranks and (second(texts) == want).all() and (first(texts) == want).all()
+    cache.write_bytes(cache_bytes[: len(cache_bytes) // 2])  # cut off: read the vocabulary again
+    assert (ClipTokenizer(77, cache=cache)(texts) == want).all() and cache.read_bytes() == cache_bytes
+    unwritable = tmp_path / "missing-folder" / "ranks"
+    assert (ClipTokenizer(77, cache=unwritable)(texts) == want).all() and not unwritable.exists()
+
+
 def test_tokenizer_module_does_not_import_torch():
     code = ("import sys; from retrieval.tokenizer import ClipTokenizer; ClipTokenizer(77)(['a dog', 'Café ☕']);"
             "sys.exit('torch' in sys.modules)")
@@ -217,6 +234,46 @@ def test_search_process_imports_no_torch(tmp_path, tiny_model, photo_dir):
     for args in (["--help"], ["--library", str(lib), "status"]):
         mods = _run(probe.format(args=repr(args)))
         assert mods == {**mods, "torch": False, "onnxruntime": False, "alembic": False}, args
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+def test_search_process_preloads_the_sessions_it_runs(tmp_path, photo_dir, rerank):
+    """A CLI search starts the ONNX sessions it needs before it opens the library,
+    uses them (each created once), and prints what a search without the head start prints."""
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model="shapes-tiny") as eng:
+        eng.index_folder(photo_dir)  # makes the export; the library's default model
+    probe = (
+        "import sys, json, io, contextlib, threading\nimport retrieval.cli as cli, retrieval.onnx_runtime as rt\n"
+        "made = []\nnew = rt._new_session\n"
+        "def counted(path, threads=None):\n"
+        "    made.append([path.name, threading.current_thread().name])\n    return new(path, threads)\n"
+        "rt._new_session = counted\n"
+        "{patch}\n"
+        "buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    try:\n        cli.main({args})\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+        "print(json.dumps({{'made': made, 'left': len(rt._preloaded) + len(rt._pending), 'out': json.loads(buf.getvalue())}}))\n"
+    )
+    twin = tmp_path / "twin"
+    shutil.copytree(lib, twin)
+
+    def search(where, patch=""):
+        args = ["--library", str(where), "search", "a red circle", "-k", "3", "--json"] + ([] if rerank else ["--no-rerank"])
+        return _run(probe.format(args=repr(args), patch=patch))
+
+    with_preload = search(lib)
+    without = search(twin, patch="cli._preload_sessions = lambda *a: None")
+    assert with_preload["out"]["hits"] and with_preload["out"] == without["out"]
+    parts = ["text.onnx", "reranker.onnx"] if rerank else ["text.onnx"]
+    assert sorted(with_preload["made"]) == sorted([p, "crossfind-onnx-preload"] for p in parts)
+    assert with_preload["left"] == 0
+    assert sorted(p for p, _ in without["made"]) == sorted(parts)
+    assert all(t != "crossfind-onnx-preload" for _, t in without["made"])
+    # The same text again: its vector (and tokens) are kept, so the text tower is not loaded at all.
+    again = search(lib)
+    assert again["out"] == with_preload["out"] and again["left"] == 0
+    assert again["made"] == ([["reranker.onnx", "crossfind-onnx-preload"]] if rerank else [])
 
 
 def test_export_failure_falls_back_to_torch_and_says_so_once(tmp_path, tiny_model, photo_dir, caplog):
