@@ -207,10 +207,24 @@ class ModelSlot:
     @property
     def images(self) -> VectorIndex:
         if self._images is None:
-            self._mapped.pop("images", None)
-            self._images = self._open("images")
-            self._generation["images"] = self.store.get_setting(self._generation_key("images"))
+            self._images = self._load("images")
         return self._images
+
+    @property
+    def texts(self) -> VectorIndex:
+        if self._texts is None:
+            self._texts = self._load("texts")
+        return self._texts
+
+    def _load(self, kind: str) -> VectorIndex:
+        """Open ``kind``'s writable index (replacing a mapped one) and remember its generation."""
+        self._mapped.pop(kind, None)
+        index = self._open(kind)
+        self._generation[kind] = self.store.get_setting(self._generation_key(kind))
+        return index
+
+    def _loaded(self, kind: str) -> VectorIndex | None:
+        return self._images if kind == "images" else self._texts
 
     def search_index(self, kind: str) -> VectorIndex:
         """The index to search: the writable one when this process has it open,
@@ -218,7 +232,7 @@ class ModelSlot:
         step with the store (this library's, the committed generation, the
         store's count; the full checks of :meth:`_open` read the whole file, so
         anything else takes that path)."""
-        if (self._images if kind == "images" else self._texts) is None and kind not in self._mapped:
+        if self._loaded(kind) is None and kind not in self._mapped:
             path = self.dir / f"{kind}.faiss"
             side = self._sidecar(kind)
             saved = self.store.get_setting(self._generation_key(kind))
@@ -233,17 +247,9 @@ class ModelSlot:
                 if mapped is not None and len(mapped) == self.store.count_vectors(self.row.id, kind):
                     self._mapped[kind] = mapped
                     self._mapped_generation[kind] = saved
-        if (self._images if kind == "images" else self._texts) is None and kind in self._mapped:
+        if self._loaded(kind) is None and kind in self._mapped:
             return self._mapped[kind]
         return self.images if kind == "images" else self.texts
-
-    @property
-    def texts(self) -> VectorIndex:
-        if self._texts is None:
-            self._mapped.pop("texts", None)
-            self._texts = self._open("texts")
-            self._generation["texts"] = self.store.get_setting(self._generation_key("texts"))
-        return self._texts
 
     def drop_if_stale(self) -> None:
         """Forget indexes (loaded or memory-mapped) that another process saved
