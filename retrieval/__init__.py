@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import CorpusError, CrossfindError, LibraryBusy, LibraryError, ModelNotAvailable, QueryError
+from .errors import CorpusError, CrossfindError, LibraryBusy, LibraryError, MissingExtra, ModelNotAvailable, QueryError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
@@ -33,6 +33,7 @@ __all__ = [
     "LibraryBusy",
     "QueryError",
     "CorpusError",
+    "MissingExtra",
 ]
 
 

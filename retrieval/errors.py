@@ -6,7 +6,7 @@ message and exit status 1.
 
 from __future__ import annotations
 
-__all__ = ["CrossfindError", "ModelNotAvailable", "LibraryError", "LibraryBusy", "QueryError", "CorpusError"]
+__all__ = ["CrossfindError", "ModelNotAvailable", "LibraryError", "LibraryBusy", "QueryError", "CorpusError", "MissingExtra"]
 
 
 class CrossfindError(Exception):
@@ -31,3 +31,7 @@ class QueryError(CrossfindError):
 
 class CorpusError(CrossfindError):
     """A text corpus file cannot be read at all."""
+
+
+class MissingExtra(ModelNotAvailable):
+    """An optional dependency is not installed; the message names the extra to install."""

@@ -1,0 +1,209 @@
+"""BLIP ITM rerankers through transformers: a tiny random BlipForImageTextRetrieval
+saved with save_pretrained (and a processor built offline from a small vocab)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import noise_image
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "green", "circle", "square",
+         "triangle", "left", "right", "of", "above", "below", "the", "and", "small", "big"]
+TEXTS = ["a red circle", "a blue square left of a green triangle", "the big green circle", "a small square"]
+
+
+def write_tiny_blip(folder: Path, seed: int = 0) -> Path:
+    """Save a random-weight BLIP ITM model with its processor as a save_pretrained folder."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(WORDS) + "\n")
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=BertTokenizer(str(vocab))
+    )
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=len(WORDS), hidden_size=32, encoder_hidden_size=32, intermediate_size=37,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=2, sep_token_id=3, eos_token_id=3, initializer_range=0.3),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, initializer_range=0.3),
+        image_text_hidden_size=16,
+    )
+    torch.manual_seed(seed)
+    BlipForImageTextRetrieval(cfg).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory) -> str:
+    """Spec of a tiny random BLIP ITM folder."""
+    return f"local-dir:{write_tiny_blip(tmp_path_factory.mktemp('tiny-blip'))}"
+
+
+@pytest.fixture
+def blip_photos(tmp_path) -> list[Path]:
+    out = []
+    for i in range(6):
+        p = tmp_path / "blip-photos" / f"p{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        noise_image(100 + i, size=(40 + 4 * i, 36)).save(p)
+        out.append(p)
+    return out
+
+
+def _items(paths: list[Path]):
+    from retrieval.rerank_blip import FeatureItem
+
+    return [FeatureItem(i + 1, f"{p.stat().st_size}-{p.stat().st_mtime_ns}", str(p)) for i, p in enumerate(paths)]
+
+
+def test_scores_equal_transformers_itm_softmax(tiny_blip, blip_photos):
+    import torch
+    from PIL import Image
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    from retrieval.rerank_blip import BlipReranker
+
+    rr = BlipReranker.load(tiny_blip, device="cpu")
+    feats, ok = rr.features(_items(blip_photos))
+    assert ok.all() and feats.shape == (6, 17, 32)
+    folder = tiny_blip[len("local-dir:"):]
+    model = BlipForImageTextRetrieval.from_pretrained(folder).eval()
+    proc = BlipProcessor.from_pretrained(folder)
+    images = [Image.open(p).convert("RGB") for p in blip_photos]
+    spread = []
+    for text in TEXTS:
+        ours = rr.score_images(text, feats)
+        inputs = proc(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
+        with torch.no_grad():
+            ref = torch.softmax(model(**inputs).itm_score, -1)[:, 1].numpy()
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+        spread.append(ref.max() - ref.min())
+        # The image -> text direction scores the same pairs.
+    assert max(spread) > 0.05  # the random model tells the images apart, so the check means something
+    for j in range(len(images)):
+        ours_t = rr.probability(rr.margins_texts(feats[j], TEXTS))
+        inputs = proc(images=[images[j]] * len(TEXTS), text=TEXTS, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            ref = torch.softmax(model(**inputs).itm_score, -1)[:, 1].numpy()
+        np.testing.assert_allclose(ours_t, ref, atol=1e-5)
+
+
+def test_cached_features_give_the_same_ranking_and_are_not_computed_again(tiny_blip, blip_photos, tmp_path):
+    from retrieval.rerank_blip import BlipReranker
+
+    rr = BlipReranker.load(tiny_blip, device="cpu")
+    cache = rr.cache(tmp_path / "features")
+    items = _items(blip_photos)
+    computed: list[int] = []
+    fresh, _ = rr.features(items, cache=None)
+    first, ok1 = rr.features(items[:4], cache=cache, on_compute=computed.append)
+    again, ok2 = rr.features(items, cache=cache, on_compute=computed.append)  # overlaps the first query
+    assert computed == [4, 2] and ok1.all() and ok2.all()
+    files = sorted(cache.dir.rglob("*.npy"))
+    assert len(files) == 6 and all(np.load(f).dtype == np.float16 for f in files)
+    third, _ = rr.features(items, cache=cache, on_compute=computed.append)
+    assert computed == [4, 2]  # all six from the cache
+    for text in TEXTS:
+        a = rr.rank(text, fresh)
+        b = rr.rank(text, third)
+        assert [c.index for c in a] == [c.index for c in b]
+        np.testing.assert_allclose([c.score for c in a], [c.score for c in b], atol=1e-2)
+    # A changed file is a miss, and its old features are replaced.
+    noise_image(999, size=(50, 50)).save(blip_photos[0])
+    os.utime(blip_photos[0], ns=(1, 1))
+    changed = _items(blip_photos)
+    rr.features(changed, cache=cache, on_compute=computed.append)
+    assert computed == [4, 2, 1] and len(sorted(cache.dir.rglob("*.npy"))) == 6
+
+
+def test_a_damaged_cache_file_is_computed_again(tiny_blip, blip_photos, tmp_path):
+    from retrieval.rerank_blip import BlipReranker
+
+    rr = BlipReranker.load(tiny_blip, device="cpu")
+    cache = rr.cache(tmp_path / "features")
+    items = _items(blip_photos[:2])
+    good, _ = rr.features(items, cache=cache)
+    victim = next(cache.dir.rglob("1-*.npy"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    computed: list[int] = []
+    again, ok = rr.features(items, cache=cache, on_compute=computed.append)
+    assert computed == [1] and ok.all()
+    np.testing.assert_allclose(again, good, atol=1e-2)
+
+
+def test_fused_order_and_platt_calibration(tiny_blip):
+    from retrieval.rerank_blip import Calibration, fit_platt, fuse
+
+    rng = np.random.default_rng(0)
+    margins = rng.normal(0, 3, 4000)
+    labels = rng.random(4000) < 1 / (1 + np.exp(-(0.5 * margins - 1.0)))
+    cal = fit_platt(margins, labels)
+    assert abs(cal.scale - 0.5) < 0.1 and abs(cal.bias + 1.0) < 0.15 and cal.pairs == 4000
+    assert Calibration.from_json(cal.to_json()) == cal
+    np.testing.assert_allclose(Calibration().probability(np.array([0.0, 2.0])), [0.5, 1 / (1 + np.exp(-2))], rtol=1e-6)
+    # ITM log-odds plus the dual cosine, as BLIP adds ITM and ITC scores.
+    np.testing.assert_allclose(fuse(np.array([1.0, 1.0]), np.array([0.3, 0.1])), [1.3, 1.1])
+    with pytest.raises(ValueError):
+        fit_platt(np.array([1.0, 2.0]), np.array([1, 1]))
+
+
+def test_reranker_specs(tmp_path, tiny_blip):
+    from retrieval.errors import ModelNotAvailable
+    from retrieval.reranker_spec import parse_reranker_spec
+
+    rs = parse_reranker_spec(tiny_blip)
+    assert rs.kind == "blip" and rs.path is not None and rs.spec == tiny_blip
+    hub = parse_reranker_spec("hf-hub:Salesforce/blip-itm-base-coco")
+    assert (hub.kind, hub.repo) == ("blip", "Salesforce/blip-itm-base-coco")
+    (tmp_path / "empty").mkdir()
+    for bad, words in [("hf-hub:nope", "ORG/NAME"), (f"local-dir:{tmp_path / 'empty'}", "holds no reranker"),
+                       (f"local-dir:{tmp_path / 'gone'}", "does not exist"), ("blip", "unknown reranker spec")]:
+        with pytest.raises(ModelNotAvailable, match=words):
+            parse_reranker_spec(bad)
+
+
+BLOCKER = """
+import sys
+
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("No module named 'transformers'")
+        return None
+
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def _without_transformers(tmp_path: Path) -> dict[str, str]:
+    site = tmp_path / "block"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent(BLOCKER))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(site) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_missing_transformers_gives_one_line_naming_the_extra(tmp_path, tiny_blip):
+    env = _without_transformers(tmp_path)
+    code = (
+        "from retrieval.rerank_blip import BlipReranker\n"
+        "from retrieval.errors import MissingExtra\n"
+        f"try:\n    BlipReranker.load({tiny_blip!r})\n"
+        "except MissingExtra as exc:\n    print('ERR', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ERR ") and "pip install 'crossfind[blip]'" in out.stdout
+    assert len(out.stdout.strip().splitlines()) == 1
