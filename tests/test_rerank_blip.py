@@ -3,6 +3,7 @@ saved with save_pretrained (and a processor built offline from a small vocab).""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -207,3 +208,41 @@ def test_missing_transformers_gives_one_line_naming_the_extra(tmp_path, tiny_bli
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ERR ") and "pip install 'crossfind[blip]'" in out.stdout
     assert len(out.stdout.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def captioned(tmp_path) -> Path:
+    """A captioned folder as `crossfind eval` reads it: 8 images, 2 captions each."""
+    import json
+
+    root = tmp_path / "captioned"
+    root.mkdir()
+    lines = []
+    for i in range(8):
+        noise_image(200 + i).save(root / f"s{i}.png")
+        for c in range(2):
+            lines.append(json.dumps({"image": f"s{i}.png", "caption": TEXTS[(i + c) % len(TEXTS)] + f" {WORDS[5 + i]}"}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_eval_sweep_reports_dual_reranker_and_fused(captioned, tiny_model, tiny_blip):
+    from retrieval.eval_rerank import evaluate_reranker
+
+    rep = evaluate_reranker(captioned, model=tiny_model, reranker=tiny_blip, candidates=[2, 4, 8])
+    assert rep["queries"] == 16 and rep["images"] == 8 and rep["reranker"] == tiny_blip
+    assert [r["candidates"] for r in rep["sweep"]] == [2, 4, 8]
+    cal = rep["calibration"]
+    assert cal["pairs"] == 16 * 8 + 8 * 8 and cal["ece_after"] <= cal["ece_before"] + 1e-9
+    for row in rep["sweep"]:
+        for direction in ("t2i", "i2t"):
+            r = row[direction]
+            assert set(r) == {"dual", "reranker", "fused", "ms_per_query", "dual_ms_per_query"}
+            assert all(0.0 <= v <= 1.0 for name in ("dual", "reranker", "fused") for v in r[name].values())
+            assert r["ms_per_query"] > 0
+    # The dual column does not depend on k; re-ranking all 8 images keeps R@10 (every image) at 1.
+    assert len({json.dumps(r["t2i"]["dual"]) for r in rep["sweep"]}) == 1
+    assert rep["sweep"][-1]["t2i"]["reranker"]["R@10"] == 1.0
+    # Re-ranking only the top 2 changes nothing below them.
+    top2 = rep["sweep"][0]["t2i"]
+    assert top2["reranker"]["R@5"] == top2["dual"]["R@5"] and top2["fused"]["R@10"] == top2["dual"]["R@10"]
