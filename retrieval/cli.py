@@ -634,21 +634,30 @@ def serve_cmd(ctx: click.Context, host: str, port: int, model: str | None, token
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @model_option
 @click.option("--annotations", type=click.Path(exists=True, dir_okay=False), help="Karpathy-style COCO/Flickr30k JSON (default: FOLDER/captions.jsonl).")
-@click.option("--candidates", type=click.IntRange(1, 10000), default=50, show_default=True, help="Candidates the reranker re-scores.")
+@click.option("--candidates", "candidates_list", default="50", show_default=True, metavar="N[,N...]",
+              help="Candidates the reranker re-scores; a list (e.g. 16,32,64,128) compares each, with --reranker's report.")
 @click.option("--no-rerank", is_flag=True, help="Report the dual encoder alone.")
+@click.option("--reranker", "reranker_spec", metavar="SPEC", help="Compare the dual encoder, this reranker alone and the fused "
+              "score per candidate count, e.g. --reranker hf-hub:Salesforce/blip-itm-base-coco or local-dir:PATH.")
 @json_option
 @click.pass_context
-def eval_cmd(ctx: click.Context, folder: str, model: str | None, annotations: str | None, candidates: int,
-             no_rerank: bool, as_json: bool) -> None:
+def eval_cmd(ctx: click.Context, folder: str, model: str | None, annotations: str | None, candidates_list: str,
+             no_rerank: bool, reranker_spec: str | None, as_json: bool) -> None:
     """Measure Recall@1/5/10 (text->image, image->text) on a captioned folder.
 
     FOLDER is indexed into a temporary library of its own, so nothing else can
     rank among its results; --library is not used (and refused when given).
+    With --reranker (or several --candidates values) it reports, per candidate
+    count, the dual encoder alone, the reranker alone on its top k and the
+    fused score side by side, with the reranker's milliseconds per query.
 
     \b
     Example:
       python scripts/make_shapes.py --out /tmp/heldout --n 1000 --seed 7
       crossfind eval /tmp/heldout --model shapes-tiny --json
+      crossfind eval /tmp/heldout --model shapes-tiny --candidates 16,32,64,128
+      crossfind eval ~/coco --annotations dataset_coco.json --model ViT-B-32:laion2b_s34b_b79k \\
+          --reranker hf-hub:Salesforce/blip-itm-base-coco --candidates 16,32,64,128
     """
     from click.core import ParameterSource
 
@@ -656,7 +665,21 @@ def eval_cmd(ctx: click.Context, folder: str, model: str | None, annotations: st
 
     if ctx.parent is not None and ctx.parent.get_parameter_source("library") == ParameterSource.COMMANDLINE:
         raise click.UsageError("eval measures FOLDER in a temporary library of its own; drop --library")
+    try:
+        sweep = [int(c) for c in candidates_list.split(",") if c.strip()]
+    except ValueError:
+        sweep = []
+    if not sweep or not all(1 <= c <= 10000 for c in sweep):
+        raise click.BadParameter("give numbers from 1 to 10000, comma-separated, e.g. 16,32,64", param_hint="--candidates")
+    if reranker_spec is not None and no_rerank:
+        raise click.UsageError("--reranker and --no-rerank contradict each other")
+    if reranker_spec is not None or (len(sweep) > 1 and not no_rerank):
+        from .eval_rerank import evaluate_reranker
 
+        _print_sweep(evaluate_reranker(folder, model=model or "shapes-tiny", reranker=reranker_spec, candidates=sweep,
+                                       annotations=annotations, progress=not as_json), as_json)
+        return
+    candidates = sweep[0]
     rep = evaluate(folder, model=model or "shapes-tiny", annotations=annotations, candidates=candidates,
                    rerank=not no_rerank, progress=not as_json)
     if as_json:
@@ -669,6 +692,24 @@ def eval_cmd(ctx: click.Context, folder: str, model: str | None, annotations: st
             click.echo(f"{key:<13} R@1 {r['R@1']:.3f}  R@5 {r['R@5']:.3f}  R@10 {r['R@10']:.3f}")
     if "note" in rep:
         _stderr(f"note: {rep['note']}")
+
+
+def _print_sweep(rep: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(rep)
+        return
+    click.echo(f"model {rep['model']}, reranker {rep['reranker']}: {rep['queries']} captions, {rep['images']} images; "
+               f"reranker image features {rep['feature_ms_per_image']} ms per image")
+    cal = rep.get("calibration")
+    if cal:
+        click.echo(f"fused = calibrated log-odds + dual cosine; Platt scale {cal['scale']}, bias {cal['bias']} "
+                   f"on {cal['pairs']} pairs (ECE {cal['ece_before']} -> {cal['ece_after']})")
+    click.echo(f"{'k':>5}  {'dir':<4} {'dual R@1/5/10':<20} {'reranker R@1/5/10':<20} {'fused R@1/5/10':<20} {'ms/query':>9}")
+    for row in rep["sweep"]:
+        for d in ("t2i", "i2t"):
+            r = row[d]
+            cells = ["/".join(f"{r[n][f'R@{k}']:.3f}" for k in (1, 5, 10)) for n in ("dual", "reranker", "fused")]
+            click.echo(f"{row['candidates']:>5}  {d:<4} {cells[0]:<20} {cells[1]:<20} {cells[2]:<20} {r['ms_per_query']:>9.1f}")
 
 
 @cli.command("demo")

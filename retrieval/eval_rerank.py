@@ -245,6 +245,18 @@ def _score_folder(
     return scorer, out
 
 
+def _check_spec(spec: str | None) -> str | None:
+    """Refuse a bad spec, or a BLIP one without transformers, before anything is indexed; its kind."""
+    if spec is None:
+        return None
+    from .reranker_spec import parse_reranker_spec, require_transformers
+
+    kind = parse_reranker_spec(spec).kind
+    if kind == "blip":
+        require_transformers()
+    return kind
+
+
 def evaluate_reranker(
     folder: str | Path, model: str = "shapes-tiny", reranker: str | None = None, candidates: Sequence[int] = (16, 32, 64, 128),
     annotations: str | Path | None = None, device: str | None = None, progress: bool = False,
@@ -263,6 +275,7 @@ def evaluate_reranker(
     sweep = sorted({int(k) for k in candidates})
     if not sweep or sweep[0] < 1:
         raise ValueError("candidates must be positive")
+    _check_spec(reranker)
     pairs = read_pairs(folder, annotations)
     with eval_library(pairs, model, progress) as eng:
         scorer, scored = _score_folder(eng, pairs, reranker, sweep, device, ("t2i", "i2t"))
@@ -304,9 +317,12 @@ def calibrate_on_folder(
     top captions, labelled by whether they match. Returns the
     :class:`~retrieval.rerank_blip.Calibration` and a report (pairs, ECE before
     and after, the reranker's fingerprint)."""
-    from .errors import CorpusError
+    from .errors import CorpusError, ModelNotAvailable
     from .rerank_blip import fit_platt
 
+    if _check_spec(reranker) != "blip":
+        raise ModelNotAvailable(f"{reranker} is a crossfind reranker: those are calibrated when trained; "
+                                "calibrate-reranker fits BLIP rerankers")
     pairs = read_pairs(folder, annotations)
     with eval_library(pairs, model, progress) as eng:
         scorer, scored = _score_folder(eng, pairs, reranker, [candidates], device, ("t2i", "i2t"))

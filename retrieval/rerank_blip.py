@@ -38,10 +38,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import MissingExtra, ModelNotAvailable
+from .errors import ModelNotAvailable
 from .imageio import ImageLoadError, load_image
 from .rerank import RankedCandidate
-from .reranker_spec import RerankerSpec, parse_reranker_spec
+from .reranker_spec import BLIP_EXTRA_HINT, RerankerSpec, parse_reranker_spec, require_transformers
 
 __all__ = [
     "BLIP_EXTRA_HINT",
@@ -56,22 +56,10 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-BLIP_EXTRA_HINT = "pip install 'crossfind[blip]'"
-
 #: Files of a save_pretrained folder that decide the features and scores it gives.
 _CONFIG_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json",
                  "vocab.txt", "tokenizer.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-def _transformers() -> Any:
-    """The ``transformers`` module, or a one-line :class:`MissingExtra` naming the extra."""
-    try:
-        import transformers
-    except ImportError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MissingExtra(f"BLIP rerankers need the transformers package ({first}); install it with {BLIP_EXTRA_HINT}") from None
-    return transformers
 
 
 # --------------------------------------------------------------- calibration
@@ -302,7 +290,7 @@ class BlipReranker:
         rs = parse_reranker_spec(spec) if isinstance(spec, str) else spec
         if rs.kind != "blip":
             raise ModelNotAvailable(f"{rs.spec} is a crossfind reranker, not a BLIP model")
-        tf = _transformers()
+        tf = require_transformers()
         source = _resolve(rs)
         verbosity = tf.utils.logging.get_verbosity()
         tf.utils.logging.set_verbosity_error()

@@ -22,13 +22,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotAvailable
+from typing import Any
+
+from .errors import MissingExtra, ModelNotAvailable
 from .rerank_files import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["RerankerSpec", "parse_reranker_spec", "KINDS"]
+__all__ = ["RerankerSpec", "parse_reranker_spec", "require_transformers", "KINDS", "BLIP_EXTRA_HINT"]
 
 #: The kinds of reranker a spec can name.
 KINDS = ("crossfind", "blip")
+BLIP_EXTRA_HINT = "pip install 'crossfind[blip]'"
 _FORMS = "local-dir:PATH (a crossfind reranker folder or a BLIP save_pretrained folder) or hf-hub:ORG/NAME (e.g. hf-hub:Salesforce/blip-itm-base-coco)"
 
 
@@ -83,3 +86,15 @@ def parse_reranker_spec(spec: str) -> RerankerSpec:
             raise ModelNotAvailable(f"reranker spec {spec!r} must name a hub repository as hf-hub:ORG/NAME")
         return RerankerSpec(f"hf-hub:{repo}", "blip", None, repo)
     raise ModelNotAvailable(f"unknown reranker spec {spec!r}; use {_FORMS}")
+
+
+def require_transformers() -> Any:
+    """The ``transformers`` module, or a one-line :class:`MissingExtra` naming the extra."""
+    try:
+        import transformers
+    except ImportError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MissingExtra(
+            f"BLIP rerankers need the transformers package ({first}); install it with {BLIP_EXTRA_HINT}"
+        ) from None
+    return transformers

@@ -196,18 +196,38 @@ def _without_transformers(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_missing_transformers_gives_one_line_naming_the_extra(tmp_path, tiny_blip):
+def test_missing_transformers_gives_one_line_naming_the_extra(tmp_path, tiny_blip, captioned, monkeypatch):
+    from retrieval.errors import MissingExtra
+    from retrieval.rerank_blip import BlipReranker
+
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when it is not installed
+        with pytest.raises(MissingExtra, match=r"pip install 'crossfind\[blip\]'"):
+            BlipReranker.load(tiny_blip)
     env = _without_transformers(tmp_path)
-    code = (
-        "from retrieval.rerank_blip import BlipReranker\n"
-        "from retrieval.errors import MissingExtra\n"
-        f"try:\n    BlipReranker.load({tiny_blip!r})\n"
-        "except MissingExtra as exc:\n    print('ERR', exc)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("ERR ") and "pip install 'crossfind[blip]'" in out.stdout
-    assert len(out.stdout.strip().splitlines()) == 1
+    # The command line: one line on stderr, exit status 1, before anything is indexed.
+    cli = subprocess.run([sys.executable, "-m", "retrieval.cli", "eval", str(captioned), "--reranker", tiny_blip],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 1 and cli.stdout == ""
+    assert cli.stderr.count("\n") == 1 and "pip install 'crossfind[blip]'" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_eval_cli_sweep_text_and_json(captioned, tiny_model, tiny_blip):
+    from click.testing import CliRunner
+
+    from retrieval.cli import cli
+
+    args = ["eval", str(captioned), "--model", tiny_model, "--reranker", tiny_blip, "--candidates", "4,8"]
+    res = CliRunner().invoke(cli, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert [r["candidates"] for r in rep["sweep"]] == [4, 8] and rep["reranker"] == tiny_blip
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert "reranker R@1/5/10" in res.stdout and sum(1 for ln in lines if ln.split()[:2] in (["4", "t2i"], ["8", "i2t"])) == 2
+    bad = CliRunner().invoke(cli, ["eval", str(captioned), "--candidates", "4,x"])
+    assert bad.exit_code != 0 and "--candidates" in bad.output
 
 
 @pytest.fixture
