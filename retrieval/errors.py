@@ -6,6 +6,9 @@ message and exit status 1.
 
 from __future__ import annotations
 
+import errno
+import os
+
 __all__ = ["CrossfindError", "ModelNotAvailable", "LibraryError", "LibraryBusy", "QueryError", "CorpusError", "MissingExtra"]
 
 
@@ -35,3 +38,25 @@ class CorpusError(CrossfindError):
 
 class MissingExtra(ModelNotAvailable):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """A one-line reason when ``exc`` means the library cannot be written
+    (full disk, read-only file system); None for any other error."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return os.strerror(exc.errno).lower()
+    if isinstance(exc, (OperationalError, sqlite3.OperationalError)):
+        msg = str(getattr(exc, "orig", exc)).lower()
+        if "disk is full" in msg:
+            return "no space left on device"
+        if "disk i/o error" in msg:
+            return "disk I/O error (is the disk full?)"
+        if "readonly" in msg or "read-only" in msg:
+            return "the library is read-only"
+    if isinstance(exc, RuntimeError) and "No space left on device" in str(exc):
+        return "no space left on device"
+    return None

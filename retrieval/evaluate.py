@@ -176,10 +176,10 @@ def _measure(eng: Any, pairs: list[Pair], candidates: int, rerank: bool) -> dict
         rows = store.images_by_id(i_ids)
 
         def t2i_rescore(tid: int, cand: list[int], dual: np.ndarray) -> np.ndarray:
-            return reranker.logits_images(text_of[tid], eng._candidate_tokens(state, cand, rows), dual_scores=dual)
+            return reranker.logits_images(text_of[tid], eng.searcher.candidate_tokens(state, cand, rows), dual_scores=dual)
 
         def i2t_rescore(iid: int, cand: list[int], dual: np.ndarray) -> np.ndarray:
-            tok = eng._candidate_tokens(state, [iid], rows)[0]
+            tok = eng.searcher.candidate_tokens(state, [iid], rows)[0]
             return reranker.logits_texts(tok, [text_of[i] for i in cand], dual_scores=dual)
 
     n_cand = max(10, candidates)

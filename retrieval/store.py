@@ -540,6 +540,27 @@ class Store:
         for part in chunks(list(ids)):
             self.session.execute(delete(TextVector).where(TextVector.model_id == model_id, TextVector.text_id.in_(part)))
 
+    def filtered_image_ids(
+        self, model_id: int, glob: str | None = None, since: dt.datetime | None = None, until: dt.datetime | None = None
+    ) -> np.ndarray:
+        """Ids of images with a vector of this model whose path matches the
+        SQLite ``glob`` and whose date lies in [``since``, ``until``] (each optional)."""
+        q = select(Image.id).join(ImageVector, ImageVector.image_id == Image.id).where(ImageVector.model_id == model_id)
+        if glob is not None:
+            q = q.where(Image.path.op("GLOB")(glob))
+        if since is not None:
+            q = q.where(Image.taken_at >= since)
+        if until is not None:
+            q = q.where(Image.taken_at <= until)
+        return np.fromiter(self.session.scalars(q), dtype=np.int64)
+
+    def corpus_text_ids(self, model_id: int, corpus: str) -> np.ndarray:
+        """Ids of the texts of ``corpus`` with a vector of this model."""
+        q = select(TextItem.id).join(TextVector, TextVector.text_id == TextItem.id).where(
+            TextVector.model_id == model_id, TextItem.corpus == corpus
+        )
+        return np.fromiter(self.session.scalars(q), dtype=np.int64)
+
     def corpora(self) -> list[str]:
         return list(self.session.scalars(select(TextItem.corpus).distinct().order_by(TextItem.corpus)))
 

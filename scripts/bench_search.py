@@ -74,7 +74,7 @@ def time_search(lib: Path, spec: str, target: str, queries: int, image: str | No
         data_runs = []
         for i, v in enumerate(clustered_queries(queries, vi.dim, seed=0)):
             text = f"vector query {i} {nonce}"
-            eng._text_vectors[(eng.state().spec.spec, text)] = v
+            eng.searcher.queries.remember(text, v)
             res = eng.search(SearchQuery(text=text, k=10, target=target, rerank=False))
             assert len(res.hits) == 10, res.hits
             data_runs.append(res.timings["index"])

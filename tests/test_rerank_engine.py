@@ -85,7 +85,7 @@ def test_saturated_probabilities_still_rank_by_the_reranker(tmp_path, photo_dir)
         assert [h.id for h in rr.hits] != [h.id for h in dual.hits]
         reranker = eng.state().reranker
         by_id = {h.id: h for h in dual.hits}
-        toks = eng._candidate_tokens(eng.state(), [h.id for h in rr.hits], eng.store.images_by_id([h.id for h in rr.hits]))
+        toks = eng.image_tokens([h.id for h in rr.hits])
         logits = reranker.logits_images("a red circle", toks, np.array([by_id[h.id].score for h in rr.hits], np.float32))
         assert np.all(np.diff(logits) <= 0)  # hits in falling logit order
 

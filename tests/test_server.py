@@ -340,3 +340,23 @@ def test_docs_and_page_are_served_offline(client):
     assert page.status_code == 200 and "crossfind" in page.text
     for url in __import__("re").findall(r'(?:src|href)="(/static/[^"]+)"', page.text):
         assert client.get(url).status_code == 200, url
+
+
+def test_connections_are_accepted_with_nodelay():
+    """Keep-alive clients would wait for a delayed ACK on every response (Nagle)
+    unless the server's connections carry TCP_NODELAY."""
+    import socket
+
+    from retrieval.server.app import _bind_tcp
+
+    listener = _bind_tcp("127.0.0.1", 0)
+    try:
+        client_sock = socket.create_connection(listener.getsockname()[:2])
+        conn, _ = listener.accept()
+        try:
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            conn.close()
+            client_sock.close()
+    finally:
+        listener.close()

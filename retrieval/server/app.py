@@ -356,6 +356,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    """Listen on HOST:PORT with TCP_NODELAY, which accepted connections inherit.
+
+    asyncio sets TCP_NODELAY only on sockets created with ``proto=IPPROTO_TCP``,
+    which ``socket.create_server`` does not do; without it a keep-alive client
+    (every browser) waits ~40 ms per response for a delayed ACK (Nagle's
+    algorithm holds the body back behind the headers)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    tcp = socket.create_server((host, port), family=family)
+    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return tcp
+
+
 def _bind_unix(path: Path) -> socket.socket | None:
     """Listen on the library's socket; refuse when a live server already owns it."""
     if len(os.fsencode(path)) >= 104:
@@ -396,7 +409,7 @@ def run(library: str | os.PathLike[str] | None, opts: ServeOptions, echo: Callab
     uds: Path | None = None
     try:
         family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
-        tcp = socket.create_server((opts.host, opts.port), family=family)
+        tcp = _bind_tcp(opts.host, opts.port)
         sockets.append(tcp)
         if opts.unix_socket:
             uds_path = service.library / SOCKET_NAME
