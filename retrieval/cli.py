@@ -114,12 +114,14 @@ def _writer(eng: Engine, no_wait: bool) -> Any:
 @click.option("--checkpoint-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="Make progress durable this often.")
 @click.option("--prune", is_flag=True, help="Also remove images indexed before that are still on disk but no longer "
               "selected (hidden without --include-hidden, or matched by a new --exclude); by default they are kept.")
+@click.option("--rerank-features", is_flag=True, help="Also compute the BLIP image features of the reranker chosen with "
+              "set-reranker now, so searches never wait for them (BLIP-base: 0.87 MB per image).")
 @no_wait_option
 @json_option
 @click.pass_context
 def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exclude: tuple[str, ...], include_hidden: bool,
-              batch_size: int | None, workers: int | None, checkpoint_seconds: float, prune: bool, no_wait: bool,
-              as_json: bool) -> None:
+              batch_size: int | None, workers: int | None, checkpoint_seconds: float, prune: bool, rerank_features: bool,
+              no_wait: bool, as_json: bool) -> None:
     """Index image files under PATHS (incremental: only new or changed files are encoded).
 
     Files that cannot be used (broken symlinks, unreadable or special files)
@@ -133,10 +135,14 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
       crossfind index ~/Pictures --model shapes-tiny --json
       crossfind index ~/Pictures --exclude 'screenshots' --prune
       crossfind index ~/Pictures --no-wait   # fail at once if another process is writing
+      crossfind index ~/Pictures --rerank-features   # after: crossfind set-reranker hf-hub:Salesforce/blip-itm-base-coco
     """
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
         rep = eng.index_folder(paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
                                workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json, prune=prune)
+        if rerank_features:
+            computed = eng.rerank_features(progress=not as_json)
+            _stderr(f"reranker features: {computed} computed for {eng.reranker_for()}")
     for path, reason in rep.issues:
         _stderr(f"skipped {_show(path)}: {reason}")
     for path, reason in rep.failures:
@@ -305,7 +311,7 @@ def _preload_sessions(ctx: click.Context, q: SearchQuery, model: str | None) -> 
             from .rerank_files import reranker_dir
 
             ms = parse_spec(model)
-            reranks = q.rerank and reranker_dir(ms) is not None
+            reranks = q.rerank and q.reranker is None and reranker_dir(ms) is not None
 
             def kept(column: str) -> bool:  # as Store.text_vector / text_tokens find them
                 sql = f"SELECT 1 FROM queries WHERE model = ? AND text = ? AND {column} IS NOT NULL LIMIT 1"
@@ -352,6 +358,8 @@ null_option = click.option("-0", "--null", "null", is_flag=True,
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Number of hits.")
 @click.option("--candidates", type=click.IntRange(1, 10000), default=50, show_default=True, help="Candidates the reranker re-scores.")
 @click.option("--no-rerank", is_flag=True, help="Rank by the dual encoder alone.")
+@click.option("--reranker", "reranker_spec", metavar="SPEC", help="Re-rank with this reranker instead of the library's choice, "
+              "e.g. --reranker hf-hub:Salesforce/blip-itm-base-coco or local-dir:PATH.")
 @click.option("--threshold", type=click.FloatRange(0, 1), metavar="P", help="Keep hits whose match probability is at least P.")
 @click.option("--add", "adds", multiple=True, metavar="[W:]Q", help="Add a text or image path to the query, weight W (repeatable), e.g. --add 2:sunset.")
 @click.option("--subtract", "subs", multiple=True, metavar="[W:]Q", help="Subtract a text or image path from the query (repeatable).")
@@ -366,7 +374,7 @@ null_option = click.option("-0", "--null", "null", is_flag=True,
 @null_option
 @click.pass_context
 def search_cmd(ctx: click.Context, query: str | None, image: str | None, target: str, k: int, candidates: int,
-               no_rerank: bool, threshold: float | None, adds: tuple[str, ...], subs: tuple[str, ...],
+               no_rerank: bool, reranker_spec: str | None, threshold: float | None, adds: tuple[str, ...], subs: tuple[str, ...],
                path_glob: str | None, corpus: str | None, since: dt.datetime | None, until: dt.datetime | None,
                dedup: bool, model: str | None, as_json: bool, paths_only: bool, null: bool) -> None:
     """Search the library by text and/or example image.
@@ -385,6 +393,7 @@ def search_cmd(ctx: click.Context, query: str | None, image: str | None, target:
       crossfind search "dog" --path '*/2024/*' --since 2024-06-01 --json
       crossfind search "cat" --add image:cat.jpg --add text:kitten.png --paths -0 | xargs -0 ls
       crossfind search "sunset" --dedup                         # one hit per set of near-duplicates
+      crossfind search "two dogs" --reranker hf-hub:Salesforce/blip-itm-base-coco
     """
     from .types import SearchQuery
 
@@ -396,7 +405,9 @@ def search_cmd(ctx: click.Context, query: str | None, image: str | None, target:
     terms = tuple(_parse_term(a, 1.0) for a in adds) + tuple(_parse_term(s, -1.0) for s in subs)
     q = SearchQuery(text=query, image=image, target=target, terms=terms, k=k, candidates=candidates,
                     rerank=not no_rerank, threshold=threshold, path_glob=path_glob, corpus=corpus, since=since, until=until,
-                    dedup=dedup)
+                    dedup=dedup, reranker=reranker_spec)
+    if reranker_spec is not None and no_rerank:
+        raise click.UsageError("--reranker and --no-rerank contradict each other")
     served = _search_on_server(ctx, q, model)
     if served is not None:
         obj, notes = served
@@ -550,6 +561,67 @@ def set_default_model_cmd(ctx: click.Context, spec: str, no_wait: bool) -> None:
     with _engine(ctx) as eng, _writer(eng, no_wait):
         name = eng.set_default_model(spec)
     click.echo(f"default model: {name}")
+
+
+@cli.command("set-reranker")
+@click.argument("spec")
+@model_option
+@no_wait_option
+@click.pass_context
+def set_reranker_cmd(ctx: click.Context, spec: str, model: str | None, no_wait: bool) -> None:
+    """Choose the reranker that searches with a model use (this library only).
+
+    SPEC is local-dir:PATH (a crossfind reranker folder, or a BLIP model
+    saved with transformers' save_pretrained), hf-hub:ORG/NAME (a BLIP ITM
+    model from the Hugging Face cache, downloaded once), or `default` for the
+    model's own reranker. BLIP needs `pip install 'crossfind[blip]'`.
+
+    \b
+    Example:
+      crossfind set-reranker hf-hub:Salesforce/blip-itm-base-coco --model ViT-B-32:laion2b_s34b_b79k
+      crossfind set-reranker local-dir:~/models/blip-itm-base-coco
+      crossfind set-reranker default
+    """
+    with _engine(ctx, model) as eng, _writer(eng, no_wait):
+        value = eng.set_reranker(spec)
+        name = eng.model_spec
+    click.echo(f"reranker for {name}: {value}")
+
+
+@cli.command("calibrate-reranker")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--reranker", "reranker_spec", metavar="SPEC", help="The BLIP reranker to calibrate (default: the one chosen with set-reranker).")
+@model_option
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False), help="Karpathy-style COCO/Flickr30k JSON (default: FOLDER/captions.jsonl).")
+@click.option("--candidates", type=click.IntRange(2, 10000), default=16, show_default=True,
+              help="Dual-encoder candidates per query scored for the fit.")
+@no_wait_option
+@json_option
+@click.pass_context
+def calibrate_reranker_cmd(ctx: click.Context, folder: str, reranker_spec: str | None, model: str | None,
+                           annotations: str | None, candidates: int, no_wait: bool, as_json: bool) -> None:
+    """Calibrate a BLIP reranker's match probability on a captioned folder.
+
+    FOLDER is read as `crossfind eval` reads it (captions.jsonl, or a
+    Karpathy-style JSON with --annotations) and indexed into a temporary
+    library; each caption's top candidates (and each image's top captions)
+    are scored and a Platt scaling is fitted, then kept in this library for
+    the reranker, so rerank_score and --threshold mean a calibrated match
+    probability.
+
+    \b
+    Example:
+      crossfind calibrate-reranker ~/captioned-photos
+      crossfind calibrate-reranker ~/coco --annotations dataset_coco.json --reranker hf-hub:Salesforce/blip-itm-base-coco
+    """
+    with _engine(ctx, model) as eng, _writer(eng, no_wait):
+        rep = eng.calibrate_reranker(folder, reranker=reranker_spec, candidates=candidates, annotations=annotations,
+                                     progress=not as_json)
+    if as_json:
+        _print_json(rep)
+        return
+    click.echo(f"calibrated {rep['reranker']} on {rep['pairs']} pairs ({rep['positives']} matching): "
+               f"scale {rep['scale']}, bias {rep['bias']}; calibration error {rep['ece_before']} -> {rep['ece_after']}")
 
 
 #: ``remove`` of more images than this asks for confirmation on a terminal.

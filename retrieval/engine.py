@@ -15,6 +15,7 @@ loses at most the work since the last checkpoint.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -27,7 +28,7 @@ from sqlalchemy import select
 
 from .corpus import read_corpus
 from .encoders import DEFAULT_MODEL, Encoder, parse_spec
-from .errors import CorpusError, LibraryError, write_failure
+from .errors import CorpusError, LibraryError, QueryError, write_failure
 from .lock import WriterLock
 from .paths import is_utf8, normalize_path
 from .locations import default_library
@@ -175,7 +176,7 @@ class Engine:
 
     def _clean_temp_files(self) -> None:
         """Remove temp files of saves a crash interrupted (only the writer saves)."""
-        for pattern in ("*.tmp", "models/*/*.tmp"):
+        for pattern in ("*.tmp", "models/*/*.tmp", "rerank-features/*/*/*.tmp"):
             for tmp in self.library_dir.glob(pattern):
                 try:
                     tmp.unlink()
@@ -225,6 +226,82 @@ class Engine:
         self.store.set_setting("default_model", state.spec.spec)
         self.store.commit()
         return state.spec.spec
+
+    # ------------------------------------------------------------ rerankers
+    def reranker_for(self, model: str | None = None) -> str | None:
+        """The reranker spec chosen for ``model`` (default: the model in use), or
+        None when the model's own reranker is used (see :mod:`retrieval.rerank_select`)."""
+        from .rerank_select import chosen
+
+        return chosen(self.store, parse_spec(model or self.model_spec).spec)
+
+    @writes
+    def set_reranker(self, spec: str, model: str | None = None) -> str:
+        """Choose the reranker searches with ``model`` (default: the model in
+        use) re-rank with: a spec (``local-dir:PATH``, ``hf-hub:ORG/NAME``), or
+        ``default`` for the model's own. Returns the spec as stored."""
+        from .rerank_select import DEFAULT, check_spec, choice_key
+
+        value = DEFAULT if spec.strip() == DEFAULT else check_spec(spec).spec
+        self.store.set_setting(choice_key(parse_spec(model or self.model_spec).spec), value)
+        self.store.commit()
+        return value
+
+    @writes
+    def calibrate_reranker(
+        self, folder: str | os.PathLike[str], reranker: str | None = None, model: str | None = None,
+        candidates: int = 16, annotations: str | os.PathLike[str] | None = None, progress: bool = False,
+    ) -> dict[str, Any]:
+        """Fit the Platt calibration of a BLIP reranker (default: the one chosen
+        for ``model``) on a captioned folder (as ``crossfind eval`` reads it) and
+        keep it in the library beside the choice; returns the fit's report."""
+        from .eval_rerank import calibrate_on_folder
+        from .rerank_select import calibration_key, check_spec, not_blip
+
+        model_spec = parse_spec(model or self.model_spec).spec
+        spec = reranker or self.reranker_for(model_spec)
+        if spec is None:
+            raise QueryError(f"no reranker chosen for model {model_spec}; give one with --reranker SPEC "
+                             "or choose one with `crossfind set-reranker SPEC`")
+        rs = check_spec(spec)
+        if rs.kind != "blip":
+            raise not_blip(rs.spec)
+        cal, report = calibrate_on_folder(Path(folder), model_spec, rs.spec, candidates,
+                                          Path(annotations) if annotations is not None else None, self.device, progress)
+        value = {**json.loads(cal.to_json()), "fingerprint": report["fingerprint"], "folder": str(Path(folder).resolve()),
+                 "model": model_spec}
+        self.store.set_setting(calibration_key(rs.spec), json.dumps(value))
+        self.store.commit()
+        return report
+
+    def rerank_features(self, reranker: str | None = None, progress: bool = False, batch: int = 64) -> int:
+        """Compute and cache the BLIP image features of every indexed image that
+        lacks them, for ``reranker`` (default: the one chosen for the model in
+        use), so that searches never wait for the vision tower; how many were computed."""
+        from .rerank_blip import FeatureItem
+
+        spec = reranker or self.reranker_for()
+        if spec is None:
+            raise QueryError("no BLIP reranker chosen for this model; give one with --reranker SPEC or `crossfind set-reranker`")
+        state = self.state()
+        rr = self.searcher.rerankers.get(spec, lambda: state.encoder)
+        if getattr(rr, "kind", None) != "blip":
+            raise QueryError(f"{spec} is a crossfind reranker; its patch tokens are stored while indexing already")
+        ids = list(self.store.session.scalars(select(Image.id).where(Image.status == "ok").order_by(Image.id)))
+        done = 0
+        bar = _progress(len(ids), "reranker features", progress)
+        try:
+            for start in range(0, len(ids), batch):
+                part = ids[start : start + batch]
+                rows = self.store.images_by_id(part)
+                counted: list[int] = []
+                rr.features([FeatureItem(i, rows[i].content_hash, rows[i].path) for i in part if i in rows],
+                            self.searcher.rerankers.feature_cache(rr), on_compute=counted.append)
+                done += sum(counted)
+                bar.update(len(part))
+        finally:
+            bar.close()
+        return done
 
     # ------------------------------------------------------------- indexing
     @writes

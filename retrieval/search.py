@@ -31,6 +31,7 @@ from .history import History
 from .imageio import ImageLoadError, load_image
 from .paths import is_utf8, normalize_path
 from .queries import QueryEncoder, image_label
+from .rerank_select import Rerankers, chosen
 from .scan import file_hash
 from .slot import ModelSlot
 from .store import Image, Query, Result, Store, utcnow
@@ -87,6 +88,7 @@ class Searcher:
         self.library_dir = library_dir
         self.queries = QueryEncoder(store, slot)
         self.history = History(store)
+        self.rerankers = Rerankers(store, library_dir)
         #: Free each ONNX session as soon as a search is done with it: lower peak
         #: memory for a process that searches once (the CLI), slower for one that searches on.
         self.lean = False
@@ -121,7 +123,7 @@ class Searcher:
         ids = list(cands.ids)
         if reranker is not None and ids:
             t2 = time.perf_counter()
-            rescored = self.rerank(query, cands)
+            rescored = self.rerank(query, cands, reranker)
             # Order by the raw logit: probabilities of a sharp reranker round to 1.0 and would tie.
             by_logit = dict(zip(ids, rescored.logits.tolist()))
             ids.sort(key=lambda i: (-by_logit[i], -cands.dual[i]))
@@ -216,16 +218,31 @@ class Searcher:
         image_mode = query.image is not None and query.text is None
         if not query.rerank or not ((query.target == "images" and text_mode) or (query.target == "texts" and image_mode)):
             return None
+        spec = query.reranker or chosen(self.store, state.spec.spec)
+        if spec is not None:
+            from .rerank_files import reranker_dir
+            from .reranker_spec import parse_reranker_spec
+
+            rs = parse_reranker_spec(spec)
+            own = reranker_dir(state.spec)
+            if rs.kind != "crossfind" or own is None or rs.path != own.resolve():
+                return self.rerankers.get(rs.spec, lambda: state.encoder)
         if state.reranker is None:
             notes.append(f"model {state.spec.spec} has no reranker; results are ranked by the dual encoder alone")
         return state.reranker
 
-    def rerank(self, query: SearchQuery, cands: Candidates) -> Rescored:
-        """Re-score ``cands.ids`` for ``query`` with the current model's reranker
-        (a text query against candidate images, an image query against texts)."""
+    def rerank(self, query: SearchQuery, cands: Candidates, reranker: Any = None) -> Rescored:
+        """Re-score ``cands.ids`` for ``query`` with ``reranker`` (default: the
+        current model's own), a text query against candidate images or an image
+        query against texts. A BLIP reranker's logits are the fused order
+        (:func:`retrieval.rerank_blip.fuse`), its probabilities calibrated ITM."""
         state = self._slot()
-        reranker = state.reranker
+        reranker = reranker if reranker is not None else state.reranker
         dual = np.array([cands.dual[i] for i in cands.ids], np.float32)
+        if getattr(reranker, "kind", None) == "blip":
+            return self._rerank_blip(query, cands, reranker, dual)
+        if reranker is not state.reranker:
+            return self._rerank_other(query, cands, reranker, dual)
         query_tokens = None
         if query.target == "images":
             assert query.text is not None
@@ -237,6 +254,75 @@ class Searcher:
             _, qtok = self.queries.image(query.image, with_tokens=True)
             logits = reranker.logits_texts(qtok, [cands.rows[i].text for i in cands.ids], dual_scores=dual)
         return Rescored(logits, reranker.probability(logits), query_tokens)
+
+    def _rerank_blip(self, query: SearchQuery, cands: Candidates, reranker: Any, dual: np.ndarray) -> Rescored:
+        if query.target == "images":
+            assert query.text is not None
+            feats, ok = self.rerankers.blip_image_features(reranker, cands.ids, cands.rows)
+            margins = reranker.margins_images(query.text, feats)
+        else:
+            assert query.image is not None
+            qfeat = self._blip_query_image(reranker, query.image)
+            margins = reranker.margins_texts(qfeat, [cands.rows[i].text for i in cands.ids])
+            ok = np.ones(len(margins), bool)
+        keys = np.where(ok, reranker.order_keys(margins, dual), -np.inf).astype(np.float32)
+        probs = np.where(ok, reranker.probability(margins), 0.0).astype(np.float32)
+        return Rescored(keys, probs, None)
+
+    def _blip_query_image(self, reranker: Any, image: Any) -> np.ndarray:
+        """BLIP features of a query image: cached when it is a library image, else computed."""
+        if isinstance(image, (str, os.PathLike)):
+            row = self.store.image_by_path(normalize_path(image, "query image path"))
+            if row is not None:
+                feats, ok = self.rerankers.blip_image_features(reranker, [row.id], {row.id: row})
+                if ok[0]:
+                    return feats[0]
+            try:
+                pil = load_image(image, min_size=reranker.image_size).image
+            except ImageLoadError as exc:
+                raise QueryError(f"cannot read query image {image}: {exc.reason}") from None
+        else:
+            pil = image.convert("RGB")
+        return reranker.image_features([pil])[0]
+
+    def _rerank_other(self, query: SearchQuery, cands: Candidates, reranker: Any, dual: np.ndarray) -> Rescored:
+        """A crossfind reranker other than the model's own: candidate tokens at its
+        layer are read from the token store when that layer is stored, else encoded."""
+        state = self._slot()
+        layer = reranker.config.image_layer
+        if query.target == "images":
+            assert query.text is not None
+            if state.reranker is not None and state.token_layer == layer:
+                toks = self.candidate_tokens(state, cands.ids, cands.rows)
+            else:
+                toks = self._fresh_tokens(state, cands.ids, cands.rows, layer, reranker.config)
+            logits = reranker.logits_images(query.text, toks, dual_scores=dual)
+        else:
+            assert query.image is not None
+            enc = state.encoder
+            img = load_image(query.image, min_size=enc.image_size).image if isinstance(query.image, (str, os.PathLike)) else query.image
+            _, qtok = enc.encode_images(enc.image_batch([img]), with_tokens=True, token_layer=layer)
+            assert qtok is not None
+            logits = reranker.logits_texts(qtok[0], [cands.rows[i].text for i in cands.ids], dual_scores=dual)
+        return Rescored(logits, reranker.probability(logits), None)
+
+    @staticmethod
+    def _fresh_tokens(state: ModelSlot, ids: Sequence[int], rows: dict[int, Any], layer: str, config: Any) -> np.ndarray:
+        """Patch tokens at ``layer`` encoded from the files (not stored); zeros for a file that no longer loads."""
+        enc = state.encoder
+        out = np.zeros((len(ids), config.image_tokens, config.image_features), np.float16)
+        ok, pix = [], []
+        for j, i in enumerate(ids):
+            try:
+                pix.append(enc.prepare(load_image(rows[i].path, min_size=enc.image_size).image))
+                ok.append(j)
+            except ImageLoadError as exc:
+                LOG.warning("cannot re-read %s for re-ranking: %s", rows[i].path, exc.reason)
+        if ok:
+            _, new = enc.encode_images(enc.batch(pix), with_tokens=True, token_layer=layer)
+            assert new is not None
+            out[ok] = new
+        return out
 
     def candidate_tokens(self, state: ModelSlot, ids: Sequence[int], rows: dict[int, Image] | None = None) -> np.ndarray:
         """Patch tokens of images ``ids`` for ``state``'s reranker, stacked in

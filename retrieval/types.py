@@ -71,6 +71,7 @@ class SearchQuery:
     since: dt.datetime | None = None  # images: taken at or after (EXIF date, else mtime)
     until: dt.datetime | None = None  # images: taken before or at
     dedup: bool = False  # fold near-duplicate hits into the best-ranked one (the model's duplicate threshold)
+    reranker: str | None = None  # reranker spec for this search (local-dir:PATH, hf-hub:ORG/NAME); None: the library's choice
 
     def to_request(self, model: str | None = None) -> dict[str, Any]:
         """This query as the JSON body of ``POST /api/search`` (see :meth:`from_request`).
@@ -91,6 +92,7 @@ class SearchQuery:
             "until": self.until.isoformat() if self.until else None,
             "dedup": self.dedup,
             "model": model,
+            **({"reranker": self.reranker} if self.reranker is not None else {}),
         }
 
     @classmethod
@@ -109,7 +111,7 @@ class SearchQuery:
         uploaded image. Paths in the request are refused unless ``allow_paths``.
         """
         known = {"q", "image", "image_id", "target", "terms", "k", "candidates", "rerank", "threshold",
-                 "path", "corpus", "since", "until", "dedup", "model", "library_default"}
+                 "path", "corpus", "since", "until", "dedup", "model", "library_default", "reranker"}
         extra = sorted(set(req) - known)
         if extra:
             raise QueryError(f"unknown search field(s): {', '.join(extra)}; known: {', '.join(sorted(known))}")
@@ -139,6 +141,10 @@ class SearchQuery:
         text = _text(req, "q") if req.get("q") not in (None, "") else None
         if text is None and main is None and not terms:
             raise QueryError("a search needs q (a text), image_id, an uploaded image, or terms")
+        reranker = _text(req, "reranker") if req.get("reranker") not in (None, "") else None
+        if reranker is not None and not allow_paths:
+            raise QueryError("a reranker spec is accepted only on the library's unix socket; "
+                             "choose the library's reranker with `crossfind set-reranker`")
         target = _text(req, "target") if req.get("target") is not None else "images"
         if target not in TARGETS:
             raise QueryError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
@@ -152,6 +158,7 @@ class SearchQuery:
             corpus=_text(req, "corpus") if req.get("corpus") not in (None, "") else None,
             since=_date(req, "since", end=False), until=_date(req, "until", end=True),
             dedup=_bool(req, "dedup") if req.get("dedup") is not None else False,
+            reranker=reranker,
         )
 
     def filters_json(self) -> dict[str, Any]:

@@ -266,3 +266,77 @@ def test_eval_sweep_reports_dual_reranker_and_fused(captioned, tiny_model, tiny_
     # Re-ranking only the top 2 changes nothing below them.
     top2 = rep["sweep"][0]["t2i"]
     assert top2["reranker"]["R@5"] == top2["dual"]["R@5"] and top2["fused"]["R@10"] == top2["dual"]["R@10"]
+
+
+def test_library_searches_with_the_chosen_blip_reranker(tmp_path, photo_dir, tiny_model, tiny_blip, captioned):
+    from click.testing import CliRunner
+
+    from retrieval import Engine
+    from retrieval.cli import cli
+    from retrieval.rerank_blip import BlipReranker, FeatureItem, fuse
+
+    lib = tmp_path / "lib"
+    run = CliRunner()
+    assert run.invoke(cli, ["--library", str(lib), "index", str(photo_dir), "--model", tiny_model, "--json"]).exit_code == 0
+    res = run.invoke(cli, ["--library", str(lib), "set-reranker", tiny_blip, "--model", tiny_model])
+    assert res.exit_code == 0 and tiny_blip in res.output
+    res = run.invoke(cli, ["--library", str(lib), "index", str(photo_dir), "--model", tiny_model, "--rerank-features"])
+    assert res.exit_code == 0 and "12 computed" in res.stderr
+    out = run.invoke(cli, ["--library", str(lib), "search", "a red circle", "--model", tiny_model, "-k", "12",
+                           "--candidates", "12", "--json"])
+    assert out.exit_code == 0, out.output
+    obj = json.loads(out.stdout)
+    assert obj["reranked"] and len(obj["hits"]) == 12
+    # The same scores from the standalone scorer, on features computed afresh from the files.
+    rr = BlipReranker.load(tiny_blip, device="cpu")
+    feats, _ = rr.features([FeatureItem(h["id"], "x", h["path"]) for h in obj["hits"]])
+    margins = rr.margins_images("a red circle", feats)
+    np.testing.assert_allclose([h["rerank_score"] for h in obj["hits"]], rr.probability(margins), atol=2e-3)
+    keys = fuse(margins, np.array([h["score"] for h in obj["hits"]], np.float32))
+    assert np.all(np.diff(keys) <= 2e-3)  # best first by ITM log-odds plus the dual cosine
+    # --threshold keeps its meaning; --no-rerank and the model's own (none) rank by the dual encoder.
+    cut = sorted(h["rerank_score"] for h in obj["hits"])[6]
+    thr = json.loads(run.invoke(cli, ["--library", str(lib), "search", "a red circle", "--model", tiny_model, "-k", "12",
+                                      "--candidates", "12", "--threshold", str(cut - 1e-6), "--json"]).stdout)
+    assert {h["id"] for h in thr["hits"]} == {h["id"] for h in obj["hits"] if h["rerank_score"] >= cut - 1e-6}
+    plain = json.loads(run.invoke(cli, ["--library", str(lib), "search", "a red circle", "--model", tiny_model,
+                                        "--no-rerank", "--json"]).stdout)
+    assert not plain["reranked"] and all(h["rerank_score"] is None for h in plain["hits"])
+    assert run.invoke(cli, ["--library", str(lib), "set-reranker", "default", "--model", tiny_model]).exit_code == 0
+    again = run.invoke(cli, ["--library", str(lib), "search", "a red circle", "--model", tiny_model, "--json"])
+    assert not json.loads(again.stdout)["reranked"] and "has no reranker" in again.stderr
+    # Per query: --reranker, and image -> text re-ranking against a corpus.
+    per_query = json.loads(run.invoke(cli, ["--library", str(lib), "search", "a red circle", "--model", tiny_model, "-k", "12",
+                                            "--candidates", "12", "--reranker", tiny_blip, "--json"]).stdout)
+    assert [h["id"] for h in per_query["hits"]] == [h["id"] for h in obj["hits"]]
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
+    assert run.invoke(cli, ["--library", str(lib), "add-texts", str(tmp_path / "texts.txt"), "--model", tiny_model]).exit_code == 0
+    query_image = obj["hits"][0]["path"]
+    i2t = json.loads(run.invoke(cli, ["--library", str(lib), "search", "--image", query_image, "--target", "texts",
+                                      "--model", tiny_model, "--reranker", tiny_blip, "--json"]).stdout)
+    assert i2t["reranked"] and len(i2t["hits"]) == len(TEXTS)
+    qf, _ = rr.features([FeatureItem(0, "x", query_image)])
+    want_t = rr.probability(rr.margins_texts(qf[0], [h["text"] for h in i2t["hits"]]))
+    np.testing.assert_allclose([h["rerank_score"] for h in i2t["hits"]], want_t, atol=2e-3)
+    # calibrate-reranker keeps a Platt fit in the library; rerank_score becomes the calibrated probability.
+    res = run.invoke(cli, ["--library", str(lib), "calibrate-reranker", str(captioned), "--model", tiny_model,
+                           "--reranker", tiny_blip, "--candidates", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    fit = json.loads(res.stdout)
+    with Engine.open(lib, model=tiny_model) as eng:
+        cal = eng.search_text("a red circle", k=12, candidates=12, reranker=tiny_blip)
+    want = 1 / (1 + np.exp(-(fit["scale"] * margins + fit["bias"])))
+    by_id = {h["id"]: m for h, m in zip(obj["hits"], want)}
+    np.testing.assert_allclose([h.rerank_score for h in cal], [by_id[h.id] for h in cal], atol=2e-3)
+
+
+def test_search_requests_carry_a_reranker_only_over_the_unix_socket(tiny_blip):
+    from retrieval.errors import QueryError
+    from retrieval.types import SearchQuery
+
+    q = SearchQuery(text="a red circle", reranker=tiny_blip)
+    body = q.to_request()
+    assert body["reranker"] == tiny_blip and "reranker" not in SearchQuery(text="x").to_request()
+    assert SearchQuery.from_request(body, str, allow_paths=True).reranker == tiny_blip
+    with pytest.raises(QueryError, match="unix socket"):
+        SearchQuery.from_request(body, str)
