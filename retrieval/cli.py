@@ -138,6 +138,9 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
       crossfind index ~/Pictures --rerank-features   # after: crossfind set-reranker hf-hub:Salesforce/blip-itm-base-coco
     """
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
+        if rerank_features and eng.reranker_for() is None:
+            raise click.UsageError(f"--rerank-features needs a BLIP reranker chosen for {eng.model_spec}: "
+                                   "run `crossfind set-reranker SPEC` first")
         rep = eng.index_folder(paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
                                workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json, prune=prune)
         if rerank_features:

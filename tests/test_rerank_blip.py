@@ -278,6 +278,8 @@ def test_library_searches_with_the_chosen_blip_reranker(tmp_path, photo_dir, tin
     lib = tmp_path / "lib"
     run = CliRunner()
     assert run.invoke(cli, ["--library", str(lib), "index", str(photo_dir), "--model", tiny_model, "--json"]).exit_code == 0
+    early = run.invoke(cli, ["--library", str(lib), "index", str(photo_dir), "--model", tiny_model, "--rerank-features"])
+    assert early.exit_code != 0 and "set-reranker" in early.output
     res = run.invoke(cli, ["--library", str(lib), "set-reranker", tiny_blip, "--model", tiny_model])
     assert res.exit_code == 0 and tiny_blip in res.output
     res = run.invoke(cli, ["--library", str(lib), "index", str(photo_dir), "--model", tiny_model, "--rerank-features"])
