@@ -22,7 +22,7 @@ def brute_force(eng: Engine, folder, query_vec: np.ndarray, k: int) -> list[str]
     return [paths[i] for i in order]
 
 
-def test_text_search_equals_brute_force(tmp_path, tiny_model, photo_dir):
+def test_text_search_equals_brute_force(tmp_path, tiny_model, photo_dir, backend):
     with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
         rep = eng.index_folder(photo_dir)
         assert (rep.scanned, rep.added, rep.encoded, rep.failed) == (12, 12, 12, 0)
