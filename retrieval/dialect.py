@@ -114,7 +114,9 @@ def _glob_match_pg(element: Any, compiler: Any, **kw: Any) -> str:
     return f"(convert_from({compiler.process(column, **kw)}, 'LATIN1') ~ {compiler.process(regex, **kw)})"
 
 
-_ONE_CHAR = "(?:[\x01-\x7f]|[\xc0-\xff][\x80-\xbf]*|[\x80-\xbf])"  # one UTF-8 character (or a stray byte), as Latin-1
+# One character as SQLite's GLOB reads a path (as Latin-1 text): an ASCII byte, a lead
+# byte with every continuation byte after it, or a stray continuation byte on its own.
+_ONE_CHAR = "(?:[\x01-\x7f]|[\xc0-\xff][\x80-\xbf]*(?![\x80-\xbf])|[\x80-\xbf])"
 _CLASS_SPECIAL = set("\\^-[]")
 
 
@@ -123,8 +125,12 @@ def _latin1(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
-def _lit(text: str) -> str:
-    return "".join("\\" + ch if not ch.isalnum() and ord(ch) < 0x80 else ch for ch in _latin1(text))
+def _lit(ch: str) -> str:
+    """One pattern character, literally (a non-ASCII one as its whole byte sequence)."""
+    if ord(ch) < 0x80:
+        return ch if ch.isalnum() else "\\" + ch
+    raw = _latin1(ch)
+    return raw + ("(?![\x80-\xbf])" if ord(raw[0]) >= 0xC0 else "")  # its continuation bytes end here
 
 
 def glob_regex(pattern: str) -> str:
@@ -137,7 +143,7 @@ def glob_regex(pattern: str) -> str:
     while i < n:
         ch = pattern[i]
         if ch == "*":
-            out.append(".*")
+            out.append(_ONE_CHAR + "*")  # whole characters, so a following ? or [..] starts on one
             i += 1
         elif ch == "?":
             out.append(_ONE_CHAR)
