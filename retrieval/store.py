@@ -349,12 +349,13 @@ def chunks(seq: Sequence[int], n: int = CHUNK) -> Iterator[Sequence[int]]:
 class Store:
     """Typed access to the library database."""
 
-    def __init__(self, engine: SAEngine, read_only: bool = False, url: str | None = None) -> None:
+    def __init__(self, engine: SAEngine, read_only: bool = False, url: str | None = None, path: str | os.PathLike[str] | None = None) -> None:
         self.engine = engine
         self.read_only = read_only  # opened with mode=ro: nothing may be written
         self.session = Session(engine, expire_on_commit=False)
         #: The database URL it was opened with (None: a SQLite file); may hold a password, never print it.
         self.url = url
+        self._path = None if path is None else str(path)
         #: This library folder's id when the store is a database shared by folders (see
         #: :func:`open_library_store`); "" for a SQLite library, whose database lives in its folder.
         self.folder_id = ""
@@ -364,7 +365,7 @@ class Store:
         """Where the store lives, safe to print: the SQLite file, or the URL with its password masked."""
         if self.url is not None:
             return mask_url(self.url)
-        return self.engine.url.database or ""
+        return self._path or self.engine.url.database or ""
 
     def shared_lock(self) -> AdvisoryLock | None:
         """The writer lock that writers on other machines take too (PostgreSQL's
@@ -697,7 +698,7 @@ def open_store(db: str | Path, read_only: bool = False) -> Store:
         except Exception as exc:
             engine.dispose()
             raise LibraryError(f"cannot open library database {db_path}: {exc}") from exc
-        return Store(engine, read_only=True)
+        return Store(engine, read_only=True, path=db_path)
     try:
         db_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -712,7 +713,7 @@ def open_store(db: str | Path, read_only: bool = False) -> Store:
     except Exception as exc:
         engine.dispose()
         raise LibraryError(f"cannot open library database {db_path}: {exc}") from exc
-    return Store(engine)
+    return Store(engine, path=db_path)
 
 
 #: The SQLite database of a library, in its folder.
