@@ -20,7 +20,7 @@ import pytest
 from conftest import noise_image
 from sqlalchemy import inspect, select, text
 
-from retrieval import Engine, LibraryBusy, LibraryError
+from retrieval import Engine, LibraryBusy, LibraryError, QueryError
 from retrieval.dialect import AdvisoryLock, glob_match, glob_regex, mask_url
 from retrieval.store import Image, Store, alembic_config, make_engine, open_store, upgrade, utcnow
 
@@ -284,3 +284,17 @@ def test_two_writer_processes_on_two_folders_lose_nothing(pg_db, tmp_path, tiny_
             assert set(txt.tolist()) == set(eng.store.text_vector_map(state.row.id))
             top = state.images.search(state.images.reconstruct(img), 1).ids[:, 0]
             assert (top == img).all()
+
+
+def test_nul_characters_are_refused_alike_on_both_stores(tmp_path, tiny_model, backend):
+    """PostgreSQL text cannot hold NUL: a corpus line or query with one is refused
+    on either store with a reason, and the rest goes in."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a red circle"}\n{"text": "bad \\u0000 text"}\n{"id": "x\\u0000", "text": "ok"}\n'
+                      '{"text": "meta may", "note": "hold \\u0000"}\n')
+    with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
+        rep = eng.add_texts(corpus)
+        assert (rep.added, rep.failed) == (2, 2) and "line 2: contains a NUL" in rep.errors[0] and "line 3" in rep.errors[1]
+        with pytest.raises(QueryError, match="NUL"):
+            eng.search_text("a\x00b", target="texts")
+        assert sorted(h.text for h in eng.search_text("red", k=5, target="texts")) == ["a red circle", "meta may"]
