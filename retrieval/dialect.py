@@ -36,11 +36,14 @@ def is_database_url(value: str) -> bool:
 
 
 def mask_url(url: Any) -> str:
-    """``url`` as text with its password (if any) replaced by ``***``."""
+    """``url`` as text with its password (if any, also a ``password=`` query parameter) replaced by ``***``."""
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(str(url)).render_as_string(hide_password=True)
+        parsed = make_url(str(url))
+        if "password" in parsed.query:
+            parsed = parsed.update_query_dict({"password": "***"})
+        return parsed.render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - not a URL we can parse: show nothing that could be secret
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))
 

@@ -254,6 +254,8 @@ def _url_engine(url: str) -> SAEngine:
         raise LibraryError(f"not a database URL: {mask_url(url)}; give postgresql+psycopg://USER:PASSWORD@HOST/DATABASE") from None
     if parsed.get_backend_name() not in SUPPORTED_BACKENDS:
         raise LibraryError(f"crossfind keeps its store in SQLite or PostgreSQL, not {parsed.get_backend_name()!r} ({mask_url(url)})")
+    if parsed.get_backend_name() == "sqlite":
+        raise LibraryError("a SQLite store lives in the library folder: leave out --db (or give --db sqlite), and choose the folder with --library")
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, the driver of the [postgres] extra
     try:

@@ -66,6 +66,13 @@ def run(lib: Path, scenes: Path, db: str | None, queries: int) -> dict[str, Any]
         for _ in range(10):
             st = eng.status()
         out["status_ms"] = (time.perf_counter() - t) * 100
+        from sqlalchemy import text
+
+        with eng.store.engine.connect() as con:  # one statement's round trip, for scale
+            t = time.perf_counter()
+            for _ in range(200):
+                con.execute(text("SELECT 1")).all()
+            out["select_1_ms"] = (time.perf_counter() - t) * 1000 / 200
         out["images"] = st["images_ok"]
         out["top_hit"] = first[0].path.rsplit("/", 1)[-1]
     return out
@@ -106,7 +113,7 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-    report = {"n": args.n, "queries": args.queries, "results": results, "machine": machine()}
+    report = {"n": args.n, "queries": args.queries, "results": results, "load_avg_end": os.getloadavg(), "machine": machine()}
     print(json.dumps(report, indent=2))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -175,6 +175,10 @@ def test_the_password_is_never_shown(pg_db, tmp_path):
     assert secret not in r.stdout + r.stderr and "someone:***@127.0.0.1:1/nothing" in r.stderr
     r = crossfind("--library", str(tmp_path / "third"), "--db", "mysql://u:" + secret + "@h/x", "status")
     assert r.returncode == 1 and "SQLite or PostgreSQL" in r.stderr and secret not in r.stderr
+    for url in ("postgresql+psycopg://u:p%40ss%3Aw@h:5/db?sslmode=require", "postgresql://u:plain@h/db", "postgresql://u:a@b@h/db",
+                "postgresql+psycopg://u@h/db?password=plain&sslmode=require"):
+        shown = mask_url(url)
+        assert "***" in shown and "p%40ss" not in shown and "plain" not in shown and ":a@" not in shown, shown
 
 
 # ------------------------------------------------- several folders, one db
