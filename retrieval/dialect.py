@@ -40,10 +40,8 @@ def mask_url(url: Any) -> str:
     from sqlalchemy.engine import make_url
 
     try:
-        parsed = make_url(str(url))
-        if "password" in parsed.query:
-            parsed = parsed.update_query_dict({"password": "***"})
-        return parsed.render_as_string(hide_password=True)
+        shown = make_url(str(url)).render_as_string(hide_password=True)
+        return re.sub(r"([?&]password=)[^&]*", r"\1***", shown)
     except Exception:  # noqa: BLE001 - not a URL we can parse: show nothing that could be secret
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))
 
