@@ -26,13 +26,14 @@ DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
 
 
 class Ctx:
-    def __init__(self, library: str | None) -> None:
+    def __init__(self, library: str | None, db: str | None = None) -> None:
         self.library = library
+        self.db = db  # a database URL for the store (may hold a password: never printed)
 
     def engine(self, model: str | None = None) -> Engine:
         from .engine import Engine
 
-        return Engine.open(self.library, model=model)
+        return Engine.open(self.library, model=model, db=self.db)
 
 
 def _engine(ctx: click.Context, model: str | None = None) -> Engine:
@@ -64,9 +65,17 @@ def _show(path: str) -> str:
     envvar="CROSSFIND_LIBRARY",
     help="Library folder (database, vector indexes). Default: $CROSSFIND_LIBRARY, else $XDG_DATA_HOME/crossfind.",
 )
+@click.option(
+    "--db",
+    metavar="URL",
+    envvar="CROSSFIND_DATABASE_URL",
+    help="Keep the library's store in this database instead of DIR/library.db, e.g. "
+    "--db postgresql+psycopg://crossfind:PASSWORD@dbhost/crossfind (needs crossfind[postgres]). "
+    "DIR still holds the vector indexes. Default: $CROSSFIND_DATABASE_URL, else (or with --db sqlite) SQLite in DIR.",
+)
 @click.version_option(package_name="crossfind")
 @click.pass_context
-def cli(ctx: click.Context, library: str | None) -> None:
+def cli(ctx: click.Context, library: str | None, db: str | None) -> None:
     """crossfind: search images and texts across modalities.
 
     \b
@@ -82,7 +91,7 @@ def cli(ctx: click.Context, library: str | None) -> None:
     See it all work offline with the bundled model:
       crossfind demo
     """
-    ctx.obj = Ctx(library)
+    ctx.obj = Ctx(library, db)
 
 
 model_option = click.option(
@@ -536,6 +545,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         _print_json(st)
         return
     click.echo(f"library: {st['library']}")
+    click.echo(f"store: {_show(st['store'])}")
     click.echo(f"default model: {st['default_model'] or '(none yet)'}")
     click.echo(f"images: {st['images']} ({st['images_ok']} ok, {st['images_failed']} failed, {st['images_pending']} pending)")
     corp = ", ".join(f"{k}: {v}" for k, v in st["corpora"].items())
@@ -701,7 +711,7 @@ def serve_cmd(ctx: click.Context, host: str, port: int, model: str | None, token
     obj = ctx.find_object(Ctx)
     assert obj is not None
     opts = ServeOptions(host=host, port=port, model=model, token=token, insecure_no_token=insecure_no_token,
-                        cors=cors, unix_socket=not no_socket)
+                        cors=cors, unix_socket=not no_socket, db=obj.db)
     run(obj.library, opts, echo=_stderr)
 
 

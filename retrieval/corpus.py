@@ -68,6 +68,10 @@ def read_corpus(path: str | Path) -> ParsedCorpus:
     by_id: dict[str, TextRecord] = {}
 
     def keep(rec: TextRecord) -> None:
+        if "\x00" in rec.text or "\x00" in rec.ext_id:
+            # PostgreSQL text cannot hold NUL; refused on every store alike
+            out.errors.append(f"line {rec.line}: contains a NUL character")
+            return
         if rec.text:
             by_id.pop(rec.ext_id, None)  # a repeated id keeps its last text, in its last place
             by_id[rec.ext_id] = rec

@@ -86,7 +86,7 @@ def run_demo(n: int = 300, demo_dir: str | Path | None = None, echo: Callable[[s
         for r in records.values():
             fh.write(json.dumps({"text": r["caption"], "id": r["image"], "scene": r["scene"]}) + "\n")
 
-    with Engine.open(root / "library", model=DEMO_MODEL) as eng:
+    with Engine.open(root / "library", model=DEMO_MODEL, db="sqlite") as eng:
         rep = eng.index_folder(scenes, progress=True)
         echo(f"indexed {rep.scanned} images ({rep.encoded} encoded) with {DEMO_MODEL}")
         trep = eng.add_texts(corpus, corpus="captions")

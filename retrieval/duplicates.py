@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from sqlalchemy import func, select
 
+from .dialect import glob_match
 from .encoders import ModelSpec
 from .errors import LibraryError, QueryError
 from .store import Image, ImageVector
@@ -280,7 +281,7 @@ def find_duplicates(
     allowed: np.ndarray | None = None
     if pattern is not None:
         q = select(ImageVector.image_id).join(Image, Image.id == ImageVector.image_id).where(
-            ImageVector.model_id == row.id, Image.path.op("GLOB")(pattern)
+            ImageVector.model_id == row.id, glob_match(Image.path, pattern)
         )
         allowed = np.fromiter(store.session.scalars(q), dtype=np.int64)
         keep = np.isin(ids, allowed)
@@ -304,10 +305,10 @@ def find_duplicates(
     # Byte-identical files: same content hash (whatever their vectors).
     dup_hashes = select(Image.content_hash).group_by(Image.content_hash).having(func.count() > 1)
     if pattern is not None:
-        dup_hashes = dup_hashes.where(Image.path.op("GLOB")(pattern))
+        dup_hashes = dup_hashes.where(glob_match(Image.path, pattern))
     eq = select(Image.id, Image.content_hash).where(Image.content_hash.in_(dup_hashes))
     if pattern is not None:
-        eq = eq.where(Image.path.op("GLOB")(pattern))
+        eq = eq.where(glob_match(Image.path, pattern))
     first_of: dict[str, int] = {}
     ea, eb = [], []
     for i, h in store.session.execute(eq.order_by(Image.id)):

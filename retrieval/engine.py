@@ -31,17 +31,16 @@ from .encoders import DEFAULT_MODEL, Encoder, parse_spec
 from .errors import CorpusError, LibraryError, QueryError, write_failure
 from .lock import WriterLock
 from .paths import is_utf8, normalize_path
-from .locations import default_library
+from .locations import database, default_database, default_library
 from .search import Searcher
 from .slot import ModelSlot
-from .store import Image, ImageVector, Query, Store, TextItem, TextVector, open_store
+from .store import DB_NAME, Image, ImageVector, Query, Store, TextItem, TextVector, open_library_store
 from .types import HistoryEntry, Hit, ImageInput, IndexReport, SearchQuery, SearchResult, TextsReport
 
 LOG = logging.getLogger(__name__)
 
 #: Seconds between checkpoints (index save + commit) while indexing.
 CHECKPOINT_SECONDS = 30.0
-DB_NAME = "library.db"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -87,7 +86,7 @@ class Engine:
         self.store = store
         self.library_dir = Path(library_dir)
         self.device = device
-        self.lock = WriterLock(self.library_dir)
+        self.lock = WriterLock(self.library_dir, shared=store.shared_lock())
         self._models: dict[str, ModelSlot] = {}
         self._model_spec = model
         self.searcher = Searcher(store, self.state, self.library_dir)
@@ -98,11 +97,21 @@ class Engine:
             self._model_spec = encoder.spec.spec
 
     @classmethod
-    def open(cls, library_dir: str | os.PathLike[str] | None = None, model: str | None = None, device: str | None = None) -> Engine:
+    def open(
+        cls,
+        library_dir: str | os.PathLike[str] | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        db: str | None = None,
+    ) -> Engine:
         """Open (creating or upgrading) the library at ``library_dir``.
 
         ``model`` is a model spec (see :mod:`retrieval.encoders`); when None the
         library's default model is used, else ``ViT-B-32:laion2b_s34b_b79k``.
+        ``db`` is a database URL for the store (``postgresql+psycopg://USER:PASSWORD@HOST/DB``,
+        or ``"sqlite"`` for the folder's own ``library.db``; default ``$CROSSFIND_DATABASE_URL``,
+        else SQLite in the library folder);
+        the folder keeps the vector indexes and token files either way.
         Nothing heavy is loaded until it is needed.
         """
         if library_dir is not None and not os.fspath(library_dir).strip():
@@ -110,11 +119,14 @@ class Engine:
         lib = Path(library_dir).expanduser() if library_dir is not None else default_library()
         if lib.exists() and not lib.is_dir():
             raise LibraryError(f"library path {lib} is a file, not a folder")
-        db = lib / DB_NAME
+        url = database(db) if db is not None else default_database()
+        sqlite = lib / DB_NAME
         # A library on a read-only file system (or without write permission) is
         # opened read-only: searches, status, history and show work, writes refuse.
-        read_only = lib.is_dir() and (not os.access(lib, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)))
-        store = open_store(db, read_only=read_only)
+        read_only = lib.is_dir() and (
+            not os.access(lib, os.W_OK) or (url is None and sqlite.exists() and not os.access(sqlite, os.W_OK))
+        )
+        store = open_library_store(lib, url, read_only=read_only)
         return cls(store, lib.resolve(), model=model, device=device)
 
     @property
@@ -471,6 +483,7 @@ class Engine:
         ]
         return {
             "library": str(self.library_dir),
+            "store": self.store.location,  # a database URL is shown without its password
             "default_model": self.store.get_setting("default_model"),
             "images": sum(by_status.values()),
             "images_ok": by_status.get("ok", 0),

@@ -51,7 +51,7 @@ def write_failure(exc: BaseException) -> str | None:
         return os.strerror(exc.errno).lower()
     if isinstance(exc, (OperationalError, sqlite3.OperationalError)):
         msg = str(getattr(exc, "orig", exc)).lower()
-        if "disk is full" in msg:
+        if "disk is full" in msg or "no space left" in msg:
             return "no space left on device"
         if "disk i/o error" in msg:
             return "disk I/O error (is the disk full?)"

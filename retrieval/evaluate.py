@@ -109,7 +109,7 @@ def evaluate(
         with open(corpus, "w", encoding="utf-8") as fh:
             for i, p in enumerate(pairs):
                 fh.write(json.dumps({"text": p.caption, "id": str(i)}) + "\n")
-        with Engine.open(Path(tmp) / "library", model=model) as eng:
+        with Engine.open(Path(tmp) / "library", model=model, db="sqlite") as eng:
             images = sorted({p.image for p in pairs})
             eng.index_folder([str(p) for p in images], progress=progress)
             eng.add_texts(corpus, corpus="eval", progress=progress)

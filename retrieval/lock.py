@@ -7,6 +7,12 @@ a stale lock behind. Searches, ``status``, ``history`` and ``show`` do not take
 it: SQLite's WAL mode lets them read while a writer commits, and saved index
 files are replaced atomically.
 
+When the store is a database that several folders (machines) share
+(PostgreSQL), the lock also holds a lock of that database, taken after the
+``flock`` (see :class:`retrieval.dialect.AdvisoryLock`): writers on every
+machine take turns, and the server drops the lock when a writer's connection
+ends.
+
 The lock is re-entrant within one :class:`WriterLock` object, so a writing
 method may call another.
 """
@@ -19,7 +25,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from .errors import LibraryBusy, LibraryError
 
@@ -27,16 +33,26 @@ LOCK_NAME = "writer.lock"
 #: Seconds between attempts while waiting for another writer.
 POLL_SECONDS = 0.1
 
-__all__ = ["WriterLock", "LOCK_NAME"]
+__all__ = ["WriterLock", "LOCK_NAME", "SharedLock"]
+
+
+class SharedLock(Protocol):
+    """A lock that writers elsewhere take too (a database's)."""
+
+    def try_acquire(self) -> bool: ...
+
+    def release(self) -> None: ...
 
 
 class WriterLock:
-    """An exclusive, re-entrant lock on a library folder for writing."""
+    """An exclusive, re-entrant lock on a library folder for writing (and on
+    the library's database, with ``shared``)."""
 
-    def __init__(self, library_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, library_dir: str | os.PathLike[str], shared: SharedLock | None = None) -> None:
         self.path = Path(library_dir) / LOCK_NAME
         self._fd: int | None = None
         self._depth = 0
+        self.shared = shared
 
     @property
     def held(self) -> bool:
@@ -55,6 +71,15 @@ class WriterLock:
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 return False
             raise
+        if self.shared is not None:
+            try:
+                got = self.shared.try_acquire()
+            except BaseException:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                raise
+            if not got:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                return False
         return True
 
     def acquire(self, wait: bool = True, on_wait: Callable[[], None] | None = None, timeout: float | None = None) -> bool:
@@ -98,7 +123,11 @@ class WriterLock:
             return
         self._depth -= 1
         if self._depth == 0 and self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            try:
+                if self.shared is not None:
+                    self.shared.release()
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     @contextmanager
     def hold(self, wait: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
@@ -110,6 +139,8 @@ class WriterLock:
             self.release()
 
     def close(self) -> None:
+        if self._depth and self.shared is not None:
+            self.shared.release()
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock too
             self._fd = None

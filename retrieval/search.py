@@ -160,6 +160,8 @@ class Searcher:
         for text in [query.text] + [t.text for t in query.terms]:
             if text is not None and not is_utf8(text):
                 raise QueryError("the query text is not valid UTF-8; check the terminal's encoding")
+            if text is not None and "\x00" in text:
+                raise QueryError("the query text contains a NUL character")
             if text is not None and not text.strip():
                 raise QueryError("the query text is empty")
         if query.target == "texts" and (query.path_glob or query.since or query.until):

@@ -13,7 +13,12 @@ store, which is the durable truth:
   in the same commit as the rows: a clean library opens on that check alone,
   one out of step is reconciled with the vector rows (count and ids), and a
   file of another library is discarded;
-* patch-token rows carry a CRC-32 in the store, checked on every read.
+* patch-token rows carry a CRC-32 in the store, checked on every read;
+* when several folders share one database (PostgreSQL, a folder per machine),
+  each generation names the folder that saved it: a folder whose index
+  another folder's writer has moved past rebuilds it from the store (vectors
+  that changed in place would slip through an id-by-id reconciliation), and
+  its token rows are checked by their CRC-32 as always.
 
 Repairs are written only while this process holds the library's writer lock
 (:mod:`retrieval.lock`); a reader that finds something to repair while another
@@ -438,12 +443,15 @@ class ModelSlot:
         saved = store.get_setting(self._generation_key(kind))
         library = store.library_id
         foreign = side is not None and side.get("library", library) != library
+        elsewhere = saved is not None and saved.partition("@")[2] != store.folder_id
         # A file from before library ids is trusted only when this store knows its model's index.
         foreign = foreign or (side is not None and "library" not in side and saved is None)
         index: VectorIndex | None = None
         why = ""
         if foreign:
             why = "it belongs to another library"
+        elif elsewhere:
+            why = "another folder sharing the library's database saved a newer one"
         elif path.exists():
             try:
                 data = path.read_bytes()
@@ -631,6 +639,8 @@ class ModelSlot:
 
     def _set_generation(self, kind: str, crc: int) -> None:
         generation = str(time.time_ns())
+        if self.store.folder_id:  # a database shared by folders: say which one saved it
+            generation += "@" + self.store.folder_id
         self._write_sidecar(kind, generation, crc)
         self.store.set_setting(self._generation_key(kind), generation)  # committed by the caller
         self._generation[kind] = generation

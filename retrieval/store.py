@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -40,6 +41,7 @@ from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from .dialect import AdvisoryLock, as_fetched_bytes, as_stored_text, glob_match, is_database_url, mask_url, paths_as_bytes
 from .errors import LibraryError
 
 LOG = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ LOG = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 30_000
 #: SQLite limits bound parameters; id lists are chunked to this size.
 CHUNK = 900
+#: Databases the store runs on (SQLAlchemy backend names).
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 
 
 def utcnow() -> dt.datetime:
@@ -56,14 +60,23 @@ def utcnow() -> dt.datetime:
 
 class FsPath(TypeDecorator[str]):
     """A file path stored losslessly: names that are not valid UTF-8 (carried in
-    Python as surrogateescape'd ``str``) go to SQLite as their raw bytes in a
-    TEXT value, and come back as the same ``str``. Valid UTF-8 is plain text."""
+    Python as surrogateescape'd ``str``) come back as the same ``str``. SQLite
+    keeps them as raw bytes in a TEXT value (valid UTF-8 is plain text);
+    PostgreSQL keeps every path as ``bytea``. Either way paths compare and
+    order byte by byte (see :mod:`retrieval.dialect`)."""
 
     impl = String
     cache_ok = True
 
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if paths_as_bytes(dialect):
+            return dialect.type_descriptor(LargeBinary())
+        return dialect.type_descriptor(String())
+
     def process_bind_param(self, value: Any, dialect: Any) -> Any:
         if isinstance(value, str):
+            if paths_as_bytes(dialect):
+                return value.encode("utf-8", "surrogateescape")
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
@@ -71,10 +84,10 @@ class FsPath(TypeDecorator[str]):
         return value
 
     def bind_expression(self, bindvalue: Any) -> Any:
-        return cast(bindvalue, String)  # raw bytes stay TEXT, so comparisons and substr work
+        return as_stored_text(bindvalue)  # SQLite: raw bytes stay TEXT, so comparisons and substr work
 
     def column_expression(self, column: Any) -> Any:
-        return type_coerce(cast(column, LargeBinary), self)  # fetched as bytes: sqlite3 would refuse to decode them
+        return type_coerce(as_fetched_bytes(column), self)  # SQLite: fetched as bytes, sqlite3 would refuse to decode them
 
     def process_result_value(self, value: Any, dialect: Any) -> Any:
         if isinstance(value, (bytes, bytearray, memoryview)):
@@ -102,8 +115,8 @@ class Image(Base):
     __tablename__ = "images"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     path: Mapped[str] = mapped_column(FsPath, unique=True)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)  # BIGINT on PostgreSQL (revision 0006); SQLite's INTEGER is 64-bit
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
     content_hash: Mapped[str] = mapped_column(String, index=True)
     status: Mapped[str] = mapped_column(String, default="pending")
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -122,7 +135,7 @@ class ImageVector(Base):
     content_hash: Mapped[str] = mapped_column(String)
     has_tokens: Mapped[bool] = mapped_column(Boolean, default=False)
     vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32; rebuilds a lost index
-    token_crc: Mapped[int | None] = mapped_column(Integer, nullable=True)  # CRC-32 of the patch-token row
+    token_crc: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # CRC-32 of the patch-token row
 
 
 class TextItem(Base):
@@ -207,11 +220,15 @@ def _sqlite_pragmas_ro(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(db_path: str | Path, read_only: bool = False) -> SAEngine:
-    """A SQLAlchemy engine for the library database with crossfind's pragmas.
+    """A SQLAlchemy engine for the library database: a SQLite file (with
+    crossfind's pragmas) or a database URL (``postgresql+psycopg://...``).
 
-    ``read_only`` opens it with ``mode=ro`` (a library on a read-only file
-    system or without write permission): nothing is created or upgraded.
+    ``read_only`` opens a SQLite file with ``mode=ro`` (a library on a
+    read-only file system or without write permission): nothing is created
+    or upgraded.
     """
+    if isinstance(db_path, str) and is_database_url(db_path):
+        return _url_engine(db_path)
     if not read_only:
         engine = create_engine(f"sqlite:///{db_path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -227,6 +244,27 @@ def make_engine(db_path: str | Path, read_only: bool = False) -> SAEngine:
     return engine
 
 
+def _url_engine(url: str) -> SAEngine:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise LibraryError(f"not a database URL: {mask_url(url)}; give postgresql+psycopg://USER:PASSWORD@HOST/DATABASE") from None
+    if parsed.get_backend_name() not in SUPPORTED_BACKENDS:
+        raise LibraryError(f"crossfind keeps its store in SQLite or PostgreSQL, not {parsed.get_backend_name()!r} ({mask_url(url)})")
+    if parsed.get_backend_name() == "sqlite":
+        raise LibraryError("a SQLite store lives in the library folder: leave out --db (or give --db sqlite), and choose the folder with --library")
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, the driver of the [postgres] extra
+    try:
+        # pre-ping: a server restart between two uses of a pooled connection is survived.
+        return create_engine(parsed, pool_pre_ping=True)
+    except (ImportError, NoSuchModuleError) as exc:
+        raise LibraryError(f"cannot use {mask_url(url)}: {exc}; install crossfind[postgres]") from None
+
+
 def alembic_config(engine: SAEngine | None = None) -> Any:
     """The Alembic config for ``migrations/``, bound to ``engine`` when given."""
     from importlib.resources import files
@@ -237,7 +275,8 @@ def alembic_config(engine: SAEngine | None = None) -> Any:
     # The repository's migrations/ folder installs as retrieval.migrations.
     cfg.set_main_option("script_location", str(files("retrieval.migrations")))
     if engine is not None:
-        cfg.set_main_option("sqlalchemy.url", str(engine.url))
+        # The URL is only a fallback (the engine is handed in); "%" would be read as interpolation.
+        cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=True).replace("%", "%%"))
         cfg.attributes["engine"] = engine
     return cfg
 
@@ -268,12 +307,14 @@ def head_revision() -> str | None:
 def _current_revision(engine: SAEngine) -> str | None:
     """The revision recorded in the database (one query), or None when there is none."""
     from sqlalchemy import text
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import OperationalError, ProgrammingError
 
     try:
         with engine.connect() as conn:
             rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    except OperationalError:  # no table yet: a new library
+    except (OperationalError, ProgrammingError) as exc:  # no table yet: a new library
+        if engine.dialect.name != "sqlite" and "alembic_version" not in str(exc):
+            raise  # the server is unreachable or refuses us: say so
         return None
     return rows[0] if len(rows) == 1 else None
 
@@ -310,10 +351,31 @@ def chunks(seq: Sequence[int], n: int = CHUNK) -> Iterator[Sequence[int]]:
 class Store:
     """Typed access to the library database."""
 
-    def __init__(self, engine: SAEngine, read_only: bool = False) -> None:
+    def __init__(self, engine: SAEngine, read_only: bool = False, url: str | None = None, path: str | os.PathLike[str] | None = None) -> None:
         self.engine = engine
         self.read_only = read_only  # opened with mode=ro: nothing may be written
         self.session = Session(engine, expire_on_commit=False)
+        #: The database URL it was opened with (None: a SQLite file); may hold a password, never print it.
+        self.url = url
+        self._path = None if path is None else str(path)
+        #: This library folder's id when the store is a database shared by folders (see
+        #: :func:`open_library_store`); "" for a SQLite library, whose database lives in its folder.
+        self.folder_id = ""
+
+    @property
+    def location(self) -> str:
+        """Where the store lives, safe to print: the SQLite file, or the URL with its password masked."""
+        if self.url is not None:
+            return mask_url(self.url)
+        return self._path or self.engine.url.database or ""
+
+    def shared_lock(self) -> AdvisoryLock | None:
+        """The writer lock that writers on other machines take too (PostgreSQL's
+        advisory lock, keyed by the library id); None on SQLite, whose writers
+        all share the library folder and its ``flock``."""
+        if self.engine.dialect.name == "postgresql":
+            return AdvisoryLock(self.engine, self.library_id)
+        return None
 
     def close(self) -> None:
         self.session.close()
@@ -547,7 +609,7 @@ class Store:
         SQLite ``glob`` and whose date lies in [``since``, ``until``] (each optional)."""
         q = select(Image.id).join(ImageVector, ImageVector.image_id == Image.id).where(ImageVector.model_id == model_id)
         if glob is not None:
-            q = q.where(Image.path.op("GLOB")(glob))
+            q = q.where(glob_match(Image.path, glob))
         if since is not None:
             q = q.where(Image.taken_at >= since)
         if until is not None:
@@ -602,7 +664,7 @@ class Store:
         return q, rows
 
 
-def _check_head(engine: SAEngine, db_path: Path) -> None:
+def _check_head(engine: SAEngine, where: str) -> None:
     """A read-only library cannot be upgraded: it must be at the newest schema."""
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
@@ -612,28 +674,54 @@ def _check_head(engine: SAEngine, db_path: Path) -> None:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     if current != head:
         raise LibraryError(
-            f"library database {db_path} is read-only and needs an upgrade (schema {current}, this crossfind uses {head}); "
+            f"library database {where} is read-only and needs an upgrade (schema {current}, this crossfind uses {head}); "
             "open it once where it is writable"
         )
 
 
-def open_store(db_path: str | Path, read_only: bool = False) -> Store:
-    """Open (creating or upgrading) the library database at ``db_path``;
+def _reason(exc: BaseException) -> str:
+    """The first line of a database error, without SQLAlchemy's notes."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def open_store(db: str | Path, read_only: bool = False) -> Store:
+    """Open (creating or upgrading) the library database: a SQLite file at
+    ``db``, or the database at the URL ``db`` (``postgresql+psycopg://...``);
     ``read_only`` opens an existing one as it is."""
-    db_path = Path(db_path)
+    if isinstance(db, str) and is_database_url(db):
+        url = db
+        engine = make_engine(url)
+        where = mask_url(url)
+        try:
+            if read_only:
+                _check_head(engine, where)
+            else:
+                current = _current_revision(engine)
+                if current is None or current != head_revision():
+                    upgrade(engine)
+        except LibraryError:
+            engine.dispose()
+            raise
+        except Exception as exc:
+            engine.dispose()
+            raise LibraryError(f"cannot open library database {where}: {_reason(exc)}") from exc
+        return Store(engine, read_only=read_only, url=url)
+    db_path = Path(db)
     if read_only:
         if not db_path.is_file():
             raise LibraryError(f"no library database at {db_path}, and its folder is read-only")
         engine = make_engine(db_path, read_only=True)
         try:
-            _check_head(engine, db_path)
+            _check_head(engine, str(db_path))
         except LibraryError:
             engine.dispose()
             raise
         except Exception as exc:
             engine.dispose()
             raise LibraryError(f"cannot open library database {db_path}: {exc}") from exc
-        return Store(engine, read_only=True)
+        return Store(engine, read_only=True, path=db_path)
     try:
         db_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -648,4 +736,90 @@ def open_store(db_path: str | Path, read_only: bool = False) -> Store:
     except Exception as exc:
         engine.dispose()
         raise LibraryError(f"cannot open library database {db_path}: {exc}") from exc
-    return Store(engine)
+    return Store(engine, path=db_path)
+
+
+#: The SQLite database of a library, in its folder.
+DB_NAME = "library.db"
+#: In a library folder whose store is a database elsewhere: which library the folder belongs to.
+BINDING_NAME = "store.json"
+
+
+def _read_binding(library_dir: Path) -> dict[str, Any] | None:
+    import json
+
+    path = library_dir / BINDING_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise LibraryError(f"cannot read {path}: {exc}; it says which library database this folder belongs to") from None
+    if not isinstance(data, dict) or not isinstance(data.get("library"), str):
+        raise LibraryError(f"{path} is damaged; it says which library database this folder belongs to")
+    return data
+
+
+def open_library_store(library_dir: str | Path, db: str | None = None, read_only: bool = False) -> Store:
+    """The store of the library in ``library_dir``: its own ``library.db``
+    (``db`` None), or the database at the URL ``db``.
+
+    A database elsewhere is bound to the folder that holds its index and token
+    files: the first open writes ``store.json`` (the library id, the URL
+    without password, a folder id) there, and every later open checks it, so a
+    folder is never used with another library's database, a SQLite library's
+    folder never with a database URL, and a database-backed folder never
+    silently gets a new, empty ``library.db``. Several folders (one per
+    machine) may share one database: each is a cache of its vectors (see
+    :mod:`retrieval.slot`)."""
+    import json
+    import uuid
+
+    lib = Path(library_dir)
+    binding = _read_binding(lib) if lib.is_dir() else None
+    if db is None:
+        if binding is not None and not (lib / DB_NAME).exists():
+            where = binding.get("database") or "another database"
+            raise LibraryError(
+                f"library {lib} keeps its store in {where}: give --db URL (or set $CROSSFIND_DATABASE_URL)"
+            )
+        return open_store(lib / DB_NAME, read_only=read_only)
+    if (lib / DB_NAME).exists():
+        raise LibraryError(
+            f"library folder {lib} holds a SQLite library ({DB_NAME}); it cannot be used with {mask_url(db)}: "
+            "give a new folder (--library) for that database"
+        )
+    store = open_store(db, read_only=read_only)
+    library = store.library_id
+    if binding is not None:
+        if binding["library"] != library:
+            store.close()
+            raise LibraryError(
+                f"library folder {lib} belongs to library {binding['library']} "
+                f"({binding.get('database') or 'another database'}), but {mask_url(db)} is library {library}: "
+                "give the folder that goes with this database, or a new one"
+            )
+        store.folder_id = str(binding.get("folder") or "")
+        return store
+    if read_only:
+        return store
+    folder = uuid.uuid4().hex
+    data = {"library": library, "database": mask_url(db), "folder": folder}
+    try:
+        lib.mkdir(parents=True, exist_ok=True)
+        tmp = lib / f"{BINDING_NAME}.{folder}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(data, indent=1) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, lib / BINDING_NAME)  # never replaces one another process wrote meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    except OSError as exc:
+        store.close()
+        raise LibraryError(f"cannot write to library folder {lib}: {exc.strerror}") from None
+    store.close()
+    return open_library_store(lib, db, read_only)  # checked as any later open is

@@ -106,3 +106,49 @@ def _torch_unless_onnx_test(request, monkeypatch):
     checks the ONNX path against torch, end to end."""
     if request.module.__name__ != "test_onnx":
         monkeypatch.setenv("CROSSFIND_ONNX", "0")
+
+
+# ------------------------------------------------------------------ PostgreSQL
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for the session (tests/pgserver.py); the tests
+    that need it skip, saying why, only when none can be started here."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("PostgreSQL tests need psycopg: pip install -e '.[dev]'")
+    from pgserver import PgServer
+
+    try:
+        server = PgServer()
+    except Exception as exc:  # noqa: BLE001 - any reason it cannot start is a reason to skip
+        pytest.skip(f"no PostgreSQL server could be started: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server) -> str:
+    """The URL of the session server's maintenance database (``postgres``)."""
+    return pg_server.url()
+
+
+@pytest.fixture
+def pg_db(pg_server) -> str:
+    """The URL of a new, empty database on the session's server."""
+    return pg_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, monkeypatch) -> str | None:
+    """Run a test on both stores: None for SQLite in the library folder, or the
+    URL of a new PostgreSQL database, set as $CROSSFIND_DATABASE_URL so that
+    ``Engine.open`` and ``crossfind`` subprocesses use it."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_db")
+        monkeypatch.setenv("CROSSFIND_DATABASE_URL", url)
+        return url
+    monkeypatch.delenv("CROSSFIND_DATABASE_URL", raising=False)
+    return None

@@ -58,7 +58,7 @@ def vectors_of(lib: Path, model: str) -> dict[int, np.ndarray]:
 
 
 # ---------------------------------------------------------------- writer lock
-def test_two_writer_processes_lose_no_vectors(tmp_path, tiny_model):
+def test_two_writer_processes_lose_no_vectors(tmp_path, tiny_model, backend):
     """Two `index` runs on different folders and two `add-texts` at once: the
     second waits for the first, and every vector of both ends up searchable."""
     a = make_folder(tmp_path / "a", 24, 0)
@@ -81,7 +81,7 @@ def test_two_writer_processes_lose_no_vectors(tmp_path, tiny_model):
     assert_consistent(lib, tiny_model, 48, 60)
 
 
-def test_no_wait_fails_at_once_and_readers_keep_working(tmp_path, tiny_model, photo_dir):
+def test_no_wait_fails_at_once_and_readers_keep_working(tmp_path, tiny_model, photo_dir, backend):
     lib = tmp_path / "lib"
     with Engine.open(lib, model=tiny_model) as eng:
         eng.index_folder(photo_dir)
@@ -126,7 +126,7 @@ def _stderr_has(proc: subprocess.Popen) -> bool:
 
 # -------------------------------------------------------- damaged index files
 @pytest.mark.parametrize("damage", ["delete", "truncate", "garble-header", "garble-vectors", "garbage"])
-def test_damaged_index_is_rebuilt_from_stored_vectors(tmp_path, tiny_model, photo_dir, damage):
+def test_damaged_index_is_rebuilt_from_stored_vectors(tmp_path, tiny_model, photo_dir, damage, backend):
     lib = tmp_path / "lib"
     with Engine.open(lib, model=tiny_model) as eng:
         eng.index_folder(photo_dir)
@@ -157,7 +157,7 @@ def test_damaged_index_is_rebuilt_from_stored_vectors(tmp_path, tiny_model, phot
     assert_consistent(lib, tiny_model, 12)
 
 
-def test_deleted_text_index_is_rebuilt(tmp_path, tiny_model):
+def test_deleted_text_index_is_rebuilt(tmp_path, tiny_model, backend):
     corpus = tmp_path / "caps.txt"
     corpus.write_text("a red circle\na blue square\ntwo green triangles\n")
     lib = tmp_path / "lib"
@@ -357,7 +357,7 @@ def test_full_disk_while_indexing_keeps_what_was_committed(tmp_path, tiny_model)
         _umount(mnt)
 
 
-def test_a_long_lived_engine_sees_what_another_writer_added(tmp_path, tiny_model, photo_dir):
+def test_a_long_lived_engine_sees_what_another_writer_added(tmp_path, tiny_model, photo_dir, backend):
     lib = tmp_path / "lib"
     with Engine.open(lib, model=tiny_model) as first:
         first.index_folder(photo_dir / "a")

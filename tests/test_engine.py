@@ -22,7 +22,7 @@ def brute_force(eng: Engine, folder, query_vec: np.ndarray, k: int) -> list[str]
     return [paths[i] for i in order]
 
 
-def test_text_search_equals_brute_force(tmp_path, tiny_model, photo_dir):
+def test_text_search_equals_brute_force(tmp_path, tiny_model, photo_dir, backend):
     with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
         rep = eng.index_folder(photo_dir)
         assert (rep.scanned, rep.added, rep.encoded, rep.failed) == (12, 12, 12, 0)
@@ -34,7 +34,7 @@ def test_text_search_equals_brute_force(tmp_path, tiny_model, photo_dir):
         assert hits[0].score >= hits[-1].score
 
 
-def test_image_search_leaves_query_out(tmp_path, tiny_model, photo_dir):
+def test_image_search_leaves_query_out(tmp_path, tiny_model, photo_dir, backend):
     with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
         eng.index_folder(photo_dir)
         query = photo_dir / "a" / "img04.jpg"
@@ -47,14 +47,14 @@ def test_image_search_leaves_query_out(tmp_path, tiny_model, photo_dir):
         assert eng.search_image(load_image(query).image, k=1)[0].path == str(query)
 
 
-def test_second_run_encodes_nothing(tmp_path, tiny_model, photo_dir):
+def test_second_run_encodes_nothing(tmp_path, tiny_model, photo_dir, backend):
     with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
         eng.index_folder(photo_dir)
         rep = eng.index_folder(photo_dir)
         assert (rep.unchanged, rep.added, rep.updated, rep.encoded) == (12, 0, 0, 0)
 
 
-def test_rename_reuses_vector_and_change_reencodes(tmp_path, tiny_model, photo_dir):
+def test_rename_reuses_vector_and_change_reencodes(tmp_path, tiny_model, photo_dir, backend):
     with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
         eng.index_folder(photo_dir)
         old = photo_dir / "a" / "img00.png"
@@ -73,7 +73,7 @@ def test_rename_reuses_vector_and_change_reencodes(tmp_path, tiny_model, photo_d
         assert str(new) in [h.path for h in hits]
 
 
-def test_duplicate_copies_vector_without_encoding(tmp_path, tiny_model, photo_dir):
+def test_duplicate_copies_vector_without_encoding(tmp_path, tiny_model, photo_dir, backend):
     with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
         eng.index_folder(photo_dir)
         src = photo_dir / "a" / "img02.jpg"
@@ -86,7 +86,7 @@ def test_duplicate_copies_vector_without_encoding(tmp_path, tiny_model, photo_di
         assert hits[0].score == pytest.approx(hits[1].score, abs=1e-6)
 
 
-def test_deleted_files_leave_store_and_hits(tmp_path, tiny_model, photo_dir):
+def test_deleted_files_leave_store_and_hits(tmp_path, tiny_model, photo_dir, backend):
     with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
         eng.index_folder(photo_dir)
         gone = photo_dir / "b" / "img03.png"
@@ -100,7 +100,7 @@ def test_deleted_files_leave_store_and_hits(tmp_path, tiny_model, photo_dir):
         assert len(eng.state().images) == 5
 
 
-def test_bad_files_are_recorded_with_reasons(tmp_path, tiny_model, photo_dir):
+def test_bad_files_are_recorded_with_reasons(tmp_path, tiny_model, photo_dir, backend):
     (photo_dir / "bad.jpg").write_text("not an image at all")
     (photo_dir / "empty.png").write_bytes(b"")
     good = photo_dir / "trunc.jpg"

@@ -136,7 +136,7 @@ def test_json_added_counts_only_searchable_items(tmp_path, tiny_model, photo_dir
 
 
 # ------------------------------------------------------------ file names
-def test_non_utf8_file_name_round_trips(tmp_path, tiny_model, capsysbinary):
+def test_non_utf8_file_name_round_trips(tmp_path, tiny_model, capsysbinary, backend):
     folder = tmp_path / "photos"
     folder.mkdir()
     noise_image(1).save(folder / "plain.png")
@@ -163,7 +163,7 @@ def test_non_utf8_file_name_round_trips(tmp_path, tiny_model, capsysbinary):
     assert code == 0 and b"removed 1 images" in out
 
 
-def test_control_characters_are_escaped(tmp_path, tiny_model, capsysbinary):
+def test_control_characters_are_escaped(tmp_path, tiny_model, capsysbinary, backend):
     folder = tmp_path / "photos"
     folder.mkdir()
     noise_image(1).save(folder / "plain.png")

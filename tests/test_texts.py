@@ -41,7 +41,7 @@ def test_corpus_formats(tmp_path):
     assert rec.errors == ["line 4: expected 3 fields"]
 
 
-def test_add_texts_reports_malformed_lines_and_updates(tmp_path, tiny_model, corpus_file):
+def test_add_texts_reports_malformed_lines_and_updates(tmp_path, tiny_model, corpus_file, backend):
     with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
         rep = eng.add_texts(corpus_file, corpus="caps")
         assert (rep.added, rep.failed) == (5, 2)
@@ -57,7 +57,7 @@ def test_add_texts_reports_malformed_lines_and_updates(tmp_path, tiny_model, cor
         assert hits[0].text == "a yellow circle" and hits[0].score == pytest.approx(1.0, abs=1e-5)
 
 
-def test_every_direction_finds_the_known_item(tmp_path, tiny_model, photo_dir, corpus_file):
+def test_every_direction_finds_the_known_item(tmp_path, tiny_model, photo_dir, corpus_file, backend):
     with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
         eng.index_folder(photo_dir)
         eng.add_texts(corpus_file, corpus="caps")
@@ -98,7 +98,7 @@ def test_weighted_terms_equal_the_hand_computed_sum(tmp_path, tiny_model, photo_
         assert [h.path for h in hits] == [paths[i] for i in np.argsort(-(vecs @ got))[:4]]
 
 
-def test_filters_restrict_before_ranking_and_return_k(tmp_path, tiny_model, photo_dir, corpus_file):
+def test_filters_restrict_before_ranking_and_return_k(tmp_path, tiny_model, photo_dir, corpus_file, backend):
     old = photo_dir / "a" / "img00.png"
     os.utime(old, (dt.datetime(2020, 1, 1).timestamp(),) * 2)
     with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
@@ -115,7 +115,7 @@ def test_filters_restrict_before_ranking_and_return_k(tmp_path, tiny_model, phot
         assert len(hits) == 5 and {h.corpus for h in hits} == {"other"}
 
 
-def test_history_round_trips(tmp_path, tiny_model, photo_dir):
+def test_history_round_trips(tmp_path, tiny_model, photo_dir, backend):
     lib = tmp_path / "lib"
     with Engine.open(lib, model=tiny_model) as eng:
         eng.index_folder(photo_dir)
@@ -152,7 +152,7 @@ def test_models_side_by_side_and_default(tmp_path, tiny_model, tiny_model_b, pho
         assert eng.model_spec == tiny_model_b
 
 
-def test_removal_from_store_and_every_index(tmp_path, tiny_model, tiny_model_b, photo_dir, corpus_file):
+def test_removal_from_store_and_every_index(tmp_path, tiny_model, tiny_model_b, photo_dir, corpus_file, backend):
     lib = tmp_path / "lib"
     for m in (tiny_model, tiny_model_b):
         with Engine.open(lib, model=m) as eng:
@@ -190,10 +190,10 @@ def test_library_from_revision_0001_upgrades_with_rows_intact(tmp_path, tiny_mod
         eng.index_folder(photo_dir)
         assert eng.status()["images"] == 13
     con = sqlite3.connect(lib / "library.db")
-    assert con.execute("select version_num from alembic_version").fetchone()[0] == "0005"
+    assert con.execute("select version_num from alembic_version").fetchone()[0] == "0006"
 
 
-def test_repeated_text_query_needs_no_encoder(tmp_path, tiny_model, photo_dir):
+def test_repeated_text_query_needs_no_encoder(tmp_path, tiny_model, photo_dir, backend):
     lib = tmp_path / "lib"
     with Engine.open(lib, model=tiny_model) as eng:
         eng.index_folder(photo_dir)

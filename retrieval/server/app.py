@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +54,7 @@ class ServeOptions:
     insecure_no_token: bool = False  # allow a non-loopback host without a token
     cors: tuple[str, ...] = ()  # origins allowed cross-origin requests
     unix_socket: bool = True  # also listen on LIBRARY/serve.sock (the CLI's way in)
+    db: str | None = field(default=None, repr=False)  # the store's database URL (None: $CROSSFIND_DATABASE_URL, else SQLite in the library)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -404,7 +405,7 @@ def run(library: str | os.PathLike[str] | None, opts: ServeOptions, echo: Callab
     if not _is_loopback(opts.host) and not opts.token and not opts.insecure_no_token:
         raise LibraryError(f"binding {opts.host} exposes the library to the network: give --token TOKEN "
                            "(clients send 'Authorization: Bearer TOKEN') or --insecure-no-token")
-    service = Service(library, model=opts.model)
+    service = Service(library, model=opts.model, db=opts.db)
     sockets: list[socket.socket] = []
     uds: Path | None = None
     try:

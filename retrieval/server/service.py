@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from ..encoders import DEFAULT_MODEL, parse_spec
-from ..engine import DB_NAME, Engine
+from ..engine import Engine
 from ..errors import CrossfindError, LibraryError
 from ..imageio import ImageLoadError, LoadedImage, load_image
-from ..store import Image, TextItem, open_store
+from ..store import Image, Store, TextItem, open_library_store
 from ..types import SearchQuery, SearchResult
 from .jobs import Job, JobRunner
 from .thumbs import ThumbCache
@@ -36,8 +36,11 @@ class NotFound(CrossfindError):
 class Service:
     """One library served: engines per model (loaded once, kept warm), a job runner, a thumbnail cache."""
 
-    def __init__(self, library: str | os.PathLike[str] | None, model: str | None = None, device: str | None = None) -> None:
-        self._meta = Engine.open(library, model=model, device=device)  # status, history, items
+    def __init__(
+        self, library: str | os.PathLike[str] | None, model: str | None = None, device: str | None = None, db: str | None = None
+    ) -> None:
+        self._meta = Engine.open(library, model=model, device=device, db=db)  # status, history, items
+        self.db = self._meta.store.url  # None: SQLite in the library folder
         self.library = self._meta.library_dir
         self.model = parse_spec(model).spec if model else None  # None: the library's default model
         self.device = device
@@ -72,7 +75,7 @@ class Service:
     def _engine(self, spec: str) -> Engine:
         eng = self._engines.get(spec)
         if eng is None:
-            eng = self._engines[spec] = Engine.open(self.library, model=spec, device=self.device)
+            eng = self._engines[spec] = Engine(self._store(), self.library, model=spec, device=self.device)
         return eng
 
     @staticmethod
@@ -97,7 +100,11 @@ class Service:
         with self._lock:
             state = self._engine(spec).state()
             encoder = state.encoder
-        return Engine(open_store(self.library / DB_NAME), self.library, encoder=encoder, device=self.device)
+        return Engine(self._store(), self.library, encoder=encoder, device=self.device)
+
+    def _store(self) -> Store:
+        """A store of its own (engines are not thread-safe) on the library's database."""
+        return open_library_store(self.library, self.db, read_only=self._meta.read_only)
 
     def _reload(self, spec: str) -> None:
         """After a job: reopen that model's searching engine (same encoder, new indexes)."""
@@ -107,7 +114,7 @@ class Service:
                 encoder = old.state()._encoder
                 old.close()
                 if encoder is not None:
-                    self._engines[spec] = Engine(open_store(self.library / DB_NAME), self.library, encoder=encoder, device=self.device)
+                    self._engines[spec] = Engine(self._store(), self.library, encoder=encoder, device=self.device)
             self._folders.clear()
 
     # -------------------------------------------------------------- search
