@@ -156,8 +156,9 @@ def tune_dual(reranker: Reranker, pools: dict[str, Pool], log: Callable[[str], N
             best = np.argmax(own[None] + grid[:, None] * sims[t, top][None], axis=1)
             for g, b in enumerate(best):
                 firsts[g].append([pool.img_key[top[b]]])
-        dual = recall_at_k([[k] for k in pool.img_key[np.argmax(sims, 1)]], pool.txt_key, (1,))[1]
-        recall[name] = (dual, np.array([recall_at_k(f, pool.txt_key, (1,))[1] for f in firsts]))
+        own = pool.txt_key.tolist()
+        dual = recall_at_k([[k] for k in pool.img_key[np.argmax(sims, 1)]], own, (1,))[1]
+        recall[name] = (dual, np.array([recall_at_k(f, own, (1,))[1] for f in firsts]))
     ord_dual, ordinary = recall["ordinary"]
     mp_dual, minimal = recall["minimal"]
     ok = ordinary >= ord_dual

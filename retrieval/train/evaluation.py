@@ -29,7 +29,7 @@ def retrieval_eval(reranker: Reranker, pool: Pool, candidates: int = 50) -> dict
     res: dict[str, float | int] = {}
     for direction in ("t2i", "i2t"):
         queries = len(pool.texts) if direction == "t2i" else len(pool.img_key)
-        own = pool.txt_key if direction == "t2i" else pool.img_key
+        own = (pool.txt_key if direction == "t2i" else pool.img_key).tolist()
         keys = pool.img_key if direction == "t2i" else pool.txt_key
         dual_ranked, rr_ranked = [], []
         for q in range(queries):
