@@ -196,11 +196,13 @@ def _training_data(o: TrainOptions, spec: D.DataSpec, encoder: Encoder, cfg: Rer
     layer, words = cfg.image_layer, cfg.text_words
     if spec.shapes:
         t0 = time.monotonic()
-        minimal = D.shapes_pool(encoder, spec.minimal, D.MINIMAL_SEED, True, layer, words, canonical=o.curriculum > 0)
-        val = D.shapes_pool(encoder, o.val_n, D.HELD_MINIMAL_SEED, True, layer, words)
-        held = {"held-out minimal groups": (val, np.arange(len(val) // 4 * 4).reshape(-1, 4))}
-        mined = None
-        if o.mined_groups:
+        held: dict[str, tuple[D.Pool, np.ndarray]] = {}
+        mined = minimal = None
+        if spec.minimal:
+            minimal = D.shapes_pool(encoder, spec.minimal, D.MINIMAL_SEED, True, layer, words, canonical=o.curriculum > 0)
+            val = D.shapes_pool(encoder, o.val_n, D.HELD_MINIMAL_SEED, True, layer, words)
+            held["held-out minimal groups"] = (val, np.arange(len(val) // 4 * 4).reshape(-1, 4))
+        if o.mined_groups and minimal is not None:
             mined = Alike(minimal.img_vec, minimal.txt_vec, minimal.txt_key)
             near = Alike(val.img_vec, val.txt_vec, val.txt_key)
             held["mined"] = (val, near.groups(np.arange(min(500, o.val_n)), np.random.default_rng(8)))
@@ -213,9 +215,10 @@ def _training_data(o: TrainOptions, spec: D.DataSpec, encoder: Encoder, cfg: Rer
             near = Alike(val_o.img_vec, val_o.txt_vec, val_o.txt_key)
             held["ordinary"] = (val_o, near.groups(np.arange(min(500, o.val_n)), np.random.default_rng(9)))
             log(f"held-out ordinary groups, dual encoder: {_fmt(near.dual_accuracy(held['ordinary'][1]))}")
-            pool = D.Pool.join(minimal, ordinary)
+            pool = ordinary if minimal is None else D.Pool.join(minimal, ordinary)
         log(f"encoded {spec.minimal} minimal-pair + {spec.ordinary} ordinary + held-out items "
             f"in {time.monotonic() - t0:.0f}s")
+        assert pool is not None
         return TrainSet(pool, spec.minimal, mined=mined, alike=alike), Held(held)
     train, _, evalset = _folder_split(spec, o.seed)
     pool = D.records_pool(encoder, train, layer, words)
