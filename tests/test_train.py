@@ -155,7 +155,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_resume_after_kill_continues_from_the_checkpoint(tiny_model, tmp_path):
-    data = _captioned_folder(tmp_path / "data", 160)
+    data = _captioned_folder(tmp_path / "data", 80)
     out = tmp_path / "rr"
     args = _cli(str(data), "--model", tiny_model, "--out", str(out), "--steps", "400", "--batch-size", "4",
                 "--text-groups", "4", "--checkpoint-every", "5", "--width", "32", "--depth", "1", "--heads", "2",
@@ -178,7 +178,7 @@ def test_resume_after_kill_continues_from_the_checkpoint(tiny_model, tmp_path):
     # without --resume the checkpoint is not overwritten by a fresh start
     refused = subprocess.run(args[:-2] + ["--steps", "20"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
-    done = subprocess.run(args[:8] + ["--steps", str(saved + 10)] + args[10:] + ["--resume"], capture_output=True,
+    done = subprocess.run(args[:9] + ["--steps", str(saved + 10)] + args[11:] + ["--resume"], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert f"resumed from step {saved}" in done.stderr

@@ -29,7 +29,7 @@ from .card import card_section, write_card
 from .evaluation import group_accuracy, latency_ms, pairwise_eval, retrieval_eval
 from .mining import Alike, mine
 from .perturb import caption_negatives
-from .trainer import LoopOptions, Trainer, TrainSet
+from .trainer import CHECKPOINT, LoopOptions, Trainer, TrainSet
 
 Log = Callable[[str], None]
 
@@ -94,6 +94,9 @@ def train_reranker(options: TrainOptions, log: Log = lambda _: None, progress: A
     start = time.monotonic()
     spec = D.DataSpec.parse(options.data)
     _check(options, spec)
+    if (options.out / CHECKPOINT).is_file() and not options.resume:
+        raise TrainingError(f"{options.out / CHECKPOINT} holds a checkpoint of an earlier run: pass --resume to "
+                            "continue it, or remove it to start again")
     torch.manual_seed(options.seed)
     encoder = load_encoder(options.model, device="cpu")
     module = _module(options, encoder, log)
@@ -111,9 +114,6 @@ def train_reranker(options: TrainOptions, log: Log = lambda _: None, progress: A
     )
     trainer = Trainer(module, trainset, loop, options.out)
     if trainer.path.is_file():
-        if not options.resume:
-            raise TrainingError(f"{trainer.path} holds a checkpoint of an earlier run: pass --resume to continue it, "
-                                "or remove it to start again")
         log(f"resumed from step {trainer.resume()} ({trainer.path})")
     if trainer.step < options.steps:
         bar = progress(options.steps, trainer.step) if progress is not None else None
