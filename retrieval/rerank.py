@@ -11,7 +11,7 @@ A reranker belongs to one dual-encoder model. Its weights live in
 ``reranker.safetensors`` beside ``reranker.json`` (a :class:`RerankerConfig`),
 either inside a bundled or ``local-dir:`` model folder or under
 ``$CROSSFIND_RERANKERS/<slug>/`` or ``~/.cache/crossfind/rerankers/<slug>/``;
-:func:`find_reranker` looks there. Train one with ``scripts/train_reranker.py``.
+:func:`find_reranker` looks there. Train one with ``crossfind train-reranker`` (:mod:`retrieval.train`).
 
 This module imports torch; the engine imports it only when it reranks.
 """
@@ -598,7 +598,7 @@ class Reranker:
         if not (weights.is_file() and cfg_path.is_file()):
             raise ModelNotAvailable(
                 f"no reranker in {where} (needs {WEIGHTS_NAME} and {CONFIG_NAME}); "
-                f"train one with scripts/train_reranker.py --model {name}"
+                f"train one with crossfind train-reranker DATA --model {name} --out {where}"
             )
         try:
             text = cfg_path.read_text(encoding="utf-8")
@@ -610,15 +610,12 @@ class Reranker:
         module = CrossAttentionITM(config)
         try:
             state = load_file(str(weights))
-            # Rerankers saved while masked word prediction was a training option carry
-            # its mask token, which scoring never used.
-            state.pop("mask_token", None)
             module.load_state_dict({k: v.float() for k, v in state.items()})
         except Exception as exc:  # weights of another config, or a damaged (truncated) file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelNotAvailable(
                 f"reranker weights in {where} do not fit {CONFIG_NAME} ({first}); retrain with "
-                f"scripts/train_reranker.py --model {name}, or search with --no-rerank"
+                f"crossfind train-reranker DATA --model {name}, or search with --no-rerank"
             ) from exc
         return cls(module, encoder, where=str(where))
 
@@ -654,6 +651,6 @@ def _check_compatible(config: RerankerConfig, encoder: Encoder, where: str) -> N
     if diff:
         raise ModelNotAvailable(
             f"{where} was trained for model {config.model!r} and does not fit model {encoder.name!r} "
-            f"({'; '.join(diff)}); train one with scripts/train_reranker.py --model {encoder.name}, "
+            f"({'; '.join(diff)}); train one with crossfind train-reranker DATA --model {encoder.name}, "
             f"or search with --no-rerank"
         )

@@ -80,7 +80,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def busy(pattern: str = "train_shapes_model|train_reranker") -> list[str]:
+def busy(pattern: str = "train_shapes_model|train-reranker") -> list[str]:
     """Command lines of other heavy jobs on the machine (training runs) that would distort timings."""
     out = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True, check=False).stdout
     me = str(os.getpid())
