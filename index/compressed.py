@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from . import SearchResult
+
 LOG = logging.getLogger(__name__)
 
 #: PQ code lengths tried, longest first. 64 bytes (8 dimensions a sub-quantizer
@@ -393,15 +395,33 @@ class CompressedIndex:
         _, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), int(n))
         return ids
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, ids)``: the top ``k`` by exact inner product among the
-        ``rescore_factor * k`` best PQ candidates of each query."""
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> SearchResult:
+        """The top ``k`` by exact inner product among the ``rescore_factor * k``
+        best PQ candidates of each query (``allowed``: only those ids, a
+        filter applied inside FAISS), like :meth:`VectorIndex.search`."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         k = min(int(k), len(self))
         if k <= 0:
-            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
-        cand = self.candidates(queries, min(len(self), max(k, self.rescore_factor * k)))
-        return rescore(queries, cand, self.sidecar, k)
+            return SearchResult(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64))
+        n = min(len(self), max(k, self.rescore_factor * k))
+        cand = self.candidates(queries, n) if allowed is None else self._filtered(queries, n, allowed)
+        scores, ids = rescore(queries, cand, self.sidecar, k)
+        return SearchResult(scores, ids)
+
+    def _filtered(self, queries: np.ndarray, n: int, allowed: np.ndarray) -> np.ndarray:
+        """Candidates among ``allowed`` ids: each shard searched with an id
+        selector, the shards' lists merged by FAISS's ``ResultHeap``."""
+        faiss = _faiss()
+        allowed = np.unique(np.asarray(allowed, np.int64))
+        sel = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
+        heap = faiss.ResultHeap(len(queries), n)  # L2: smallest first
+        for part in _parts(self.index):
+            ivf = _ivf(part)
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=int(ivf.nlist))  # a narrow filter: every list
+            d, i = part.search(queries, n, params=params)
+            heap.add_result(d, i)
+        heap.finalize()
+        return heap.I
 
     # ----------------------------------------------------------- building
     @classmethod

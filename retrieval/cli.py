@@ -114,12 +114,17 @@ def _writer(eng: Engine, no_wait: bool) -> Any:
 @click.option("--checkpoint-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="Make progress durable this often.")
 @click.option("--prune", is_flag=True, help="Also remove images indexed before that are still on disk but no longer "
               "selected (hidden without --include-hidden, or matched by a new --exclude); by default they are kept.")
+@click.option("--index-memory", metavar="SIZE", help="Memory budget for searching the index, e.g. 4G (remembered; "
+              "'none' forgets it). Past what the full index fits in, a compressed one (IVF-HNSW-PQ, exact re-scoring) "
+              "is built for searching, e.g. crossfind index ~/Archive --index-memory 4G --shards 4.")
+@click.option("--shards", type=click.IntRange(1, 1024), help="Cut the compressed index into N id-range shard files, "
+              "searched together (with --index-memory; remembered), e.g. --shards 4.")
 @no_wait_option
 @json_option
 @click.pass_context
 def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exclude: tuple[str, ...], include_hidden: bool,
-              batch_size: int | None, workers: int | None, checkpoint_seconds: float, prune: bool, no_wait: bool,
-              as_json: bool) -> None:
+              batch_size: int | None, workers: int | None, checkpoint_seconds: float, prune: bool,
+              index_memory: str | None, shards: int | None, no_wait: bool, as_json: bool) -> None:
     """Index image files under PATHS (incremental: only new or changed files are encoded).
 
     Files that cannot be used (broken symlinks, unreadable or special files)
@@ -133,10 +138,18 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
       crossfind index ~/Pictures --model shapes-tiny --json
       crossfind index ~/Pictures --exclude 'screenshots' --prune
       crossfind index ~/Pictures --no-wait   # fail at once if another process is writing
+      crossfind index /data/catalogue --index-memory 4G --shards 4   # 10M+ images
     """
+    from .scale import apply_index_memory
+
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
         rep = eng.index_folder(paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
                                workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json, prune=prune)
+        scaled = apply_index_memory(eng.state(), index_memory, shards, kinds=("images",))
+    for sr in scaled:
+        if sr.compressed and not as_json:
+            _stderr(f"{sr.kind}: compressed index {sr.plan} for {sr.vectors} vectors in {sr.shards} shard(s)"
+                    + (" built" if sr.built else " in step"))
     for path, reason in rep.issues:
         _stderr(f"skipped {_show(path)}: {reason}")
     for path, reason in rep.failures:
@@ -145,7 +158,7 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
         _stderr(f"kept {rep.kept} images indexed before that this run no longer selects (hidden or excluded); "
                 "rerun with --prune to remove them, or `crossfind remove PATH`")
     if as_json:
-        _print_json(rep.to_json())
+        _print_json({**rep.to_json(), **({"index_plans": [sr.to_json() for sr in scaled]} if scaled else {})})
         return
     click.echo(f"scanned {rep.scanned}: {rep.added} added, {rep.updated} updated, {rep.unchanged} unchanged, "
                f"{rep.removed} removed, {rep.failed} failed" + (f", {len(rep.issues)} skipped" if rep.issues else "")

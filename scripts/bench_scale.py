@@ -151,7 +151,7 @@ def query(args: argparse.Namespace) -> None:
             lat, hits = [], 0
             for q, gt in zip(queries, truth):
                 t = time.perf_counter()
-                _, got = index.search(q[None, :], 10)
+                got = index.search(q[None, :], 10).ids
                 lat.append(time.perf_counter() - t)
                 hits += len(set(got[0].tolist()) & set(gt.tolist()))
             lat_ms = np.array(lat) * 1000

@@ -106,7 +106,8 @@ def test_compressed_index_rescores_to_the_exact_top_k(tmp_path) -> None:
     assert len(one) == n and (tmp_path / "one.faiss").exists() and (tmp_path / "one.f16.npy").exists()
     one.set_nprobe(16)
     one.rescore_factor = 40  # 400 candidates of 3000: the true top-10 are among them
-    scores, got = one.search(xq, 10)
+    res = one.search(xq, 10)
+    scores, got = res.scores, res.ids
     want_s, want_i = exact(xb, ids, xq, 10)
     np.testing.assert_array_equal(got, want_i)
     np.testing.assert_allclose(scores, want_s, atol=2e-3)  # float16 sidecar
@@ -121,14 +122,21 @@ def test_compressed_index_rescores_to_the_exact_top_k(tmp_path) -> None:
     assert isinstance(three.index, faiss.IndexShards) and len(three) == n
     three.set_nprobe(16)
     three.rescore_factor = 40
-    s3, i3 = three.search(xq, 10)
+    r3 = three.search(xq, 10)
+    s3, i3 = r3.scores, r3.ids
     np.testing.assert_array_equal(i3, got)
     np.testing.assert_allclose(s3, scores, rtol=1e-6)
     # Reopened from disk (memory-mapped), the same again.
     again = CompressedIndex.open(tmp_path / "three")
     again.set_nprobe(16)
     again.rescore_factor = 40
-    np.testing.assert_array_equal(again.search(xq, 10)[1], got)
+    np.testing.assert_array_equal(again.search(xq, 10).ids, got)
+    # A filter keeps to the allowed ids, across shards, and still scores exactly.
+    allowed = ids[::5]
+    want_s, want_i = exact(xb[::5], allowed, xq, 10)
+    filtered = again.search(xq, 10, allowed=allowed)
+    assert all(set(a) == set(b) for a, b in zip(filtered.ids.tolist(), want_i.tolist()))
+    np.testing.assert_allclose(filtered.scores, want_s, atol=2e-3)  # order may differ only within float16 ties
 
 
 def test_sidecar_needs_ascending_ids_and_finds_only_its_own(tmp_path) -> None:
@@ -146,3 +154,37 @@ def test_id_bounds_split_evenly() -> None:
     assert b[1:-1] == [26, 51, 76]
     with pytest.raises(ValueError):
         id_bounds(np.arange(5), 0)
+
+
+def test_index_memory_budget_builds_and_searches_a_compressed_index(tmp_path, tiny_model) -> None:
+    from retrieval import Engine
+    from retrieval.scale import apply_index_memory, in_step
+
+    lib = tmp_path / "lib"
+    corpus = tmp_path / "words.txt"
+    corpus.write_text("".join(f"caption number {i} of a {['red', 'blue', 'green'][i % 3]} thing {i * 7 % 13}\n" for i in range(400)))
+    with Engine.open(lib, model=tiny_model) as eng:
+        eng.add_texts(corpus)
+        want = [h.id for h in eng.search_text("caption number 17 of a blue thing", k=5, target="texts")]
+        # 400 vectors of dimension 32 do not fit 80 KB uncompressed: a PQ index is planned and built.
+        with eng.writer():
+            (rep,) = apply_index_memory(eng.state(), "80K", kinds=("texts",))
+        assert rep.compressed and rep.built and rep.vectors == 400 and "PQ" in rep.plan
+        assert in_step(eng.state(), "texts")
+    with Engine.open(lib, model=tiny_model) as eng:
+        index = eng.state().search_index("texts")
+        assert index.kind == "ivfpq" and len(index) == 400
+        got = [h.id for h in eng.search_text("caption number 17 of a blue thing", k=5, target="texts")]
+        assert got == want  # re-scored exactly: the same top results as the full index
+        # The budget is remembered: a later run finds the index in step and leaves it.
+        with eng.writer():
+            (again,) = apply_index_memory(eng.state(), kinds=("texts",))
+        assert again.compressed and not again.built
+        # More texts: the compressed index is stale until rebuilt, and searches use the full one meanwhile.
+        more = tmp_path / "more.txt"
+        more.write_text("".join(f"another line {i}\n" for i in range(50)))
+        eng.add_texts(more)
+        assert not in_step(eng.state(), "texts")
+        with eng.writer():
+            (third,) = apply_index_memory(eng.state(), kinds=("texts",))
+        assert third.built and third.vectors == 450
