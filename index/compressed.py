@@ -62,6 +62,11 @@ TWO_LEVEL_FROM = 1024
 #: Lists probed: this fraction of them, at least :data:`MIN_PROBE`.
 PROBE_FRACTION = 1 / 128
 MIN_PROBE = 64
+#: Below this many vectors the index is never compressed (8-bit PQ codebooks
+#: need 256 training vectors; such an index is small whatever the budget).
+MIN_COMPRESSED = 256
+#: HNSW beam width while assigning the vectors added to their lists.
+ADD_EF = 32
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -111,7 +116,8 @@ def plan_index(n: int, dim: int, memory: int | str | None = None) -> IndexPlan:
 
     Like autofaiss: the uncompressed index while it fits, else the longest PQ
     code of :data:`PQ_CHOICES` whose index fits :data:`INDEX_SHARE` of the
-    budget. Raises ``ValueError`` when not even 8-byte codes fit.
+    budget; below :data:`MIN_COMPRESSED` vectors, the uncompressed index
+    whatever the budget. Raises ``ValueError`` when not even 8-byte codes fit.
     """
     from . import IVF_THRESHOLD, factory_string
 
@@ -121,7 +127,7 @@ def plan_index(n: int, dim: int, memory: int | str | None = None) -> IndexPlan:
     flat_nlist = 0 if n < IVF_THRESHOLD else ivf_lists(n)
     flat_mem = n * flat_bpv + (flat_nlist * 4 * dim)
     budget = None if memory is None else parse_memory(memory)
-    if budget is None or flat_mem <= budget * INDEX_SHARE:
+    if budget is None or flat_mem <= budget * INDEX_SHARE or n < MIN_COMPRESSED:
         return IndexPlan(n, dim, "flat" if flat_nlist == 0 else "ivf", flat_spec, flat_nlist, 0, float(flat_bpv), flat_mem)
     nlist = ivf_lists(n)
     for m in PQ_CHOICES:
@@ -440,6 +446,9 @@ class CompressedIndex:
         them memory-mapped."""
         faiss = _faiss()
         index = train_compressed(plan, sample)
+        quantizer = faiss.downcast_index(_ivf(index).quantizer)
+        search_ef = quantizer.hnsw.efSearch
+        quantizer.hnsw.efSearch = ADD_EF  # assigning the base vectors: a narrower beam is enough
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         stem = Path(stem)
         start = 0
@@ -453,6 +462,7 @@ class CompressedIndex:
                 yield chunk
 
         Sidecar.write(stem, ids, feed())
+        quantizer.hnsw.efSearch = search_ef
         if shards <= 1:
             path = stem.with_name(stem.name + ".faiss")
             faiss.write_index(index, str(path) + ".tmp")

@@ -140,8 +140,10 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
       crossfind index ~/Pictures --no-wait   # fail at once if another process is writing
       crossfind index /data/catalogue --index-memory 4G --shards 4   # 10M+ images
     """
-    from .scale import apply_index_memory
+    from .scale import apply_index_memory, check_memory
 
+    if index_memory is not None:
+        check_memory(index_memory)  # before the indexing it would follow
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
         rep = eng.index_folder(paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
                                workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json, prune=prune)

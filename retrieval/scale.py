@@ -91,12 +91,23 @@ def open_scaled(slot: ModelSlot, kind: str) -> Any:
         return None
 
 
+def check_memory(memory: str) -> None:
+    """Raise :class:`LibraryError` unless ``memory`` is a size (``4G``) or ``none``."""
+    from .index.compressed import parse_memory
+
+    if memory.lower() != "none":
+        try:
+            parse_memory(memory)
+        except ValueError as exc:
+            raise LibraryError(str(exc)) from None
+
+
 def apply_index_memory(slot: ModelSlot, memory: str | None = None, shards: int | None = None,
                        kinds: tuple[str, ...] = ("images", "texts")) -> list[ScaleReport]:
     """Remember ``memory`` (e.g. ``"4G"``; ``None``: the remembered budget,
     ``"none"``: forget it) and bring each kind's compressed index in step
     with the plan for its size. The caller holds the writer lock."""
-    from .index.compressed import CompressedIndex, TRAIN_SAMPLE, parse_memory, plan_index
+    from .index.compressed import CompressedIndex, TRAIN_SAMPLE, plan_index
 
     store = slot.store
     key = _memory_key(slot.spec.spec)
@@ -107,10 +118,7 @@ def apply_index_memory(slot: ModelSlot, memory: str | None = None, shards: int |
             _remove(slot, kind)
         return []
     if memory is not None:
-        try:
-            parse_memory(memory)
-        except ValueError as exc:
-            raise LibraryError(str(exc)) from None
+        check_memory(memory)
         saved: dict[str, Any] = {"memory": memory, "shards": int(shards or 1)}
         store.set_setting(key, json.dumps(saved))
         store.commit()

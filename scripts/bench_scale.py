@@ -101,11 +101,12 @@ def build(args: argparse.Namespace) -> None:
             heap.add_result(queries @ x.T, np.broadcast_to(ids[done : done + len(x)], (len(queries), len(x))).copy())
             times["generate_and_truth_s"] += time.perf_counter() - t
             done += len(x)
-            if done % (10 * args.chunk) == 0 or done == args.n:
+            if True:
                 say(f"  added {done}/{args.n} ({time.perf_counter() - t0:.0f} s)")
             yield x
 
     t0 = time.perf_counter()
+    say("training and adding")
     CompressedIndex.build(plan, ids, chunks(), out / "images", sample, shards=args.shards)
     total = time.perf_counter() - t0
     heap.finalize()

@@ -55,6 +55,8 @@ def test_plan_follows_the_memory_budget() -> None:
     assert small.kind == "ivfpq" and small.pq_m < big.pq_m
     with pytest.raises(ValueError):
         plan_index(10_000_000, 512, "10M")
+    # Too few vectors to train PQ codebooks: never compressed.
+    assert plan_index(100, 512, "1K").kind == "flat"
 
 
 def test_flat_shards_give_the_single_index_results(tmp_path) -> None:
@@ -188,3 +190,27 @@ def test_index_memory_budget_builds_and_searches_a_compressed_index(tmp_path, ti
         with eng.writer():
             (third,) = apply_index_memory(eng.state(), kinds=("texts",))
         assert third.built and third.vectors == 450
+
+
+def test_cli_index_memory_option(tmp_path, tiny_model, photo_dir, capsys) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from retrieval.cli import cli
+
+    from retrieval.cli import main
+
+    lib = str(tmp_path / "lib")
+    with pytest.raises(SystemExit) as bad:
+        main(["--library", lib, "index", str(photo_dir), "--model", tiny_model, "--index-memory", "lots"])
+    assert bad.value.code == 1
+    err = capsys.readouterr().err
+    assert "not a memory size" in err and "Traceback" not in err
+    assert not (tmp_path / "lib").exists() or not list((tmp_path / "lib").rglob("*.faiss"))  # refused before indexing
+    ok = CliRunner().invoke(cli, ["--library", lib, "index", str(photo_dir), "--model", tiny_model, "--index-memory", "1G", "--json"])
+    assert ok.exit_code == 0, ok.output
+    (plan,) = json.loads(ok.stdout)["index_plans"]
+    # a dozen images fit any budget uncompressed: the plan says so and nothing else is built
+    assert plan["kind"] == "images" and plan["compressed"] is False and plan["plan"] == "IDMap2,Flat"
+    assert not list((tmp_path / "lib").rglob("images.pq.*"))
