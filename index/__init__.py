@@ -135,13 +135,10 @@ class VectorIndex:
         ivf = self._ivf()
         if ivf is None:
             return faiss.vector_to_array(self._index.id_map).astype(np.int64)
-        out = []
-        invlists = ivf.invlists
-        for lst in range(ivf.nlist):
-            size = invlists.list_size(lst)
-            if size:
-                ptr = invlists.get_ids(lst)
-                out.append(faiss.rev_swig_ptr(ptr, size).copy())
+        from faiss.contrib.inspect_tools import get_invlist, get_invlist_sizes
+
+        sizes = get_invlist_sizes(ivf.invlists)
+        out = [get_invlist(ivf.invlists, int(lst))[0] for lst in np.flatnonzero(sizes)]
         return np.concatenate(out).astype(np.int64) if out else np.empty(0, np.int64)
 
     def reconstruct(self, ids: np.ndarray | list[int]) -> np.ndarray:
@@ -204,14 +201,13 @@ class VectorIndex:
         if not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat):
             ids = self.ids()
             return ids, (self.reconstruct(ids) if len(ids) else np.empty((0, self.dim), np.float32))
+        from faiss.contrib.inspect_tools import get_invlist, get_invlist_sizes
+
         out_ids, out_vecs = [], []
-        invlists = ivf.invlists
-        for lst in range(ivf.nlist):
-            size = invlists.list_size(lst)
-            if size:
-                out_ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
-                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * ivf.code_size).copy()
-                out_vecs.append(codes.view(np.float32).reshape(size, self.dim))
+        for lst in np.flatnonzero(get_invlist_sizes(ivf.invlists)):
+            list_ids, codes = get_invlist(ivf.invlists, int(lst))
+            out_ids.append(list_ids)
+            out_vecs.append(codes.view(np.float32).reshape(len(list_ids), self.dim))
         if not out_ids:
             return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
         return np.concatenate(out_ids).astype(np.int64), np.concatenate(out_vecs)

@@ -127,12 +127,17 @@ def _writer(eng: Engine, no_wait: bool) -> Any:
               "selected (hidden without --include-hidden, or matched by a new --exclude); by default they are kept.")
 @click.option("--rerank-features", is_flag=True, help="Also compute the BLIP image features of the reranker chosen with "
               "set-reranker now, so searches never wait for them (BLIP-base: 0.87 MB per image).")
+@click.option("--index-memory", metavar="SIZE", help="Memory budget for searching the index, e.g. 4G (remembered; "
+              "'none' forgets it). Past what the full index fits in, a compressed one (IVF-HNSW-PQ, exact re-scoring) "
+              "is built for searching, e.g. crossfind index ~/Archive --index-memory 4G --shards 4.")
+@click.option("--shards", type=click.IntRange(1, 1024), help="Cut the compressed index into N id-range shard files, "
+              "searched together (with --index-memory; remembered), e.g. --shards 4.")
 @no_wait_option
 @json_option
 @click.pass_context
 def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exclude: tuple[str, ...], include_hidden: bool,
               batch_size: int | None, workers: int | None, checkpoint_seconds: float, prune: bool, rerank_features: bool,
-              no_wait: bool, as_json: bool) -> None:
+              index_memory: str | None, shards: int | None, no_wait: bool, as_json: bool) -> None:
     """Index image files under PATHS (incremental: only new or changed files are encoded).
 
     Files that cannot be used (broken symlinks, unreadable or special files)
@@ -147,7 +152,12 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
       crossfind index ~/Pictures --exclude 'screenshots' --prune
       crossfind index ~/Pictures --no-wait   # fail at once if another process is writing
       crossfind index ~/Pictures --rerank-features   # after: crossfind set-reranker hf-hub:Salesforce/blip-itm-base-coco
+      crossfind index /data/catalogue --index-memory 4G --shards 4   # 10M+ images
     """
+    from .scale import apply_index_memory, check_memory
+
+    if index_memory is not None:
+        check_memory(index_memory)  # before the indexing it would follow
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
         if rerank_features and eng.reranker_for() is None:
             raise click.UsageError(f"--rerank-features needs a BLIP reranker chosen for {eng.model_spec}: "
@@ -157,6 +167,11 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
         if rerank_features:
             computed = eng.rerank_features(progress=not as_json)
             _stderr(f"reranker features: {computed} computed for {eng.reranker_for()}")
+        scaled = apply_index_memory(eng.state(), index_memory, shards, kinds=("images",))
+    for sr in scaled:
+        if sr.compressed and not as_json:
+            _stderr(f"{sr.kind}: compressed index {sr.plan} for {sr.vectors} vectors in {sr.shards} shard(s)"
+                    + (" built" if sr.built else " in step"))
     for path, reason in rep.issues:
         _stderr(f"skipped {_show(path)}: {reason}")
     for path, reason in rep.failures:
@@ -165,7 +180,7 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
         _stderr(f"kept {rep.kept} images indexed before that this run no longer selects (hidden or excluded); "
                 "rerun with --prune to remove them, or `crossfind remove PATH`")
     if as_json:
-        _print_json(rep.to_json())
+        _print_json({**rep.to_json(), **({"index_plans": [sr.to_json() for sr in scaled]} if scaled else {})})
         return
     click.echo(f"scanned {rep.scanned}: {rep.added} added, {rep.updated} updated, {rep.unchanged} unchanged, "
                f"{rep.removed} removed, {rep.failed} failed" + (f", {len(rep.issues)} skipped" if rep.issues else "")

@@ -40,6 +40,7 @@ import numpy as np
 
 from .encoders import Encoder, ModelSpec, load_encoder, weights_fingerprint
 from .index import VectorIndex
+from .index.compressed import CompressedIndex
 from .lock import WriterLock
 from .onnx_runtime import OnnxEncoder, OnnxReranker, export_key, find_export, onnx_enabled
 from .store import Store
@@ -79,7 +80,7 @@ class ModelSlot:
         self._injected = encoder is not None  # an encoder handed in is used for everything
         self._onnx: Any = False  # False: not looked up yet; None: torch is used
         self._images: VectorIndex | None = None
-        self._mapped: dict[str, VectorIndex] = {}  # memory-mapped indexes, for searching only
+        self._mapped: dict[str, VectorIndex | CompressedIndex] = {}  # memory-mapped indexes, for searching only
         self._mapped_generation: dict[str, str | None] = {}  # the store's generation of each mapped index
         self._texts: VectorIndex | None = None
         self._tokens: TokenStore | None = None
@@ -231,12 +232,21 @@ class ModelSlot:
     def _loaded(self, kind: str) -> VectorIndex | None:
         return self._images if kind == "images" else self._texts
 
-    def search_index(self, kind: str) -> VectorIndex:
+    def search_index(self, kind: str) -> VectorIndex | CompressedIndex:
         """The index to search: the writable one when this process has it open,
-        else the saved file memory-mapped (nothing read up front), when it is in
+        else the compressed index of ``--index-memory`` (:mod:`retrieval.scale`)
+        when one was built from the committed generation, else the saved file
+        memory-mapped (nothing read up front), when it is in
         step with the store (this library's, the committed generation, the
         store's count; the full checks of :meth:`_open` read the whole file, so
         anything else takes that path)."""
+        if self._loaded(kind) is None and kind not in self._mapped:
+            from .scale import open_scaled
+
+            scaled = open_scaled(self, kind)
+            if scaled is not None:
+                self._mapped[kind] = scaled
+                self._mapped_generation[kind] = self.store.get_setting(self._generation_key(kind))
         if self._loaded(kind) is None and kind not in self._mapped:
             path = self.dir / f"{kind}.faiss"
             side = self._sidecar(kind)
