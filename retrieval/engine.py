@@ -321,9 +321,8 @@ class Engine:
     def _remove_from_all(self, ids: list[int], kind: str) -> None:
         for model in self.store.models():
             state = self.state(model.spec)
-            index = state.images if kind == "images" else state.texts
-            if index.remove(ids):
-                state._save(kind, index)
+            if (state.images if kind == "images" else state.texts).remove(ids):
+                state.save(kind)
 
     # --------------------------------------------------------------- search
     def search_text(self, query: str, k: int = 10, target: str = "images", **options: Any) -> list[Hit]:

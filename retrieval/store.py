@@ -467,6 +467,36 @@ class Store:
         table, _ = _vector_table(kind)
         return int(self.session.scalar(select(func.count()).select_from(table).where(table.model_id == model_id)) or 0)
 
+    def vector_map(self, model_id: int, kind: str) -> dict[int, str]:
+        """item id -> content hash its vector of ``kind`` was computed from, for one model."""
+        table, item = _vector_table(kind)
+        return {i: h for i, h in self.session.execute(select(item, table.content_hash).where(table.model_id == model_id))}
+
+    def vectorless_ids(self, model_id: int, kind: str) -> list[int]:
+        """Ids of a model's vector rows of ``kind`` that keep no vector (rows of an older library)."""
+        table, item = _vector_table(kind)
+        return list(self.session.scalars(select(item).where(table.model_id == model_id, table.vector.is_(None))))
+
+    def delete_vectors(self, model_id: int, kind: str, ids: Sequence[int]) -> None:
+        """Drop a model's vector rows of ``kind`` for ``ids``."""
+        table, item = _vector_table(kind)
+        for part in chunks(list(ids)):
+            self.session.execute(delete(table).where(table.model_id == model_id, item.in_(part)))
+
+    def vector_sources(self, kind: str, ids: Sequence[int]) -> dict[int, str]:
+        """item id -> content hash, for the ``ids`` whose item may hold a vector
+        of ``kind``: an image that loaded (a failed one keeps none), any text."""
+        if kind == "images":
+            return {i: r.content_hash for i, r in self.images_by_id(ids).items() if r.status == "ok"}
+        return {i: r.content_hash for i, r in self.texts_by_id(ids).items()}
+
+    def tokens_without_crc(self, model_id: int) -> list[int]:
+        """Image ids whose token row is marked stored but has no CRC-32 yet (an older library)."""
+        q = select(ImageVector.image_id).where(
+            ImageVector.model_id == model_id, ImageVector.has_tokens.is_(True), ImageVector.token_crc.is_(None)
+        )
+        return list(self.session.scalars(q))
+
     def fill_vectors(self, model_id: int, kind: str, ids: Sequence[int], vectors: np.ndarray) -> None:
         """Store the vectors of existing rows (an older library's rows, filled from its index)."""
         table, item = _vector_table(kind)
