@@ -322,6 +322,14 @@ class Store:
     def commit(self) -> None:
         self.session.commit()
 
+    def rollback(self) -> None:
+        """Drop uncommitted changes and end the read transaction (the next read sees other processes' commits)."""
+        self.session.rollback()
+
+    def expire(self) -> None:
+        """Forget loaded rows: they are read again on their next use."""
+        self.session.expire_all()
+
     @property
     def library_id(self) -> str:
         """The library's identity, written beside its index and token files."""
@@ -593,6 +601,45 @@ class Store:
 
     def corpora(self) -> list[str]:
         return list(self.session.scalars(select(TextItem.corpus).distinct().order_by(TextItem.corpus)))
+
+    # --------------------------------------------------------------- status
+    def counts(self, failures: int = 20) -> dict[str, Any]:
+        """What ``crossfind status`` reports after the library's folder: the
+        default model, images by status, texts by corpus, vectors and token
+        rows per model, the first ``failures`` failed files (by path) and the
+        number of stored searches."""
+        s = self.session
+        by_status = dict(s.execute(select(Image.status, func.count()).group_by(Image.status)).all())
+        corpora = dict(s.execute(select(TextItem.corpus, func.count()).group_by(TextItem.corpus)).all())
+        models = []
+        for m in self.models():
+            n_tok = s.scalar(select(func.count()).select_from(ImageVector)
+                             .where(ImageVector.model_id == m.id, ImageVector.has_tokens.is_(True)))
+            models.append({"spec": m.spec, "dim": m.dim, "image_vectors": self.count_vectors(m.id, "images"),
+                           "text_vectors": self.count_vectors(m.id, "texts"), "image_tokens": n_tok})
+        failed = select(Image.path, Image.error).where(Image.status == "failed").order_by(Image.path).limit(failures)
+        return {
+            "default_model": self.get_setting("default_model"),
+            "images": sum(by_status.values()),
+            "images_ok": by_status.get("ok", 0),
+            "images_failed": by_status.get("failed", 0),
+            "images_pending": by_status.get("pending", 0),
+            "texts": sum(corpora.values()),
+            "corpora": corpora,
+            "models": models,
+            "failures": [{"path": p, "error": e} for p, e in s.execute(failed)],
+            "queries": s.scalar(select(func.count()).select_from(Query)),
+        }
+
+    def identical_images(self, glob: str | None = None) -> list[tuple[int, str]]:
+        """(image id, content hash) of every image whose bytes another image
+        shares, by id; with ``glob`` (SQLite GLOB) both must match it."""
+        dup_hashes = select(Image.content_hash).group_by(Image.content_hash).having(func.count() > 1)
+        q = select(Image.id, Image.content_hash)
+        if glob is not None:
+            dup_hashes = dup_hashes.where(Image.path.op("GLOB")(glob))
+            q = q.where(Image.path.op("GLOB")(glob))
+        return [(i, h) for i, h in self.session.execute(q.where(Image.content_hash.in_(dup_hashes)).order_by(Image.id))]
 
     # -------------------------------------------------------------- history
     def add_query(self, query: Query, results: Sequence[Result]) -> int:
