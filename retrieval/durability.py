@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -68,6 +69,38 @@ class IndexFiles:
         self._writable = writable
         #: The store's generation of each index as this process loaded or saved it.
         self.generation: dict[str, str | None] = {}
+
+    def drop_if_weights_changed(self, fingerprint: str | None) -> bool:
+        """Drop this model's files and vector rows (tokens and cached query
+        vectors with them) when its weights are not the ones they were computed
+        with (a local model retrained in place); whether they were dropped.
+
+        The files go first, then one commit drops the rows and records the new
+        fingerprint: a crash in between leaves the old fingerprint, so the next
+        open drops again.
+        """
+        if fingerprint is None:
+            return False
+        store, key = self.store, f"weights:{self.spec}"
+        before = store.get_setting(key)
+        if before == fingerprint:
+            return False
+        changed = before is not None and store.find_model(self.spec) is not None
+        with self._writable() as ok:
+            if not ok:
+                if changed:
+                    LOG.warning("the weights of model %s changed; its vectors are dropped by the next writing command", self.spec)
+                return False
+            if changed:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                store.forget_model(self.spec)
+                LOG.warning(
+                    "the weights of model %s changed since this library was indexed with it: its vectors were dropped; "
+                    "run `crossfind index PATH` (and `add-texts`) again to re-embed with the new weights", self.spec,
+                )
+            store.set_setting(key, fingerprint)
+            store.commit()
+            return changed
 
     # A generation number ties each saved index to the commit that follows it:
     # the sidecar file and the store agree only when both writes completed, so

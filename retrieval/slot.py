@@ -14,7 +14,6 @@ process writes repairs its in-memory copy only.
 from __future__ import annotations
 
 import logging
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -61,44 +60,8 @@ class ModelSlot:
         self.library_dir = library_dir
         self.dir = library_dir / "models" / spec.slug
         self.files = IndexFiles(store, spec.spec, self.dir, lambda: self.row, self._writable)
-        self.weights_changed = self._check_weights()
-
-    def _check_weights(self) -> bool:
-        """Drop this model's vectors, tokens and cached query vectors when its
-        weights are not the ones they were computed with (a local model
-        retrained in place); whether they were dropped.
-
-        The files go first, then one commit drops the rows and records the new
-        fingerprint: a crash in between leaves the old fingerprint, so the next
-        open drops again.
-        """
-        now = self._fingerprint = weights_fingerprint(self.spec)
-        if now is None:
-            return False
-        store, key = self.store, f"weights:{self.spec.spec}"
-        before = store.get_setting(key)
-        if before == now:
-            return False
-        changed = before is not None and store.find_model(self.spec.spec) is not None
-        with self._writable() as ok:
-            if not ok:
-                if changed:
-                    LOG.warning("the weights of model %s changed; its vectors are dropped by the next writing command", self.spec.spec)
-                return False
-            return self._forget_if(changed, key, now)
-
-    def _forget_if(self, changed: bool, key: str, now: str) -> bool:
-        store = self.store
-        if changed:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            store.forget_model(self.spec.spec)
-            LOG.warning(
-                "the weights of model %s changed since this library was indexed with it: its vectors were dropped; "
-                "run `crossfind index PATH` (and `add-texts`) again to re-embed with the new weights", self.spec.spec,
-            )
-        store.set_setting(key, now)
-        store.commit()
-        return changed
+        self._fingerprint = weights_fingerprint(spec)
+        self.weights_changed = self.files.drop_if_weights_changed(self._fingerprint)
 
     # ------------------------------------------------------------ lazy parts
     @property
