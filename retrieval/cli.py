@@ -446,7 +446,7 @@ def search_cmd(ctx: click.Context, query: str | None, image: str | None, target:
         return
     _preload_sessions(ctx, q, model)
     with _engine(ctx, model) as eng:
-        eng.lean = True  # one search per process: free the text tower once the query is encoded
+        eng.searcher.lean = True  # one search per process: free the text tower once the query is encoded
         res = eng.search(q)
     for note in res.notes:
         _stderr(f"note: {note}")

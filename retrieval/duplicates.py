@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from sqlalchemy import func, select
 
 from .dialect import glob_match
 from .encoders import ModelSpec
 from .errors import LibraryError, QueryError
-from .store import Image, ImageVector
+from .store import Image, Store
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
@@ -243,6 +242,57 @@ def _range_pairs(index: VectorIndex, ids: np.ndarray, vecs: np.ndarray, threshol
     return a[first], b[first], s[first]
 
 
+def _pixel_check(store: Store, a: np.ndarray, b: np.ndarray, notes: list[str]
+                 ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray | None]]:
+    """The candidate pairs (``a[j]``, ``b[j]``) that are the same file or look
+    alike on the pixels, and the thumbnails read; a note when some could not be read."""
+    rows_ab = store.images_by_id(np.unique(np.concatenate([a, b])).tolist())
+    same_file = np.array([rows_ab[x].content_hash == rows_ab[y].content_hash if x in rows_ab and y in rows_ab else False
+                          for x, y in zip(a.tolist(), b.tolist())], dtype=bool)
+    thumbs = _thumbnails({i: r.path for i, r in rows_ab.items()})
+    passed = same_file | np.array([_looks_alike(thumbs.get(x), thumbs.get(y)) for x, y in zip(a.tolist(), b.tolist())], dtype=bool)
+    unread = sum(v is None for v in thumbs.values())
+    if unread:
+        notes.append(f"{unread} image(s) could not be read for the pixel check; their pairs rest on the embeddings alone")
+    return a[passed], b[passed], thumbs
+
+
+def _identical_pairs(store: Store, pattern: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Byte-identical files (same content hash, whatever their vectors) as
+    pairs: each copy with the first image of its content."""
+    first_of: dict[str, int] = {}
+    ea, eb = [], []
+    for i, h in store.identical_images(pattern):
+        if h in first_of:
+            ea.append(first_of[h])
+            eb.append(i)
+        else:
+            first_of[h] = i
+    return np.asarray(ea, np.int64), np.asarray(eb, np.int64)
+
+
+def _groups(store: Store, a: np.ndarray, b: np.ndarray, ids: np.ndarray, vecs: np.ndarray, t: float,
+            thumbs: dict[int, np.ndarray | None] | None) -> list[DuplicateGroup]:
+    """The groups of the connected pairs, each split around keepers so that
+    every member is within ``t`` of its group's keeper."""
+    groups: list[DuplicateGroup] = []
+    if not len(a):
+        return groups
+    nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    comp = _Components(len(nodes))
+    comp.union(inverse[: len(a)], inverse[len(a) :])
+    labels = comp.labels()
+    rows = store.images_by_id(nodes.tolist())
+    pos = {int(i): k for k, i in enumerate(ids.tolist())}  # id -> row of vecs
+    by_label: dict[int, list[int]] = {}
+    for node, label in zip(nodes.tolist(), labels.tolist()):
+        if node in rows:
+            by_label.setdefault(label, []).append(node)
+    for members in by_label.values():
+        groups.extend(_split(sorted(members, key=lambda i: _keep_key(rows[i])), rows, vecs, pos, t, thumbs))
+    return groups
+
+
 def find_duplicates(
     engine: Engine,
     threshold: float | None = None,
@@ -280,60 +330,20 @@ def find_duplicates(
     ids, vecs = index.vectors()
     allowed: np.ndarray | None = None
     if pattern is not None:
-        q = select(ImageVector.image_id).join(Image, Image.id == ImageVector.image_id).where(
-            ImageVector.model_id == row.id, glob_match(Image.path, pattern)
-        )
-        allowed = np.fromiter(store.session.scalars(q), dtype=np.int64)
+        allowed = store.filtered_image_ids(row.id, pattern)
         keep = np.isin(ids, allowed)
         ids, vecs = ids[keep], vecs[keep]
     order = np.argsort(ids, kind="stable")
     ids, vecs = ids[order], vecs[order]
     a, b, _ = _range_pairs(index, ids, vecs, t, allowed, batch)
-    notes = []
+    notes: list[str] = []
     thumbs: dict[int, np.ndarray | None] = {}
     if verify and len(a):
-        rows_ab = store.images_by_id(np.unique(np.concatenate([a, b])).tolist())
-        same_file = np.array([rows_ab[x].content_hash == rows_ab[y].content_hash if x in rows_ab and y in rows_ab else False
-                              for x, y in zip(a.tolist(), b.tolist())], dtype=bool)
-        thumbs = _thumbnails({i: r.path for i, r in rows_ab.items()})
-        passed = same_file | np.array([_looks_alike(thumbs.get(x), thumbs.get(y)) for x, y in zip(a.tolist(), b.tolist())], dtype=bool)
-        unread = sum(v is None for v in thumbs.values())
-        if unread:
-            notes.append(f"{unread} image(s) could not be read for the pixel check; their pairs rest on the embeddings alone")
-        a, b = a[passed], b[passed]
-
-    # Byte-identical files: same content hash (whatever their vectors).
-    dup_hashes = select(Image.content_hash).group_by(Image.content_hash).having(func.count() > 1)
-    if pattern is not None:
-        dup_hashes = dup_hashes.where(glob_match(Image.path, pattern))
-    eq = select(Image.id, Image.content_hash).where(Image.content_hash.in_(dup_hashes))
-    if pattern is not None:
-        eq = eq.where(glob_match(Image.path, pattern))
-    first_of: dict[str, int] = {}
-    ea, eb = [], []
-    for i, h in store.session.execute(eq.order_by(Image.id)):
-        if h in first_of:
-            ea.append(first_of[h])
-            eb.append(i)
-        else:
-            first_of[h] = i
-    a = np.concatenate([a, np.asarray(ea, np.int64)])
-    b = np.concatenate([b, np.asarray(eb, np.int64)])
-
-    groups: list[DuplicateGroup] = []
-    if len(a):
-        nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
-        comp = _Components(len(nodes))
-        comp.union(inverse[: len(a)], inverse[len(a) :])
-        labels = comp.labels()
-        rows = store.images_by_id(nodes.tolist())
-        pos = {int(i): k for k, i in enumerate(ids.tolist())}  # id -> row of vecs
-        by_label: dict[int, list[int]] = {}
-        for node, label in zip(nodes.tolist(), labels.tolist()):
-            if node in rows:
-                by_label.setdefault(label, []).append(node)
-        for members in by_label.values():
-            groups.extend(_split(sorted(members, key=lambda i: _keep_key(rows[i])), rows, vecs, pos, t, thumbs if verify else None))
+        a, b, thumbs = _pixel_check(store, a, b, notes)
+    ea, eb = _identical_pairs(store, pattern)
+    a = np.concatenate([a, ea])
+    b = np.concatenate([b, eb])
+    groups = _groups(store, a, b, ids, vecs, t, thumbs if verify else None)
     groups.sort(key=lambda g: (-len(g.items), g.keep))
     large = sum(len(g.items) > LARGE_GROUP for g in groups)
     if large:

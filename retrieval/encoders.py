@@ -293,14 +293,14 @@ class Encoder:
             x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
             tokens = None
             if with_tokens and self.has_tokens:
-                pooled, tokens = self._visual_with_tokens(x, token_layer)
+                pooled, tokens = self.visual_with_tokens(x, token_layer)
             else:
                 pooled = self.model.visual(x)
             vec = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
             tok = tokens.to(torch.float16).cpu().numpy() if tokens is not None else None
         return np.ascontiguousarray(vec, dtype=np.float32), tok
 
-    def _visual_with_tokens(self, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def visual_with_tokens(self, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The vision tower's pooled output and its patch tokens at ``layer``
         (``"embed+final"``: both layers' tokens side by side, one forward pass)."""
         import torch
@@ -432,7 +432,7 @@ class Encoder:
         import torch
 
         with torch.no_grad():
-            return self._visual_with_tokens(pixels.to(self.device, dtype=self.dtype), layer)[1]
+            return self.visual_with_tokens(pixels.to(self.device, dtype=self.dtype), layer)[1]
 
     @property
     def text_width(self) -> int:

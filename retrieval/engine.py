@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
-from sqlalchemy import select
-
 from .corpus import read_corpus
 from .encoders import DEFAULT_MODEL, Encoder, parse_spec
 from .errors import CorpusError, LibraryError, QueryError, write_failure
@@ -34,7 +32,7 @@ from .paths import is_utf8, normalize_path
 from .locations import database, default_database, default_library
 from .search import Searcher
 from .slot import ModelSlot
-from .store import DB_NAME, Image, ImageVector, Query, Store, TextItem, TextVector, open_library_store
+from .store import DB_NAME, Store, open_library_store
 from .types import HistoryEntry, Hit, ImageInput, IndexReport, SearchQuery, SearchResult, TextsReport
 
 LOG = logging.getLogger(__name__)
@@ -58,10 +56,15 @@ def writes(method: _F) -> _F:
     return run  # type: ignore[return-value]
 
 
-def _progress(total: int | None, desc: str, enabled: bool, unit: str = "img") -> Any:
-    from tqdm.auto import tqdm
+def _bars(enabled: bool) -> Callable[[int | None, str, str], Any]:
+    """A progress-bar factory ``(total, desc, unit) -> tqdm`` (bars hidden unless ``enabled``)."""
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False)
+    def bar(total: int | None, desc: str, unit: str) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False)
+
+    return bar
 
 
 class Engine:
@@ -171,7 +174,7 @@ class Engine:
         """See what other processes committed since this engine loaded its
         indexes: stale ones are dropped and reload on use (a long-lived reader,
         such as a server, calls this before a search; writers on taking the lock)."""
-        self.store.session.expire_all()
+        self.store.expire()
         for slot in self._models.values():
             slot.drop_if_stale()
 
@@ -179,7 +182,7 @@ class Engine:
         """After a failed write: drop uncommitted changes and in-memory indexes
         (they are reloaded, and reconciled, from what is on disk)."""
         try:
-            self.store.session.rollback()
+            self.store.rollback()
         except Exception:  # the session may be unusable after a disk error
             LOG.debug("rollback failed", exc_info=True)
         for slot in self._models.values():
@@ -299,9 +302,9 @@ class Engine:
         rr = self.searcher.rerankers.get(spec, lambda: state.encoder)
         if getattr(rr, "kind", None) != "blip":
             raise QueryError(f"{spec} is a crossfind reranker; its patch tokens are stored while indexing already")
-        ids = list(self.store.session.scalars(select(Image.id).where(Image.status == "ok").order_by(Image.id)))
+        ids = self.store.image_ids("ok")
         done = 0
-        bar = _progress(len(ids), "reranker features", progress)
+        bar = _bars(progress)(len(ids), "reranker features", "img")
         try:
             for start in range(0, len(ids), batch):
                 part = ids[start : start + batch]
@@ -345,7 +348,7 @@ class Engine:
         state = self.state()
         state.row  # loads the model before anything is written
         self._mark_default(state)
-        indexer = Indexer(self.store, state, lambda total, desc, unit: _progress(total, desc, progress, unit))
+        indexer = Indexer(self.store, state, _bars(progress))
         report = indexer.run(roots, ScanOptions(tuple(exclude), include_hidden, prune),
                              EncodeOptions(batch_size, workers, checkpoint_seconds))
         report.seconds = time.perf_counter() - t0
@@ -371,8 +374,7 @@ class Engine:
             raise CorpusError(f"corpus name {corpus!r} is empty or not valid UTF-8; give one with --corpus NAME")
         state = self.state()
         self._mark_default(state)
-        report = add_texts(self.store, state, parsed, corpus, replace,
-                           lambda total, desc, unit: _progress(total, desc, progress, unit))
+        report = add_texts(self.store, state, parsed, corpus, replace, _bars(progress))
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -410,9 +412,8 @@ class Engine:
     def _remove_from_all(self, ids: list[int], kind: str) -> None:
         for model in self.store.models():
             state = self.state(model.spec)
-            index = state.images if kind == "images" else state.texts
-            if index.remove(ids):
-                state._save(kind, index)
+            if (state.images if kind == "images" else state.texts).remove(ids):
+                state.save(kind)
 
     # --------------------------------------------------------------- search
     def search_text(self, query: str, k: int = 10, target: str = "images", **options: Any) -> list[Hit]:
@@ -442,16 +443,6 @@ class Engine:
         their order: stored, else re-encoded from the files (and stored)."""
         return self.searcher.candidate_tokens(self.state(), ids)
 
-    @property
-    def lean(self) -> bool:
-        """Free each ONNX session as soon as a search is done with it: lower peak
-        memory for a process that searches once (the CLI), slower for one that searches on."""
-        return self.searcher.lean
-
-    @lean.setter
-    def lean(self, value: bool) -> None:
-        self.searcher.lean = value
-
     # -------------------------------------------------------------- history
     def history(self, limit: int = 20) -> list[HistoryEntry]:
         """The most recent searches, newest first."""
@@ -464,35 +455,4 @@ class Engine:
     # --------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
         """Counts of items, failures and vectors per model (no model is loaded)."""
-        from sqlalchemy import func
-
-        s = self.store.session
-        by_status = dict(s.execute(select(Image.status, func.count()).group_by(Image.status)).all())
-        corpora = dict(s.execute(select(TextItem.corpus, func.count()).group_by(TextItem.corpus)).all())
-        models = []
-        for m in self.store.models():
-            n_img = s.scalar(select(func.count()).select_from(ImageVector).where(ImageVector.model_id == m.id))
-            n_txt = s.scalar(select(func.count()).select_from(TextVector).where(TextVector.model_id == m.id))
-            n_tok = s.scalar(
-                select(func.count()).select_from(ImageVector).where(ImageVector.model_id == m.id, ImageVector.has_tokens.is_(True))
-            )
-            models.append({"spec": m.spec, "dim": m.dim, "image_vectors": n_img, "text_vectors": n_txt, "image_tokens": n_tok})
-        failures = [
-            {"path": p, "error": e}
-            for p, e in s.execute(select(Image.path, Image.error).where(Image.status == "failed").order_by(Image.path).limit(20))
-        ]
-        return {
-            "library": str(self.library_dir),
-            "store": self.store.location,  # a database URL is shown without its password
-            "default_model": self.store.get_setting("default_model"),
-            "images": sum(by_status.values()),
-            "images_ok": by_status.get("ok", 0),
-            "images_failed": by_status.get("failed", 0),
-            "images_pending": by_status.get("pending", 0),
-            "texts": sum(corpora.values()),
-            "corpora": corpora,
-            "models": models,
-            "failures": failures,
-            "queries": s.scalar(select(func.count()).select_from(Query)),
-        }
-
+        return {"library": str(self.library_dir), "store": self.store.location, **self.store.counts()}

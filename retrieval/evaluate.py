@@ -119,51 +119,50 @@ def evaluate(
 Rescorer = Callable[[int, list[int], np.ndarray], np.ndarray]
 
 
-def _direction(
-    query_ids: list[int],
-    query_keys: list[str],
-    query_vecs: np.ndarray,
-    gallery: Any,
-    item_key: dict[int, str],
-    n_cand: int,
-    candidates: int,
-    rescore: Rescorer | None,
-) -> tuple[dict[str, float], dict[str, float] | None]:
-    """Recall of one direction (queries against a gallery index): the dual
-    encoder's ranking and, with ``rescore``, its top ``candidates`` re-ranked.
+@dataclass(frozen=True)
+class Direction:
+    """One direction of an evaluation: every query of one kind against the other kind's index."""
 
-    ``rescore(query_id, candidate_ids, dual_scores)`` returns a logit per candidate.
-    """
-    res = gallery.search(query_vecs, n_cand)
+    name: str  # "t2i" or "i2t"
+    query_ids: list[int]  # library ids of the queries (texts or images)
+    query_keys: list[str]  # their relevance keys
+    queries: Any  # the VectorIndex holding the query vectors
+    gallery: Any  # the VectorIndex searched
+    item_key: dict[int, str]  # relevance key of each gallery id
+    rescore: Rescorer | None  # (query id, candidate ids, dual scores) -> a logit per candidate
+
+
+def _recall(d: Direction, n_cand: int, candidates: int) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Recall of one direction: the dual encoder's ranking and, with a
+    rescorer, its top ``candidates`` re-ranked."""
+    res = d.gallery.search(d.queries.reconstruct(d.query_ids), n_cand)
     ranked: list[list[int]] = []
     reranked: list[list[int]] = []
-    for qid, ids_row, score_row in zip(query_ids, res.ids, res.scores):
+    for qid, ids_row, score_row in zip(d.query_ids, res.ids, res.scores):
         keep = ids_row >= 0
         ids = [int(i) for i in ids_row[keep]]
         ranked.append(ids)
-        if rescore is not None:
+        if d.rescore is not None:
             cand = ids[:candidates]
-            logits = rescore(qid, cand, np.asarray(score_row[keep][: len(cand)], np.float32))
+            logits = d.rescore(qid, cand, np.asarray(score_row[keep][: len(cand)], np.float32))
             reranked.append([cand[j] for j in np.argsort(-logits, kind="stable")])
 
     def keys(lists: list[list[int]]) -> list[list[str]]:
-        return [[item_key.get(i, "") for i in r] for r in lists]
+        return [[d.item_key.get(i, "") for i in r] for r in lists]
 
-    dual = _as_report(recall_at_k(keys(ranked), query_keys))
-    return dual, (_as_report(recall_at_k(keys(reranked), query_keys)) if rescore is not None else None)
+    dual = _as_report(recall_at_k(keys(ranked), d.query_keys))
+    return dual, (_as_report(recall_at_k(keys(reranked), d.query_keys)) if d.rescore is not None else None)
 
 
 def _measure(eng: Any, pairs: list[Pair], candidates: int, rerank: bool) -> dict[str, Any]:
-    from .store import Image, TextItem
-
     state = eng.state()
     store = eng.store
-    img_rows = {r.path: r for r in store.session.query(Image).filter(Image.status == "ok")}
+    img_rows = store.images_by_id(store.image_ids("ok"))
     key_of_path: dict[str, str] = {}
     for p in pairs:
         key_of_path.setdefault(str(p.image), p.key)
-    img_key = {r.id: key_of_path[path] for path, r in img_rows.items() if path in key_of_path}
-    texts = {int(r.ext_id): r for r in store.session.query(TextItem).filter(TextItem.corpus == "eval")}
+    img_key = {i: key_of_path[r.path] for i, r in img_rows.items() if r.path in key_of_path}
+    texts = {int(r.ext_id): r for r in store.corpus_rows("eval")}
     text_key = {texts[i].id: pairs[i].key for i in texts}
     text_of = {texts[i].id: texts[i].text for i in texts}
     t_ids = [texts[i].id for i in sorted(texts)]  # text -> image: every caption is a query
@@ -173,23 +172,22 @@ def _measure(eng: Any, pairs: list[Pair], candidates: int, rerank: bool) -> dict
     t2i_rescore: Rescorer | None = None
     i2t_rescore: Rescorer | None = None
     if reranker is not None:
-        rows = store.images_by_id(i_ids)
 
         def t2i_rescore(tid: int, cand: list[int], dual: np.ndarray) -> np.ndarray:
-            return reranker.logits_images(text_of[tid], eng.searcher.candidate_tokens(state, cand, rows), dual_scores=dual)
+            return reranker.logits_images(text_of[tid], eng.image_tokens(cand), dual_scores=dual)
 
         def i2t_rescore(iid: int, cand: list[int], dual: np.ndarray) -> np.ndarray:
-            tok = eng.searcher.candidate_tokens(state, [iid], rows)[0]
-            return reranker.logits_texts(tok, [text_of[i] for i in cand], dual_scores=dual)
+            return reranker.logits_texts(eng.image_tokens([iid])[0], [text_of[i] for i in cand], dual_scores=dual)
 
-    n_cand = max(10, candidates)
-    t2i, t2i_reranked = _direction(t_ids, [text_key[i] for i in t_ids], state.texts.reconstruct(t_ids), state.images,
-                                   img_key, n_cand, candidates, t2i_rescore)
-    i2t, i2t_reranked = _direction(i_ids, [img_key[i] for i in i_ids], state.images.reconstruct(i_ids), state.texts,
-                                   text_key, n_cand, candidates, i2t_rescore)
-    report: dict[str, Any] = {"t2i": t2i, "i2t": i2t, "queries": len(t_ids), "images": len(i_ids), "model": state.spec.spec}
+    report: dict[str, Any] = {"queries": len(t_ids), "images": len(i_ids), "model": state.spec.spec}
+    for d in (
+        Direction("t2i", t_ids, [text_key[i] for i in t_ids], state.texts, state.images, img_key, t2i_rescore),
+        Direction("i2t", i_ids, [img_key[i] for i in i_ids], state.images, state.texts, text_key, i2t_rescore),
+    ):
+        report[d.name], reranked = _recall(d, max(10, candidates), candidates)
+        if reranked is not None:
+            report[f"{d.name}_reranked"] = reranked
     if rerank and reranker is None:
         report["note"] = f"model {state.spec.spec} has no reranker; only dual-encoder recall is reported"
-    if t2i_reranked is not None and i2t_reranked is not None:
-        report["t2i_reranked"], report["i2t_reranked"] = t2i_reranked, i2t_reranked
-    return report
+    return {k: report[k] for k in ("t2i", "i2t", "queries", "images", "model", "note", "t2i_reranked", "i2t_reranked")
+            if k in report}

@@ -31,7 +31,7 @@ class History:
                 if not isinstance(exc, OperationalError):
                     raise
                 reason = str(exc.orig).splitlines()[0]
-            self.store.session.rollback()
+            self.store.rollback()
             notes.append(f"this search was not added to the history: {reason}")
             return None
 

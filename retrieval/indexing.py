@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .durability import Pending
 from .errors import LibraryError
 from .imageio import LoadedImage, describe_error, load_image
 from .paths import normalize_path
@@ -209,15 +210,15 @@ def _copy_facts(row: Image, store: Store, source_id: int) -> None:
 
 def _copy_vectors(slot: ModelSlot, copies: list[tuple[int, int, str]]) -> None:
     """Give duplicates their source's vector (and reranker tokens) without encoding."""
-    vectors = slot.images
-    vectors.add([n for n, _, _ in copies], vectors.reconstruct([s for _, s, _ in copies]))
+    vectors = slot.images.reconstruct([s for _, s, _ in copies])
+    slot.images.add([n for n, _, _ in copies], vectors)
     tokens = slot.tokens
     # Only token rows that pass their checksum are copied; the others are encoded on use.
     src_tokens = slot.read_tokens([s for _, s, _ in copies])[0] if tokens is not None else {}
     if tokens is not None and src_tokens:
         pairs = [(n, s) for n, s, _ in copies if s in src_tokens]
         tokens.write([n for n, _ in pairs], np.stack([src_tokens[s] for _, s in pairs]))
-    slot.record_images([(n, h, s in src_tokens) for n, s, h in copies])
+    slot.record_images([(n, h, s in src_tokens) for n, s, h in copies], vectors)
 
 
 def hash_files(paths: list[str], workers: int | None, bar: Any) -> tuple[dict[str, str], list[ScanIssue]]:
@@ -272,7 +273,7 @@ def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: Encod
         img = load_image(row.path, min_size=size)
         return img, enc.prepare(img.image)
 
-    pending: list[tuple[int, str, bool]] = []
+    pending = Pending()
     encoded = 0
     last = time.monotonic()
     for batch in load_batches(rows, load, batch_size, opts.workers):
@@ -294,20 +295,20 @@ def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: Encod
             slot.images.add(ids, vecs)
             if tokens is not None and toks is not None:
                 tokens.write(ids, toks)
-            pending.extend((r.id, r.content_hash, toks is not None) for r, _ in good)
+            pending.add([(r.id, r.content_hash, toks is not None) for r, _ in good], vecs)
             encoded += len(good)
         bar.update(len(batch))
         if time.monotonic() - last >= opts.checkpoint_seconds:
             checkpoint(store, slot, pending)
-            pending, last = [], time.monotonic()
+            pending, last = Pending(), time.monotonic()
     checkpoint(store, slot, pending)
     return encoded
 
 
-def checkpoint(store: Store, slot: ModelSlot, pending: list[tuple[int, str, bool]]) -> None:
+def checkpoint(store: Store, slot: ModelSlot, pending: Pending) -> None:
     """Make the work so far durable: index (and tokens) first, then rows."""
     slot.save_images()
-    slot.record_images(pending)
+    slot.record_images(pending.rows, pending.vectors())
     store.commit()
 
 

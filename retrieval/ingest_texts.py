@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable
 
 from .corpus import ParsedCorpus
+from .durability import Pending
 from .slot import ModelSlot
 from .store import Store, TextItem
 from .types import TextsReport
@@ -63,24 +64,24 @@ def encode_texts(store: Store, slot: ModelSlot, rows: list[TextItem], progress: 
     enc = slot.runtime("text")
     bar = progress(len(todo), "encoding texts", "text")
     last = time.monotonic()
-    pending: list[tuple[int, str]] = []
+    pending = Pending()
     try:
         for start in range(0, len(todo), batch_size):
             part = todo[start : start + batch_size]
             vecs = enc.encode_texts([r.text for r in part], batch_size=batch_size)
             slot.texts.add([r.id for r in part], vecs)
-            pending.extend((r.id, r.content_hash) for r in part)
+            pending.add([(r.id, r.content_hash) for r in part], vecs)
             bar.update(len(part))
             if time.monotonic() - last >= CHECKPOINT_SECONDS:
                 _checkpoint(store, slot, pending)
-                pending, last = [], time.monotonic()
+                pending, last = Pending(), time.monotonic()
     finally:
         bar.close()
     _checkpoint(store, slot, pending)
     return len(todo)
 
 
-def _checkpoint(store: Store, slot: ModelSlot, pending: list[tuple[int, str]]) -> None:
+def _checkpoint(store: Store, slot: ModelSlot, pending: Pending) -> None:
     slot.save_texts()
-    slot.record_texts(pending)
+    slot.record_texts(pending.rows, pending.vectors())
     store.commit()

@@ -260,7 +260,7 @@ class _ImageTower(nn.Module):
     def forward(self, pixels: Any) -> Any:
         if self.layer is None:
             return torch.nn.functional.normalize(self.visual(pixels).float(), dim=-1)
-        pooled, tokens = self.encoder._visual_with_tokens(pixels, self.layer)
+        pooled, tokens = self.encoder.visual_with_tokens(pixels, self.layer)
         return torch.nn.functional.normalize(pooled.float(), dim=-1), tokens.float()
 
 

@@ -73,7 +73,7 @@ def in_step(slot: ModelSlot, kind: str) -> bool:
         mark = json.loads(_marker(slot, kind).read_text())
     except (OSError, ValueError):
         return False
-    saved = slot.store.get_setting(slot._generation_key(kind))
+    saved = slot.files.saved_generation(kind)
     return isinstance(mark, dict) and saved is not None and mark.get("generation") == saved \
         and mark.get("library") == slot.store.library_id
 
@@ -145,7 +145,7 @@ def apply_index_memory(slot: ModelSlot, memory: str | None = None, shards: int |
                 and json.loads(_marker(slot, kind).read_text()).get("shards") == nshards:
             reports.append(ScaleReport(kind, n, plan.factory, True, nshards, False))
             continue
-        generation = store.get_setting(slot._generation_key(kind))
+        generation = slot.files.saved_generation(kind)
         ids, vecs, _ = store.vectors(slot.row.id, kind)
         rng = np.random.default_rng(0)
         sample = vecs if len(vecs) <= TRAIN_SAMPLE else vecs[np.sort(rng.choice(len(vecs), TRAIN_SAMPLE, replace=False))]

@@ -384,6 +384,14 @@ class Store:
     def commit(self) -> None:
         self.session.commit()
 
+    def rollback(self) -> None:
+        """Drop uncommitted changes and end the read transaction (the next read sees other processes' commits)."""
+        self.session.rollback()
+
+    def expire(self) -> None:
+        """Forget loaded rows: they are read again on their next use."""
+        self.session.expire_all()
+
     @property
     def library_id(self) -> str:
         """The library's identity, written beside its index and token files."""
@@ -529,6 +537,36 @@ class Store:
         table, _ = _vector_table(kind)
         return int(self.session.scalar(select(func.count()).select_from(table).where(table.model_id == model_id)) or 0)
 
+    def vector_map(self, model_id: int, kind: str) -> dict[int, str]:
+        """item id -> content hash its vector of ``kind`` was computed from, for one model."""
+        table, item = _vector_table(kind)
+        return {i: h for i, h in self.session.execute(select(item, table.content_hash).where(table.model_id == model_id))}
+
+    def vectorless_ids(self, model_id: int, kind: str) -> list[int]:
+        """Ids of a model's vector rows of ``kind`` that keep no vector (rows of an older library)."""
+        table, item = _vector_table(kind)
+        return list(self.session.scalars(select(item).where(table.model_id == model_id, table.vector.is_(None))))
+
+    def delete_vectors(self, model_id: int, kind: str, ids: Sequence[int]) -> None:
+        """Drop a model's vector rows of ``kind`` for ``ids``."""
+        table, item = _vector_table(kind)
+        for part in chunks(list(ids)):
+            self.session.execute(delete(table).where(table.model_id == model_id, item.in_(part)))
+
+    def vector_sources(self, kind: str, ids: Sequence[int]) -> dict[int, str]:
+        """item id -> content hash, for the ``ids`` whose item may hold a vector
+        of ``kind``: an image that loaded (a failed one keeps none), any text."""
+        if kind == "images":
+            return {i: r.content_hash for i, r in self.images_by_id(ids).items() if r.status == "ok"}
+        return {i: r.content_hash for i, r in self.texts_by_id(ids).items()}
+
+    def tokens_without_crc(self, model_id: int) -> list[int]:
+        """Image ids whose token row is marked stored but has no CRC-32 yet (an older library)."""
+        q = select(ImageVector.image_id).where(
+            ImageVector.model_id == model_id, ImageVector.has_tokens.is_(True), ImageVector.token_crc.is_(None)
+        )
+        return list(self.session.scalars(q))
+
     def fill_vectors(self, model_id: int, kind: str, ids: Sequence[int], vectors: np.ndarray) -> None:
         """Store the vectors of existing rows (an older library's rows, filled from its index)."""
         table, item = _vector_table(kind)
@@ -625,6 +663,45 @@ class Store:
 
     def corpora(self) -> list[str]:
         return list(self.session.scalars(select(TextItem.corpus).distinct().order_by(TextItem.corpus)))
+
+    # --------------------------------------------------------------- status
+    def counts(self, failures: int = 20) -> dict[str, Any]:
+        """What ``crossfind status`` reports after the library's folder: the
+        default model, images by status, texts by corpus, vectors and token
+        rows per model, the first ``failures`` failed files (by path) and the
+        number of stored searches."""
+        s = self.session
+        by_status = dict(s.execute(select(Image.status, func.count()).group_by(Image.status)).all())
+        corpora = dict(s.execute(select(TextItem.corpus, func.count()).group_by(TextItem.corpus)).all())
+        models = []
+        for m in self.models():
+            n_tok = s.scalar(select(func.count()).select_from(ImageVector)
+                             .where(ImageVector.model_id == m.id, ImageVector.has_tokens.is_(True)))
+            models.append({"spec": m.spec, "dim": m.dim, "image_vectors": self.count_vectors(m.id, "images"),
+                           "text_vectors": self.count_vectors(m.id, "texts"), "image_tokens": n_tok})
+        failed = select(Image.path, Image.error).where(Image.status == "failed").order_by(Image.path).limit(failures)
+        return {
+            "default_model": self.get_setting("default_model"),
+            "images": sum(by_status.values()),
+            "images_ok": by_status.get("ok", 0),
+            "images_failed": by_status.get("failed", 0),
+            "images_pending": by_status.get("pending", 0),
+            "texts": sum(corpora.values()),
+            "corpora": corpora,
+            "models": models,
+            "failures": [{"path": p, "error": e} for p, e in s.execute(failed)],
+            "queries": s.scalar(select(func.count()).select_from(Query)),
+        }
+
+    def identical_images(self, glob: str | None = None) -> list[tuple[int, str]]:
+        """(image id, content hash) of every image whose bytes another image
+        shares, by id; with ``glob`` (SQLite GLOB) both must match it."""
+        dup_hashes = select(Image.content_hash).group_by(Image.content_hash).having(func.count() > 1)
+        q = select(Image.id, Image.content_hash)
+        if glob is not None:
+            dup_hashes = dup_hashes.where(glob_match(Image.path, glob))
+            q = q.where(glob_match(Image.path, glob))
+        return [(i, h) for i, h in self.session.execute(q.where(Image.content_hash.in_(dup_hashes)).order_by(Image.id))]
 
     # -------------------------------------------------------------- history
     def add_query(self, query: Query, results: Sequence[Result]) -> int:

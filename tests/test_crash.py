@@ -98,15 +98,16 @@ def test_orphan_text_vectors_are_reconciled(tmp_path, tiny_model):
 
 
 def test_clean_library_opens_without_reconciliation(tmp_path, tiny_model, photo_dir, monkeypatch):
-    from retrieval.slot import ModelSlot
+    from retrieval.durability import IndexFiles
 
     lib = tmp_path / "lib"
     with Engine.open(lib, model=tiny_model) as eng:
         eng.index_folder(photo_dir)
 
-    def boom(self):
+    def boom(*args, **kwargs):
         raise AssertionError("a cleanly closed library was reconciled")
 
-    monkeypatch.setattr(ModelSlot, "_reconcile_images", boom)
+    monkeypatch.setattr(IndexFiles, "reconcile", boom)
+    monkeypatch.setattr(IndexFiles, "rebuild", boom)
     with Engine.open(lib, model=tiny_model) as eng:
         assert len(eng.search_text("x", k=12)) == 12

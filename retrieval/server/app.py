@@ -82,14 +82,38 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
     server on 127.0.0.1 answers only to loopback names, so a web page cannot
     reach it by pointing its own domain name at 127.0.0.1 (DNS rebinding).
     """
+    from .. import __version__
+
     app = FastAPIOffline(
         title="crossfind",
-        version="0.1.0",
+        version=__version__,
         description="Search a crossfind library by text or example image. JSON objects have the shape of the CLI's `--json`.",
         redoc_url=None,
     )
 
-    # ------------------------------------------------------------- errors
+    _add_error_handlers(app)
+    _add_guards(app, token, cors, allowed_hosts)
+
+    # -------------------------------------------------------------- page
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    _add_search_routes(app, service)
+    _add_item_routes(app, service)
+    _add_library_routes(app, service)
+    return app
+
+
+def _answer(res: Any) -> JSONResponse:
+    """A search's (or duplicates') JSON, with its notes in the ``X-Crossfind-Notes`` header."""
+    return JSONResponse(res.to_json(), headers={"X-Crossfind-Notes": json.dumps(list(res.notes))})
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Library errors as one-line JSON errors with their HTTP status; anything else a 500 that names only its type."""
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail))
@@ -117,7 +141,9 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
         LOG.error("unexpected error", exc_info=exc)
         return _error(500, f"internal error ({type(exc).__name__}); see the server's log")
 
-    # ------------------------------------------------------ token, CORS
+
+def _add_guards(app: FastAPI, token: str | None, cors: tuple[str, ...], allowed_hosts: tuple[str, ...]) -> None:
+    """The token check, the Host check (DNS rebinding) and CORS, each only when asked for."""
     if token:
         @app.middleware("http")
         async def require_token(request: Request, call_next: Callable[[Request], Any]) -> Response:
@@ -151,17 +177,9 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
         app.add_middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Crossfind-Notes"])
 
-    # -------------------------------------------------------------- page
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
-
-    # ------------------------------------------------------------ search
-    def _answer(res: Any) -> JSONResponse:
-        return JSONResponse(res.to_json(), headers={"X-Crossfind-Notes": json.dumps(list(res.notes))})
-
+def _add_search_routes(app: FastAPI, service: Service) -> None:
+    """``/api/search`` by GET and POST (JSON body or an uploaded image)."""
     @app.get("/api/search", summary="Search (text, or an image of the library)", tags=["search"])
     def search_get(
         request: Request,
@@ -200,7 +218,7 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
 
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            return await _search_upload(request)
+            return await _search_upload(request, service)
         if not ctype.startswith("application/json"):
             return _error(415, "send Content-Type: application/json (or a multipart form with the image in 'file')")
         try:
@@ -220,45 +238,49 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
 
         return _answer(await run_in_threadpool(run))
 
-    async def _search_upload(request: Request) -> JSONResponse:
-        from starlette.concurrency import run_in_threadpool
 
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_UPLOAD_BYTES + 64 * 1024:
-            return _error(413, f"upload too large: at most {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
-        form = await request.form(max_files=1, max_fields=20)
-        try:
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                return _error(400, "put the image in the form field 'file'")
-            fields: dict[str, Any] = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
-            model = fields.pop("model", None) or None
-            if "terms" in fields:
-                try:
-                    fields["terms"] = json.loads(fields["terms"])
-                except ValueError:
-                    return _error(400, "terms must be a JSON list")
-            data = await upload.read(MAX_UPLOAD_BYTES + 1)
-        finally:
-            await form.close()
-        if len(data) > MAX_UPLOAD_BYTES:
-            return _error(413, f"upload too large: at most {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
-        if not data:
-            return _error(400, "the uploaded file is empty")
+async def _search_upload(request: Request, service: Service) -> JSONResponse:
+    from starlette.concurrency import run_in_threadpool
 
-        def run() -> Any:
-            fd, tmp = tempfile.mkstemp(prefix="upload-", dir=service.library)
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_UPLOAD_BYTES + 64 * 1024:
+        return _error(413, f"upload too large: at most {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+    form = await request.form(max_files=1, max_fields=20)
+    try:
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            return _error(400, "put the image in the form field 'file'")
+        fields: dict[str, Any] = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+        model = fields.pop("model", None) or None
+        if "terms" in fields:
             try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                loaded = service.load_upload(Path(tmp), model)
-            finally:
-                os.unlink(tmp)
-            query = SearchQuery.from_request(fields, service.image_path, image=loaded.image)
-            return service.search(query, model)
+                fields["terms"] = json.loads(fields["terms"])
+            except ValueError:
+                return _error(400, "terms must be a JSON list")
+        data = await upload.read(MAX_UPLOAD_BYTES + 1)
+    finally:
+        await form.close()
+    if len(data) > MAX_UPLOAD_BYTES:
+        return _error(413, f"upload too large: at most {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+    if not data:
+        return _error(400, "the uploaded file is empty")
 
-        return _answer(await run_in_threadpool(run))
+    def run() -> Any:
+        fd, tmp = tempfile.mkstemp(prefix="upload-", dir=service.library)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            loaded = service.load_upload(Path(tmp), model)
+        finally:
+            os.unlink(tmp)
+        query = SearchQuery.from_request(fields, service.image_path, image=loaded.image)
+        return service.search(query, model)
 
+    return _answer(await run_in_threadpool(run))
+
+
+def _add_item_routes(app: FastAPI, service: Service) -> None:
+    """Near-duplicates, items, thumbnails and original files, served by id only."""
     @app.get("/api/duplicates", summary="Near-duplicate groups (`crossfind duplicates --json`)", tags=["search"])
     def duplicates(
         threshold: float | None = Query(None, gt=0, le=1, description="Cosine similarity at or above which two images "
@@ -270,7 +292,6 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
         each naming the one to keep. Takes seconds on a large library. crossfind never deletes a file."""
         return _answer(service.duplicates(threshold, path or None, model or None))
 
-    # ----------------------------------------------------- items, files
     @app.get("/api/items/{kind}/{item_id}", tags=["items"], summary="An image or a text of the library")
     def item(kind: str, item_id: str) -> dict[str, Any]:
         """`kind` is images or texts: path or text, size, date, status and failure reason."""
@@ -295,7 +316,9 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
         path, _ = service.image_file(_id(image_id))
         return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
 
-    # --------------------------------------------- history, status, jobs
+
+def _add_library_routes(app: FastAPI, service: Service) -> None:
+    """Status, history, and background index jobs."""
     @app.get("/api/status", tags=["library"], summary="`crossfind status --json`")
     def status() -> dict[str, Any]:
         out = service.status()
@@ -343,8 +366,6 @@ def create_app(service: Service, token: str | None = None, cors: tuple[str, ...]
     def job(job_id: int) -> dict[str, Any]:
         """`{"state", "done", "total", "failed", "rate", "report", "error", ...}`."""
         return service.job(job_id)
-
-    return app
 
 
 # ------------------------------------------------------------------ running
