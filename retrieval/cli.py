@@ -104,6 +104,19 @@ def _writer(eng: Engine, no_wait: bool) -> Any:
         f"waiting for another crossfind process writing to {eng.library_dir} (--no-wait to fail instead)..."))
 
 
+def _quiet_ray() -> None:
+    """Keep Ray's own info lines off stderr (the command has its progress bar;
+    Ray's failures come back as errors)."""
+    import logging
+
+    try:
+        import ray.data  # noqa: F401  (it sets up its loggers on import)
+    except ImportError:
+        return  # the library says how to install it
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 @cli.command("index")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=True))
 @model_option
@@ -114,12 +127,16 @@ def _writer(eng: Engine, no_wait: bool) -> Any:
 @click.option("--checkpoint-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="Make progress durable this often.")
 @click.option("--prune", is_flag=True, help="Also remove images indexed before that are still on disk but no longer "
               "selected (hidden without --include-hidden, or matched by a new --exclude); by default they are kept.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Decode and encode through Ray Data (needs pip install 'crossfind[ray]'): on the Ray cluster at "
+              "ADDRESS (HOST:PORT or ray://HOST:PORT), or with no ADDRESS (or 'auto') a running local cluster, else a "
+              "new one on this machine. Put it after PATHS or write --ray=ADDRESS.")
 @no_wait_option
 @json_option
 @click.pass_context
 def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exclude: tuple[str, ...], include_hidden: bool,
-              batch_size: int | None, workers: int | None, checkpoint_seconds: float, prune: bool, no_wait: bool,
-              as_json: bool) -> None:
+              batch_size: int | None, workers: int | None, checkpoint_seconds: float, prune: bool, ray_address: str | None,
+              no_wait: bool, as_json: bool) -> None:
     """Index image files under PATHS (incremental: only new or changed files are encoded).
 
     Files that cannot be used (broken symlinks, unreadable or special files)
@@ -133,10 +150,18 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
       crossfind index ~/Pictures --model shapes-tiny --json
       crossfind index ~/Pictures --exclude 'screenshots' --prune
       crossfind index ~/Pictures --no-wait   # fail at once if another process is writing
+      crossfind index /shared/photos --ray                 # through Ray Data on this machine
+      crossfind index /shared/photos --ray=10.0.0.5:6379   # on a Ray cluster (shared file system)
     """
+    if ray_address is not None and ray_address != "auto" and os.path.exists(ray_address):
+        raise click.UsageError(f"--ray took {ray_address!r} as the cluster address; put --ray after the paths "
+                               "or write --ray=ADDRESS")
+    if ray_address is not None:
+        _quiet_ray()
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
         rep = eng.index_folder(paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
-                               workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json, prune=prune)
+                               workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json, prune=prune,
+                               ray=ray_address)
     for path, reason in rep.issues:
         _stderr(f"skipped {_show(path)}: {reason}")
     for path, reason in rep.failures:

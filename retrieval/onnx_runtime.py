@@ -187,6 +187,14 @@ class OnnxEncoder:
         """Close every session (each is created again on its next use)."""
         self._sessions.clear()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (sent to Ray workers) without its sessions and tokenizer: each
+        process opens its own from the export folder on first use."""
+        state = dict(self.__dict__)
+        state["_sessions"] = {}
+        state.pop("tokenizer", None)
+        return state
+
     # ------------------------------------------------------------------ texts
     @functools.cached_property
     def tokenizer(self) -> Any:
