@@ -87,6 +87,24 @@ def test_ray_library_matches_in_process(tmp_path, rr_model, photo_dir, cluster):
     assert (again.encoded, again.unchanged, again.failed) == (0, 14, 0)  # failed files are not retried
 
 
+def test_ray_encoders_use_the_librarys_onnx_export(tmp_path, tiny_model, photo_dir, cluster, monkeypatch):
+    """On CPUs the actors run the ONNX export the driver uses (sent without its sessions)."""
+    from retrieval.imageio import load_image
+    from retrieval.onnx_runtime import OnnxEncoder
+
+    monkeypatch.setenv("CROSSFIND_ONNX", "1")
+    with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
+        eng.index_folder(photo_dir / "a")  # in-process: makes the export
+        enc = eng.state().runtime("image")
+        assert isinstance(enc, OnnxEncoder)
+        rep = eng.index_folder(photo_dir / "b", ray=cluster)
+        assert (rep.added, rep.encoded, rep.failed) == (6, 6, 0)
+        paths = sorted(str(p) for p in (photo_dir / "b").iterdir())
+        ids = [eng.store.image_by_path(p).id for p in paths]
+        want = enc.encode_images(enc.image_batch([load_image(p, min_size=enc.image_size).image for p in paths]))[0]
+        np.testing.assert_allclose(eng.state().images.reconstruct(ids), want, atol=1e-5)
+
+
 def test_killed_ray_driver_loses_nothing_committed(tmp_path, tiny_model, cluster):
     folder = tmp_path / "many"
     folder.mkdir()
