@@ -198,16 +198,38 @@ class EncodeBatch:
 
 # ------------------------------------------------------------------ driver
 def _preparer(enc: Any) -> Callable[[Any], np.ndarray]:
-    """The model's per-image preprocessing, without the model: what decoding tasks run."""
+    """The model's per-image preprocessing, without the model: what decoding tasks run.
+
+    As plain numbers when open_clip's transform is the usual one (the ONNX
+    export's description of it), so decoding tasks never import torch; else
+    open_clip's own PIL steps (torchvision, pickled)."""
     from .onnx_runtime import OnnxEncoder
 
     if isinstance(enc, OnnxEncoder):
-        return enc.prepare  # pickled without its sessions
+        return _Pixels(enc.manifest["preprocess"])
+    from .onnx_export import ExportUnsupported, _preprocess_info
+
+    try:
+        return _Pixels(_preprocess_info(enc))
+    except ExportUnsupported:
+        pass
     split = enc._split
     if split is None:
         raise LibraryError(f"model {enc.spec.spec}'s preprocessing has no ToTensor step, so it cannot be split "
                            "between decoding tasks and encoders; index it without --ray")
     return _PilSteps(split[0])
+
+
+class _Pixels:
+    """open_clip's resize, crop and RGB conversion from its numbers (:func:`~retrieval.onnx_runtime.prepare_pixels`)."""
+
+    def __init__(self, preprocess: dict[str, Any]) -> None:
+        self.preprocess = preprocess
+
+    def __call__(self, image: Any) -> np.ndarray:
+        from .onnx_runtime import prepare_pixels
+
+        return prepare_pixels(image, self.preprocess)
 
 
 class _PilSteps:

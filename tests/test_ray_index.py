@@ -21,7 +21,11 @@ ray = pytest.importorskip("ray", reason="Ray Data is the optional extra crossfin
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray cluster (2 CPUs) for the module; yields its address."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception:  # Ray gives its raylet 30 s to register, which a loaded machine can miss: once more
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
