@@ -115,6 +115,19 @@ def _writer(eng: Engine, no_wait: bool) -> Any:
         f"waiting for another crossfind process writing to {eng.library_dir} (--no-wait to fail instead)..."))
 
 
+def _quiet_ray() -> None:
+    """Keep Ray's own info lines off stderr (the command has its progress bar;
+    Ray's failures come back as errors)."""
+    import logging
+
+    try:
+        import ray.data  # noqa: F401  (it sets up its loggers on import)
+    except ImportError:
+        return  # the library says how to install it
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 @cli.command("index")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=True))
 @model_option
@@ -132,12 +145,16 @@ def _writer(eng: Engine, no_wait: bool) -> Any:
               "is built for searching, e.g. crossfind index ~/Archive --index-memory 4G --shards 4.")
 @click.option("--shards", type=click.IntRange(1, 1024), help="Cut the compressed index into N id-range shard files, "
               "searched together (with --index-memory; remembered), e.g. --shards 4.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Decode and encode through Ray Data (needs pip install 'crossfind[ray]'): on the Ray cluster at "
+              "ADDRESS (HOST:PORT or ray://HOST:PORT), or with no ADDRESS (or 'auto') a running local cluster, else a "
+              "new one on this machine. Put it after PATHS or write --ray=ADDRESS.")
 @no_wait_option
 @json_option
 @click.pass_context
 def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exclude: tuple[str, ...], include_hidden: bool,
               batch_size: int | None, workers: int | None, checkpoint_seconds: float, prune: bool, rerank_features: bool,
-              index_memory: str | None, shards: int | None, no_wait: bool, as_json: bool) -> None:
+              index_memory: str | None, shards: int | None, ray_address: str | None, no_wait: bool, as_json: bool) -> None:
     """Index image files under PATHS (incremental: only new or changed files are encoded).
 
     Files that cannot be used (broken symlinks, unreadable or special files)
@@ -153,17 +170,25 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
       crossfind index ~/Pictures --no-wait   # fail at once if another process is writing
       crossfind index ~/Pictures --rerank-features   # after: crossfind set-reranker hf-hub:Salesforce/blip-itm-base-coco
       crossfind index /data/catalogue --index-memory 4G --shards 4   # 10M+ images
+      crossfind index /shared/photos --ray                 # through Ray Data on this machine
+      crossfind index /shared/photos --ray=10.0.0.5:6379   # on a Ray cluster (shared file system)
     """
     from .scale import apply_index_memory, check_memory
 
     if index_memory is not None:
         check_memory(index_memory)  # before the indexing it would follow
+    if ray_address is not None and ray_address != "auto" and os.path.exists(ray_address):
+        raise click.UsageError(f"--ray took {ray_address!r} as the cluster address; put --ray after the paths "
+                               "or write --ray=ADDRESS")
+    if ray_address is not None:
+        _quiet_ray()
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
         if rerank_features and eng.reranker_for() is None:
             raise click.UsageError(f"--rerank-features needs a BLIP reranker chosen for {eng.model_spec}: "
                                    "run `crossfind set-reranker SPEC` first")
         rep = eng.index_folder(paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
-                               workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json, prune=prune)
+                               workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json, prune=prune,
+                               ray=ray_address)
         if rerank_features:
             computed = eng.rerank_features(progress=not as_json)
             _stderr(f"reranker features: {computed} computed for {eng.reranker_for()}")

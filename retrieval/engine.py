@@ -21,7 +21,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from .corpus import read_corpus
@@ -34,6 +34,9 @@ from .search import Searcher
 from .slot import ModelSlot
 from .store import DB_NAME, Store, open_library_store
 from .types import HistoryEntry, Hit, ImageInput, IndexReport, SearchQuery, SearchResult, TextsReport
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .ray_index import RayOptions
 
 LOG = logging.getLogger(__name__)
 
@@ -330,6 +333,7 @@ class Engine:
         checkpoint_seconds: float = CHECKPOINT_SECONDS,
         progress: bool = False,
         prune: bool = False,
+        ray: RayOptions | str | None = None,
     ) -> IndexReport:
         """Index image files under ``paths`` incrementally; returns counts.
 
@@ -340,15 +344,24 @@ class Engine:
         indexed before that are still on disk but no longer selected (hidden,
         or matched by a new ``exclude``) are kept and reported, or removed
         with ``prune``. See :mod:`retrieval.indexing`.
+
+        With ``ray`` (a cluster address, ``"auto"``, or :class:`~retrieval.ray_index.RayOptions`)
+        the files to encode are decoded and encoded through Ray Data, and the
+        vectors written here with the same checkpoints (:mod:`retrieval.ray_index`).
         """
         from .indexing import EncodeOptions, Indexer, ScanOptions
 
+        encode = None
+        if ray is not None:
+            from .ray_index import RayEncode, RayOptions
+
+            encode = RayEncode(ray if isinstance(ray, RayOptions) else RayOptions(address=ray))
         t0 = time.perf_counter()
         roots = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         state = self.state()
         state.row  # loads the model before anything is written
         self._mark_default(state)
-        indexer = Indexer(self.store, state, _bars(progress))
+        indexer = Indexer(self.store, state, _bars(progress), encode)
         report = indexer.run(roots, ScanOptions(tuple(exclude), include_hidden, prune),
                              EncodeOptions(batch_size, workers, checkpoint_seconds))
         report.seconds = time.perf_counter() - t0

@@ -25,7 +25,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -284,9 +284,7 @@ def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: Encod
                 row.status, row.error = "failed", out.error or "cannot decode"
                 continue
             loaded, pixels = out.value
-            row.status, row.error = "ok", None
-            row.width, row.height = loaded.width, loaded.height
-            row.taken_at = loaded.taken_at or dt.datetime.fromtimestamp(row.mtime_ns / 1e9)
+            mark_decoded(row, loaded.width, loaded.height, loaded.taken_at)
             good.append((row, pixels))
         if good:
             x = enc.batch([p for _, p in good])
@@ -305,6 +303,13 @@ def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: Encod
     return encoded
 
 
+def mark_decoded(row: Image, width: int, height: int, taken_at: dt.datetime | None) -> None:
+    """Record that ``row``'s file decoded: its size and time (EXIF, else the file's mtime)."""
+    row.status, row.error = "ok", None
+    row.width, row.height = width, height
+    row.taken_at = taken_at or dt.datetime.fromtimestamp(row.mtime_ns / 1e9)
+
+
 def checkpoint(store: Store, slot: ModelSlot, pending: Pending) -> None:
     """Make the work so far durable: index (and tokens) first, then rows."""
     slot.save_images()
@@ -321,13 +326,18 @@ class ScanOptions:
     prune: bool = False  # remove rows of files still on disk that this scan no longer selects
 
 
+#: The encoding step of an index run: (store, slot, rows, options, bar) -> images encoded.
+Encode = Callable[[Store, ModelSlot, list[Image], EncodeOptions, Any], int]
+
+
 class Indexer:
     """One index run of ``roots`` into ``slot``: scan, plan, apply, encode, count."""
 
-    def __init__(self, store: Store, slot: ModelSlot, progress: Any) -> None:
+    def __init__(self, store: Store, slot: ModelSlot, progress: Any, encode: Encode | None = None) -> None:
         self.store = store
         self.slot = slot
         self.progress = progress  # (total, desc, unit) -> a tqdm-like bar
+        self.encode: Encode = encode or encode_pending  # in-process, or e.g. retrieval.ray_index.RayEncode
 
     def run(self, paths: Sequence[str | os.PathLike[str]], scan_opts: ScanOptions, opts: EncodeOptions) -> IndexReport:
         roots = resolve_roots(paths)
@@ -343,7 +353,7 @@ class Indexer:
         todo = self._todo(roots, {f.path for f in files})
         bar = self.progress(len(todo), "indexing", "img")
         try:
-            report.encoded = encode_pending(self.store, self.slot, todo, opts, bar)
+            report.encoded = self.encode(self.store, self.slot, todo, opts, bar)
         finally:
             bar.close()
         _count(report, plan, applied, todo, self.store)

@@ -142,6 +142,34 @@ def _take_preloaded(path: Path, threads: int) -> Any:
     return _preloaded.pop(key, None)
 
 
+def prepare_pixels(image: Image.Image, p: dict[str, Any]) -> np.ndarray:
+    """open_clip's resize, centre crop and RGB conversion of ``image``, as a uint8
+    ``(H, W, 3)`` array; ``p`` is an export manifest's ``preprocess`` (numbers only)."""
+    from PIL import Image as PILImage
+
+    w, h = image.size
+    size = p["resize"]
+    if len(size) == 1:  # the shorter side to size[0], as torchvision computes it
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = size[0], int(size[0] * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    else:
+        new_h, new_w = size
+    if (new_w, new_h) != (w, h):
+        resample = PILImage.Resampling.BICUBIC if p["interpolation"] == "bicubic" else PILImage.Resampling.BILINEAR
+        image = image.resize((new_w, new_h), resample)
+    ch, cw = p["crop"]
+    if (cw, ch) != image.size:
+        if cw > image.size[0] or ch > image.size[1]:
+            raise ValueError("image smaller than the crop after resizing")  # open_clip pads; never happens after resize
+        top = int(round((image.size[1] - ch) / 2.0))
+        left = int(round((image.size[0] - cw) / 2.0))
+        image = image.crop((left, top, left + cw, top + ch))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
+
+
 class OnnxEncoder:
     """A model's exported towers; see the module docstring."""
 
@@ -187,6 +215,14 @@ class OnnxEncoder:
         """Close every session (each is created again on its next use)."""
         self._sessions.clear()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (sent to Ray workers) without its sessions and tokenizer: each
+        process opens its own from the export folder on first use."""
+        state = dict(self.__dict__)
+        state["_sessions"] = {}
+        state.pop("tokenizer", None)
+        return state
+
     # ------------------------------------------------------------------ texts
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -229,30 +265,7 @@ class OnnxEncoder:
     # ----------------------------------------------------------------- images
     def prepare(self, image: Image.Image) -> np.ndarray:
         """open_clip's resize, centre crop and RGB conversion, as a uint8 ``(H, W, 3)`` array."""
-        from PIL import Image as PILImage
-
-        p = self.manifest["preprocess"]
-        w, h = image.size
-        size = p["resize"]
-        if len(size) == 1:  # the shorter side to size[0], as torchvision computes it
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = size[0], int(size[0] * long / short)
-            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        else:
-            new_h, new_w = size
-        if (new_w, new_h) != (w, h):
-            resample = PILImage.Resampling.BICUBIC if p["interpolation"] == "bicubic" else PILImage.Resampling.BILINEAR
-            image = image.resize((new_w, new_h), resample)
-        ch, cw = p["crop"]
-        if (cw, ch) != image.size:
-            if cw > image.size[0] or ch > image.size[1]:
-                raise ValueError("image smaller than the crop after resizing")  # open_clip pads; never happens after resize
-            top = int(round((image.size[1] - ch) / 2.0))
-            left = int(round((image.size[0] - cw) / 2.0))
-            image = image.crop((left, top, left + cw, top + ch))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return np.asarray(image, dtype=np.uint8)
+        return prepare_pixels(image, self.manifest["preprocess"])
 
     def batch(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
         """Stack :meth:`prepare` outputs into one normalised float32 ``(n, 3, H, W)`` batch."""

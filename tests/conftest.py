@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -78,14 +78,15 @@ def photo_dir(tmp_path) -> Path:
     return root
 
 
-def kill_indexing_when(folder: Path, lib: Path, model: str, ready: Callable[[], bool], timeout: float = 120.0) -> None:
-    """Run ``crossfind index`` on ``folder`` in a subprocess and kill -9 it once ``ready()``.
+def kill_indexing_when(folder: Path, lib: Path, model: str, ready: Callable[[], bool], timeout: float = 120.0,
+                       extra: Sequence[str] = ()) -> None:
+    """Run ``crossfind index`` on ``folder`` (with ``extra`` options) in a subprocess and kill -9 it once ``ready()``.
 
     Batches of 4 with a checkpoint after each, so the kill lands between
     durable steps; fails the test when indexing ends before ``ready()`` holds.
     """
     cmd = [sys.executable, "-c", "from retrieval.cli import main; main()", "--library", str(lib), "index", str(folder),
-           "--model", model, "--batch-size", "4", "--workers", "1", "--checkpoint-seconds", "0"]
+           "--model", model, "--batch-size", "4", "--workers", "1", "--checkpoint-seconds", "0", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
