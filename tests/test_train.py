@@ -125,7 +125,7 @@ def test_init_from_a_cross_attention_reranker_adds_the_dual_weight_and_keeps_its
                         residual="20", evaluate=False, **SMALL)
     train_reranker(opts)
     second = Reranker.load(tmp_path / "second", encoder)
-    assert second.config.residual and float(second.module.dual_scale) == 20.0 and second.config.image_local == 8
+    assert second.config.residual and float(second.module.dual_scale.detach()) == 20.0 and second.config.image_local == 8
     from PIL import Image
 
     tokens = encoder.encode_images(encoder.image_batch([Image.new("RGB", (32, 32), (200, 30, 30))]), with_tokens=True)[1]
