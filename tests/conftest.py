@@ -78,6 +78,20 @@ def photo_dir(tmp_path) -> Path:
     return root
 
 
+def vector_rows(db: Path) -> int:
+    """Committed image vector rows in the SQLite store ``db`` (0 before its tables exist)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(db, timeout=5)
+        try:
+            return con.execute("select count(*) from image_vectors").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.OperationalError:
+        return 0
+
+
 def kill_indexing_when(folder: Path, lib: Path, model: str, ready: Callable[[], bool], timeout: float = 120.0,
                        extra: Sequence[str] = ()) -> None:
     """Run ``crossfind index`` on ``folder`` (with ``extra`` options) in a subprocess and kill -9 it once ``ready()``.

@@ -3,22 +3,10 @@ without redoing work saved at the last checkpoint."""
 
 from __future__ import annotations
 
-import sqlite3
 
-from conftest import kill_indexing_when, noise_image
+from conftest import kill_indexing_when, vector_rows, noise_image
 
 from retrieval import Engine
-
-
-def _vector_rows(db) -> int:
-    try:
-        con = sqlite3.connect(db, timeout=5)
-        try:
-            return con.execute("select count(*) from image_vectors").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.OperationalError:
-        return 0
 
 
 def test_kill_during_indexing_then_resume(tmp_path, tiny_model):
@@ -28,8 +16,8 @@ def test_kill_during_indexing_then_resume(tmp_path, tiny_model):
         noise_image(1000 + i, (96, 96)).save(folder / f"{i:04d}.png")
     lib = tmp_path / "lib"
     db = lib / "library.db"
-    kill_indexing_when(folder, lib, tiny_model, lambda: db.exists() and _vector_rows(db) >= 40)
-    done_before = _vector_rows(db)
+    kill_indexing_when(folder, lib, tiny_model, lambda: db.exists() and vector_rows(db) >= 40)
+    done_before = vector_rows(db)
     assert 40 <= done_before < 400
 
     with Engine.open(lib, model=tiny_model) as eng:

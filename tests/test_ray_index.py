@@ -4,12 +4,11 @@ after a checkpoint loses nothing committed."""
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 
 import numpy as np
 import pytest
-from conftest import kill_indexing_when, noise_image, write_tiny_model
+from conftest import kill_indexing_when, vector_rows, noise_image, write_tiny_model
 from test_rerank_engine import add_random_reranker
 
 from retrieval import Engine, LibraryError, SearchQuery
@@ -38,17 +37,6 @@ def rr_model(tmp_path_factory) -> str:
     d = write_tiny_model(tmp_path_factory.mktemp("rr-model-ray"))
     add_random_reranker(d)
     return f"local-dir:{d}"
-
-
-def _vector_rows(db) -> int:
-    try:
-        con = sqlite3.connect(db, timeout=5)
-        try:
-            return con.execute("select count(*) from image_vectors").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.OperationalError:
-        return 0
 
 
 def _library(eng: Engine) -> dict:
@@ -117,9 +105,9 @@ def test_killed_ray_driver_loses_nothing_committed(tmp_path, tiny_model, cluster
         noise_image(3000 + i, (64, 64)).save(folder / f"{i:04d}.png")
     lib = tmp_path / "lib"
     db = lib / "library.db"
-    kill_indexing_when(folder, lib, tiny_model, lambda: db.exists() and _vector_rows(db) >= 20, timeout=300,
+    kill_indexing_when(folder, lib, tiny_model, lambda: db.exists() and vector_rows(db) >= 20, timeout=300,
                        extra=["--ray", cluster])
-    committed = _vector_rows(db)  # the driver is dead: this is all it committed
+    committed = vector_rows(db)  # the driver is dead: this is all it committed
     assert 20 <= committed < n
     with Engine.open(lib, model=tiny_model) as eng:
         rep = eng.index_folder(folder, ray=cluster)
