@@ -75,6 +75,25 @@ class Rescored:
     query_tokens: np.ndarray | None = None  # a text query's reranker tokens, kept in the history
 
 
+def _file_tokens(enc: Any, ids: Sequence[int], rows: dict[int, Any], layer: str) -> tuple[list[int], np.ndarray | None]:
+    """Patch tokens at ``layer`` of the files of images ``ids``, read again and
+    encoded by ``enc``: the ids that loaded and their tokens (None when none
+    did); a file that no longer loads is logged and left out."""
+    ok: list[int] = []
+    pix = []
+    for i in ids:
+        try:
+            pix.append(enc.prepare(load_image(rows[i].path, min_size=enc.image_size).image))
+            ok.append(i)
+        except ImageLoadError as exc:
+            LOG.warning("cannot re-read %s for re-ranking: %s", rows[i].path, exc.reason)
+    if not ok:
+        return ok, None
+    _, toks = enc.encode_images(enc.batch(pix), with_tokens=True, token_layer=layer)
+    assert toks is not None
+    return ok, toks
+
+
 class Searcher:
     """Run searches against the current model of a library and record them.
 
@@ -311,19 +330,11 @@ class Searcher:
     @staticmethod
     def _fresh_tokens(state: ModelSlot, ids: Sequence[int], rows: dict[int, Any], layer: str, config: Any) -> np.ndarray:
         """Patch tokens at ``layer`` encoded from the files (not stored); zeros for a file that no longer loads."""
-        enc = state.encoder
         out = np.zeros((len(ids), config.image_tokens, config.image_features), np.float16)
-        ok, pix = [], []
-        for j, i in enumerate(ids):
-            try:
-                pix.append(enc.prepare(load_image(rows[i].path, min_size=enc.image_size).image))
-                ok.append(j)
-            except ImageLoadError as exc:
-                LOG.warning("cannot re-read %s for re-ranking: %s", rows[i].path, exc.reason)
-        if ok:
-            _, new = enc.encode_images(enc.batch(pix), with_tokens=True, token_layer=layer)
-            assert new is not None
-            out[ok] = new
+        ok, new = _file_tokens(state.encoder, ids, rows, layer)
+        if new is not None:
+            at = {i: j for j, i in enumerate(ids)}
+            out[[at[i] for i in ok]] = new
         return out
 
     def candidate_tokens(self, state: ModelSlot, ids: Sequence[int], rows: dict[int, Image] | None = None) -> np.ndarray:
@@ -334,18 +345,8 @@ class Searcher:
         out, missing = state.read_tokens(ids)
         if missing:
             rows = rows if rows is not None else self.store.images_by_id(missing)
-            enc = state.runtime("image")
-            ok: list[int] = []
-            pix = []
-            for i in missing:
-                try:
-                    pix.append(enc.prepare(load_image(rows[i].path, min_size=enc.image_size).image))
-                    ok.append(i)
-                except ImageLoadError as exc:
-                    LOG.warning("cannot re-read %s for re-ranking: %s", rows[i].path, exc.reason)
-            if ok:
-                _, toks = enc.encode_images(enc.batch(pix), with_tokens=True, token_layer=state.token_layer)
-                assert toks is not None
+            ok, toks = _file_tokens(state.runtime("image"), missing, rows, state.token_layer)
+            if toks is not None:
                 for i, t in zip(ok, toks):
                     out[i] = t
                 state.store_tokens(ok, toks)
