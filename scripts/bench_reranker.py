@@ -18,36 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from retrieval.encoders import load_encoder  # noqa: E402
 from retrieval.rerank import CrossAttentionITM, Reranker, RerankerConfig, find_reranker  # noqa: E402
-
-QUERY = "a small red circle to the left of a large blue square"
-
-
-def latency_ms(reranker: Reranker, candidates: int = 50, runs: int = 50, seed: int = 0) -> float:
-    """Median milliseconds of ``score_images`` for one text query against ``candidates`` stored token rows."""
-    cfg = reranker.config
-    rng = np.random.default_rng(seed)
-    tokens = rng.standard_normal((candidates, cfg.image_tokens, cfg.image_features)).astype(np.float16)
-    for _ in range(3):  # warm-up: allocator, thread pool
-        reranker.score_images(QUERY, tokens)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        reranker.score_images(QUERY, tokens)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+from retrieval.train.evaluation import latency_ms  # noqa: E402
 
 
 def random_vit_reranker(arch: str, directory: Path, like: RerankerConfig | None = None) -> Reranker:
