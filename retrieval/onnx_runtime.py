@@ -43,6 +43,23 @@ def onnx_enabled(device: str | None) -> bool:
     return device is None or device == "cpu"
 
 
+def gpu_visible() -> bool:
+    """Whether an NVIDIA GPU is visible to this process, told without importing
+    torch (``/dev/nvidia0`` and the like, unless ``CUDA_VISIBLE_DEVICES`` hides them).
+    Image encoding then stays on torch, which puts it on the GPU."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return False
+    return any(name[6:].isdigit() for name in _dev_names() if name.startswith("nvidia") and len(name) > 6)
+
+
+def _dev_names() -> list[str]:
+    try:
+        return os.listdir("/dev")
+    except OSError:
+        return []
+
+
 def export_key(spec: ModelSpec, weights: str | None) -> str:
     """The folder name of a model's export: its weights fingerprint (``weights``,
     or the spec when weights are named by a tag) and its reranker's files."""
@@ -116,8 +133,10 @@ def preload(library_dir: Path, spec: str, parts: Sequence[str] = ("text",)) -> t
     manifest = json.loads((where / MANIFEST).read_text())
     threads = _threads()
     keys = [(str(where / manifest[p]), threads) for p in parts if manifest.get(p)]
-    for key in keys:
-        _pending[key] = threading.Event()
+    # The thread keeps its own references: _take_preloaded may pop an event
+    # from _pending before the session is ready, and waits on that event.
+    events = {key: threading.Event() for key in keys}
+    _pending.update(events)
 
     def load() -> None:
         for key in keys:
@@ -126,7 +145,7 @@ def preload(library_dir: Path, spec: str, parts: Sequence[str] = ("text",)) -> t
             except Exception:  # noqa: BLE001 - the ordinary path tries again and reports it
                 pass
             finally:
-                _pending[key].set()
+                events[key].set()
 
     thread = threading.Thread(target=load, name="crossfind-onnx-preload", daemon=True)
     thread.start()

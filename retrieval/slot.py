@@ -25,7 +25,7 @@ from .encoders import Encoder, ModelSpec, load_encoder, weights_fingerprint
 from .index import VectorIndex
 from .index.compressed import CompressedIndex
 from .lock import WriterLock
-from .onnx_runtime import OnnxEncoder, OnnxReranker, export_key, find_export, onnx_enabled
+from .onnx_runtime import OnnxEncoder, OnnxReranker, export_key, find_export, gpu_visible, onnx_enabled
 from .store import Store
 from .tokens import TokenStore
 
@@ -119,7 +119,9 @@ class ModelSlot:
     def runtime(self, part: str) -> Any:
         """What encodes ``part`` (``text`` or ``image``) here: the ONNX export
         when it holds that part (and, for images, the reranker's patch tokens),
-        else the torch encoder."""
+        else the torch encoder; images go to torch (on the GPU) when no device was named and a GPU is visible."""
+        if part == "image" and self.device is None and gpu_visible():
+            return self.encoder
         fast = self.onnx
         if fast is not None:
             if part == "text":

@@ -213,6 +213,27 @@ def test_indexing_through_onnx_equals_torch(tmp_path, tiny_model, photo_dir, mon
     assert cosines(np.stack([vecs["0"][p] for p in paths]), np.stack([vecs["1"][p] for p in paths])).min() >= 0.9999
 
 
+def test_images_go_to_torch_where_a_gpu_is_visible(tmp_path, tiny_model, photo_dir, monkeypatch):
+    """With a GPU visible and no device named, indexing encodes on torch (which
+    puts it on the GPU); text queries stay on ONNX Runtime."""
+    from retrieval import onnx_runtime
+
+    monkeypatch.setattr(onnx_runtime, "_dev_names", lambda: ["null", "nvidiactl", "nvidia0", "nvidia-uvm"])
+    assert onnx_runtime.gpu_visible()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert not onnx_runtime.gpu_visible()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("CROSSFIND_ONNX", "1")
+    with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
+        slot = eng.state()
+        assert slot.runtime("image") is slot.encoder
+        assert slot.runtime("text") is slot.onnx is not None
+        assert eng.index_folder(photo_dir).encoded == 12
+    monkeypatch.setattr(onnx_runtime, "_dev_names", lambda: ["null", "nvidiactl"])
+    with Engine.open(tmp_path / "lib2", model=tiny_model) as eng:
+        assert eng.state().runtime("image") is eng.state().onnx
+
+
 def _run(code: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -234,6 +255,40 @@ def test_search_process_imports_no_torch(tmp_path, tiny_model, photo_dir):
     for args in (["--help"], ["--library", str(lib), "status"]):
         mods = _run(probe.format(args=repr(args)))
         assert mods == {**mods, "torch": False, "onnxruntime": False, "alembic": False}, args
+
+
+def test_preloaded_session_asked_for_before_it_is_ready(tmp_path, photo_dir, monkeypatch):
+    """A search that asks for the text session while the preload thread is
+    still building it waits for it and gets it (it used to hang for good:
+    the thread looked its event up again after the search had taken it)."""
+    import threading
+
+    from retrieval import onnx_runtime as rt
+
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model="shapes-tiny") as eng:
+        eng.index_folder(photo_dir)
+    new, started, release = rt._new_session, threading.Event(), threading.Event()
+
+    def slow(path, threads=None):
+        started.set()
+        release.wait(10)
+        return new(path, threads)
+
+    monkeypatch.setattr(rt, "_new_session", slow)
+    thread = rt.preload(lib, "shapes-tiny")
+    assert thread is not None and started.wait(10)
+    (key,) = [k for k in rt._pending if "text" in k[0]]
+    got: list = []
+    taker = threading.Thread(target=lambda: got.append(rt._take_preloaded(Path(key[0]), key[1])))
+    taker.start()  # pops the event, then waits on it
+    while key in rt._pending:
+        threading.Event().wait(0.01)
+    release.set()
+    taker.join(10)
+    thread.join(10)
+    assert not taker.is_alive() and not thread.is_alive()
+    assert got and got[0] is not None and got[0].get_inputs()
 
 
 @pytest.mark.parametrize("rerank", [False, True])
