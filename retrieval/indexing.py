@@ -180,16 +180,17 @@ def apply_plan(store: Store, slot: ModelSlot, plan: Plan, rows: Mapping[int, Ima
         rows[rid].path, rows[rid].size, rows[rid].mtime_ns = f.path, f.size, f.mtime_ns
         done.moved_ids.add(rid)
     copies: list[tuple[int, int, str]] = []  # (new id, source id, hash)
+    made = []
     for nf in plan.new:
         row = Image(path=nf.file.path, size=nf.file.size, mtime_ns=nf.file.mtime_ns, content_hash=nf.content_hash, status="pending")
-        src = nf.source
-        if src is not None:
-            _copy_facts(row, store, src.id)
-        store.session.add(row)
-        store.session.flush()
+        if nf.source is not None:
+            _copy_facts(row, store, nf.source.id)
+        made.append((row, nf))
+    store.add_rows([row for row, _ in made])  # one INSERT ... RETURNING for all of them: their ids
+    for row, nf in made:
         done.new_ids.add(row.id)
-        if nf.copies_vector and src is not None:
-            copies.append((row.id, src.id, nf.content_hash))
+        if nf.copies_vector and nf.source is not None:
+            copies.append((row.id, nf.source.id, nf.content_hash))
     if plan.gone:
         slot.images.remove(list(plan.gone))
         store.delete_images(list(plan.gone))

@@ -11,6 +11,7 @@ items not yet started are cancelled instead of waited for.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,6 +54,10 @@ def _call(fn: Callable[[T], R], item: T, errors: tuple[type[BaseException], ...]
         return Outcome(item, None, _reason(exc))
 
 
+def _call_all(fn: Callable[[T], R], items: list[T], errors: tuple[type[BaseException], ...]) -> list[Outcome[T, R]]:
+    return [_call(fn, item, errors) for item in items]
+
+
 def load_batches(
     items: Sequence[T] | Iterable[T],
     load: Callable[[T], R],
@@ -66,8 +71,11 @@ def load_batches(
     stays bounded whatever the number of items.
     """
     workers = workers or default_workers()
-    ahead = batch_size * 2 + workers
-    pending: deque[Future[Outcome[T, R]]] = deque()
+    # Items go to the threads in chunks: one task per item costs the consuming
+    # thread more than decoding costs a worker when there are many workers.
+    chunk = max(1, min(16, batch_size // (2 * workers)))
+    ahead = (batch_size * 2 + workers + chunk - 1) // chunk  # chunks in flight
+    pending: deque[Future[list[Outcome[T, R]]]] = deque()
     it = iter(items)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crossfind-load")
     try:
@@ -76,20 +84,20 @@ def load_batches(
         def fill() -> None:
             nonlocal exhausted
             while not exhausted and len(pending) < ahead:
-                try:
-                    item = next(it)
-                except StopIteration:
+                part = list(itertools.islice(it, chunk))
+                if len(part) < chunk:
                     exhausted = True
+                if not part:
                     return
-                pending.append(pool.submit(_call, load, item, errors))
+                pending.append(pool.submit(_call_all, load, part, errors))
 
         fill()
-        while pending:
-            batch: list[Outcome[T, R]] = []
-            while pending and len(batch) < batch_size:
-                batch.append(pending.popleft().result())
+        ready: deque[Outcome[T, R]] = deque()
+        while pending or ready:
+            while pending and len(ready) < batch_size:
+                ready.extend(pending.popleft().result())
                 fill()
-            yield batch
+            yield [ready.popleft() for _ in range(min(batch_size, len(ready)))]
     finally:
         for fut in pending:
             fut.cancel()
