@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .dialect import glob_match
 from .encoders import ModelSpec
 from .errors import LibraryError, QueryError
 from .store import Image, Store

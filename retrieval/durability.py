@@ -46,6 +46,18 @@ LOG = logging.getLogger(__name__)
 KINDS = ("images", "texts")
 
 
+def remove_temp_files(library_dir: Path) -> None:
+    """Remove the temp files of saves a crash interrupted (only the writer saves,
+    so the writer calls this on taking the lock)."""
+    for pattern in ("*.tmp", "models/*/*.tmp", "rerank-features/*/*/*.tmp"):
+        for tmp in library_dir.glob(pattern):
+            try:
+                tmp.unlink()
+                LOG.info("removed %s, left by an interrupted save", tmp)
+            except OSError:
+                pass
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a synced temp file and a rename."""
     tmp = path.with_name(path.name + ".tmp")

@@ -15,7 +15,6 @@ loses at most the work since the last checkpoint.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -24,15 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
-from .corpus import read_corpus
 from .encoders import DEFAULT_MODEL, Encoder, parse_spec
-from .errors import CorpusError, LibraryError, QueryError, write_failure
+from .errors import LibraryError, cannot_write
 from .lock import WriterLock
-from .paths import is_utf8, normalize_path
-from .locations import database, default_database, default_library
+from .durability import remove_temp_files
+from .paths import normalize_path
 from .search import Searcher
 from .slot import ModelSlot
-from .store import DB_NAME, Store, open_library_store
+from .store import Store, open_library
 from .types import HistoryEntry, Hit, ImageInput, IndexReport, SearchQuery, SearchResult, TextsReport
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,14 +79,8 @@ class Engine:
                 print(hit.rank, hit.path, hit.score)
     """
 
-    def __init__(
-        self,
-        store: Store,
-        library_dir: Path,
-        model: str | None = None,
-        encoder: Encoder | None = None,
-        device: str | None = None,
-    ) -> None:
+    def __init__(self, store: Store, library_dir: Path, model: str | None = None, encoder: Encoder | None = None,
+                 device: str | None = None) -> None:
         self.store = store
         self.library_dir = Path(library_dir)
         self.device = device
@@ -103,13 +95,8 @@ class Engine:
             self._model_spec = encoder.spec.spec
 
     @classmethod
-    def open(
-        cls,
-        library_dir: str | os.PathLike[str] | None = None,
-        model: str | None = None,
-        device: str | None = None,
-        db: str | None = None,
-    ) -> Engine:
+    def open(cls, library_dir: str | os.PathLike[str] | None = None, model: str | None = None,
+             device: str | None = None, db: str | None = None) -> Engine:
         """Open (creating or upgrading) the library at ``library_dir``.
 
         ``model`` is a model spec (see :mod:`retrieval.encoders`); when None the
@@ -120,20 +107,8 @@ class Engine:
         the folder keeps the vector indexes and token files either way.
         Nothing heavy is loaded until it is needed.
         """
-        if library_dir is not None and not os.fspath(library_dir).strip():
-            raise LibraryError("empty library path; give a folder (or leave --library out for the default)")
-        lib = Path(library_dir).expanduser() if library_dir is not None else default_library()
-        if lib.exists() and not lib.is_dir():
-            raise LibraryError(f"library path {lib} is a file, not a folder")
-        url = database(db) if db is not None else default_database()
-        sqlite = lib / DB_NAME
-        # A library on a read-only file system (or without write permission) is
-        # opened read-only: searches, status, history and show work, writes refuse.
-        read_only = lib.is_dir() and (
-            not os.access(lib, os.W_OK) or (url is None and sqlite.exists() and not os.access(sqlite, os.W_OK))
-        )
-        store = open_library_store(lib, url, read_only=read_only)
-        return cls(store, lib.resolve(), model=model, device=device)
+        store, lib = open_library(library_dir, db)
+        return cls(store, lib, model=model, device=device)
 
     @property
     def read_only(self) -> bool:
@@ -157,19 +132,15 @@ class Engine:
         first = self.lock.acquire(wait=wait, on_wait=on_wait)
         try:
             if first:
-                self._clean_temp_files()
+                remove_temp_files(self.library_dir)
                 self.refresh()
             yield
         except Exception as exc:
-            reason = write_failure(exc)
-            if reason is None:
+            failed = cannot_write(self.library_dir, exc)
+            if failed is None:
                 raise
             self._abandon()
-            todo = "make it writable" if "read-only" in reason else "free some space"
-            raise LibraryError(
-                f"cannot write to library {self.library_dir}: {reason}; what was saved before is kept, "
-                f"{todo} and run the command again"
-            ) from None
+            raise failed from None
         finally:
             self.lock.release()
 
@@ -191,16 +162,6 @@ class Engine:
         for slot in self._models.values():
             slot.reset()
         self.searcher.queries.clear()
-
-    def _clean_temp_files(self) -> None:
-        """Remove temp files of saves a crash interrupted (only the writer saves)."""
-        for pattern in ("*.tmp", "models/*/*.tmp", "rerank-features/*/*/*.tmp"):
-            for tmp in self.library_dir.glob(pattern):
-                try:
-                    tmp.unlink()
-                    LOG.info("removed %s, left by an interrupted save", tmp)
-                except OSError:
-                    pass
 
     def __enter__(self) -> Engine:
         return self
@@ -273,66 +234,28 @@ class Engine:
         """Fit the Platt calibration of a BLIP reranker (default: the one chosen
         for ``model``) on a captioned folder (as ``crossfind eval`` reads it) and
         keep it in the library beside the choice; returns the fit's report."""
-        from .eval_rerank import calibrate_on_folder
-        from .rerank_select import calibration_key, check_spec, not_blip
+        from .rerank_select import calibrate
 
         model_spec = parse_spec(model or self.model_spec).spec
-        spec = reranker or self.reranker_for(model_spec)
-        if spec is None:
-            raise QueryError(f"no reranker chosen for model {model_spec}; give one with --reranker SPEC "
-                             "or choose one with `crossfind set-reranker SPEC`")
-        rs = check_spec(spec)
-        if rs.kind != "blip":
-            raise not_blip(rs.spec)
-        cal, report = calibrate_on_folder(Path(folder), model_spec, rs.spec, candidates,
-                                          Path(annotations) if annotations is not None else None, self.device, progress)
-        value = {**json.loads(cal.to_json()), "fingerprint": report["fingerprint"], "folder": str(Path(folder).resolve()),
-                 "model": model_spec}
-        self.store.set_setting(calibration_key(rs.spec), json.dumps(value))
-        self.store.commit()
-        return report
+        return calibrate(self.store, Path(folder), model_spec, reranker or self.reranker_for(model_spec), candidates,
+                         Path(annotations) if annotations is not None else None, self.device, progress)
 
     def rerank_features(self, reranker: str | None = None, progress: bool = False, batch: int = 64) -> int:
         """Compute and cache the BLIP image features of every indexed image that
         lacks them, for ``reranker`` (default: the one chosen for the model in
         use), so that searches never wait for the vision tower; how many were computed."""
-        from .rerank_blip import FeatureItem
+        from .rerank_select import compute_features
 
-        spec = reranker or self.reranker_for()
-        if spec is None:
-            raise QueryError("no BLIP reranker chosen for this model; give one with --reranker SPEC or `crossfind set-reranker`")
         state = self.state()
-        rr = self.searcher.rerankers.get(spec, lambda: state.encoder)
-        if getattr(rr, "kind", None) != "blip":
-            raise QueryError(f"{spec} is a crossfind reranker; its patch tokens are stored while indexing already")
-        ids = self.store.image_ids("ok")
-        done = 0
-        bar = _bars(progress)(len(ids), "reranker features", "img")
-        try:
-            for start in range(0, len(ids), batch):
-                part = ids[start : start + batch]
-                rows = self.store.images_by_id(part)
-                counted: list[int] = []
-                rr.features([FeatureItem(i, rows[i].content_hash, rows[i].path) for i in part if i in rows],
-                            self.searcher.rerankers.feature_cache(rr), on_compute=counted.append)
-                done += sum(counted)
-                bar.update(len(part))
-        finally:
-            bar.close()
-        return done
+        return compute_features(self.store, self.searcher.rerankers, reranker or self.reranker_for(),
+                                lambda: state.encoder, _bars(progress), batch)
 
     # ------------------------------------------------------------- indexing
     @writes
     def index_folder(
-        self,
-        paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-        exclude: Sequence[str] = (),
-        include_hidden: bool = False,
-        batch_size: int | None = None,
-        workers: int | None = None,
-        checkpoint_seconds: float = CHECKPOINT_SECONDS,
-        progress: bool = False,
-        prune: bool = False,
+        self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], exclude: Sequence[str] = (),
+        include_hidden: bool = False, batch_size: int | None = None, workers: int | None = None,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS, progress: bool = False, prune: bool = False,
         ray: RayOptions | str | None = None,
     ) -> IndexReport:
         """Index image files under ``paths`` incrementally; returns counts.
@@ -350,20 +273,16 @@ class Engine:
         vectors written here with the same checkpoints (:mod:`retrieval.ray_index`).
         """
         from .indexing import EncodeOptions, Indexer, ScanOptions
+        from .ray_index import RayEncode
 
-        encode = None
-        if ray is not None:
-            from .ray_index import RayEncode, RayOptions
-
-            encode = RayEncode(ray if isinstance(ray, RayOptions) else RayOptions(address=ray))
+        encode = RayEncode.of(ray) if ray is not None else None
         t0 = time.perf_counter()
         roots = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         state = self.state()
         state.row  # loads the model before anything is written
         self._mark_default(state)
-        indexer = Indexer(self.store, state, _bars(progress), encode)
-        report = indexer.run(roots, ScanOptions(tuple(exclude), include_hidden, prune),
-                             EncodeOptions(batch_size, workers, checkpoint_seconds))
+        report = Indexer(self.store, state, _bars(progress), encode).run(
+            roots, ScanOptions(tuple(exclude), include_hidden, prune), EncodeOptions(batch_size, workers, checkpoint_seconds))
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -380,53 +299,33 @@ class Engine:
         from .ingest_texts import add_texts
 
         t0 = time.perf_counter()
-        path = Path(path).expanduser()
-        parsed = read_corpus(path)
-        corpus = corpus or path.stem
-        if not corpus.strip() or not is_utf8(corpus):
-            raise CorpusError(f"corpus name {corpus!r} is empty or not valid UTF-8; give one with --corpus NAME")
         state = self.state()
         self._mark_default(state)
-        report = add_texts(self.store, state, parsed, corpus, replace, _bars(progress))
+        report = add_texts(self.store, state, Path(path).expanduser(), corpus, replace, _bars(progress))
         report.seconds = time.perf_counter() - t0
         return report
 
     # -------------------------------------------------------------- removal
     def images_under(self, paths: Iterable[str | os.PathLike[str]]) -> list[str]:
         """Paths of the library's images that are ``paths`` or lie under them."""
-        roots = [normalize_path(p) for p in paths]
-        return sorted(r.path for r in self.store.images_under(roots))
+        return sorted(r.path for r in self.store.images_under([normalize_path(p) for p in paths]))
 
     @writes
     def remove_images(self, paths: Iterable[str | os.PathLike[str]]) -> int:
         """Remove images (files, or every image under folders) from the library."""
-        roots = [normalize_path(p) for p in paths]
-        if not roots:
-            raise LibraryError("no path to remove")
-        rows = self.store.images_under(roots)
-        ids = [r.id for r in rows]
-        if ids:
-            self._remove_from_all(ids, "images")
-            self.store.delete_images(ids)
-            self.store.commit()
-        return len(ids)
+        from .removal import remove_images
+
+        return remove_images(self.store, self._all_slots(), [normalize_path(p) for p in paths])
 
     @writes
     def remove_texts(self, corpus: str) -> int:
         """Remove a whole corpus from the library."""
-        ids = self.store.text_ids(corpus)
-        if not ids:
-            raise LibraryError(f"no corpus named {corpus!r}; corpora: {', '.join(self.store.corpora()) or 'none'}")
-        self._remove_from_all(ids, "texts")
-        self.store.delete_texts(ids)
-        self.store.commit()
-        return len(ids)
+        from .removal import remove_corpus
 
-    def _remove_from_all(self, ids: list[int], kind: str) -> None:
-        for model in self.store.models():
-            state = self.state(model.spec)
-            if (state.images if kind == "images" else state.texts).remove(ids):
-                state.save(kind)
+        return remove_corpus(self.store, self._all_slots(), corpus)
+
+    def _all_slots(self) -> list[ModelSlot]:
+        return [self.state(model.spec) for model in self.store.models()]
 
     # --------------------------------------------------------------- search
     def search_text(self, query: str, k: int = 10, target: str = "images", **options: Any) -> list[Hit]:

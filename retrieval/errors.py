@@ -60,3 +60,15 @@ def write_failure(exc: BaseException) -> str | None:
     if isinstance(exc, RuntimeError) and "No space left on device" in str(exc):
         return "no space left on device"
     return None
+
+
+def cannot_write(library_dir: object, exc: BaseException) -> LibraryError | None:
+    """The one-line :class:`LibraryError` for a write that failed because the
+    library cannot be written (see :func:`write_failure`), else None."""
+    reason = write_failure(exc)
+    if reason is None:
+        return None
+    todo = "make it writable" if "read-only" in reason else "free some space"
+    return LibraryError(
+        f"cannot write to library {library_dir}: {reason}; what was saved before is kept, {todo} and run the command again"
+    )

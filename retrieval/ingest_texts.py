@@ -1,4 +1,4 @@
-"""Text ingest: a parsed corpus file into the store and a model's text index.
+"""Text ingest: a corpus file into the store and a model's text index.
 
 New records become rows, changed ones are updated (and re-encoded), with
 ``replace`` records no longer in the file are removed; then every row of the
@@ -10,10 +10,13 @@ checkpoint (index save, then the vector rows' commit) every
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
-from .corpus import ParsedCorpus
+from .corpus import read_corpus
 from .durability import Pending
+from .errors import CorpusError
+from .paths import is_utf8
 from .slot import ModelSlot
 from .store import Store, TextItem
 from .types import TextsReport
@@ -24,8 +27,13 @@ CHECKPOINT_SECONDS = 30.0
 Progress = Callable[[int, str, str], Any]  # (total, desc, unit) -> a tqdm-like bar
 
 
-def add_texts(store: Store, slot: ModelSlot, parsed: ParsedCorpus, corpus: str, replace: bool, progress: Progress) -> TextsReport:
-    """Merge ``parsed`` into ``corpus`` and encode what lacks a vector; returns counts."""
+def add_texts(store: Store, slot: ModelSlot, path: Path, corpus: str | None, replace: bool, progress: Progress) -> TextsReport:
+    """Read the corpus file ``path``, merge it into ``corpus`` (default: the
+    file's stem) and encode what lacks a vector; returns counts."""
+    parsed = read_corpus(path)
+    corpus = corpus or path.stem
+    if not corpus.strip() or not is_utf8(corpus):
+        raise CorpusError(f"corpus name {corpus!r} is empty or not valid UTF-8; give one with --corpus NAME")
     report = TextsReport(scanned=parsed.read, failed=len(parsed.errors), errors=list(parsed.errors))
     rows = {r.ext_id: r for r in store.corpus_rows(corpus)}
     for rec in parsed.records:

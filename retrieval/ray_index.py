@@ -254,18 +254,22 @@ class RayEncode:
         require_ray()  # fail before the run writes anything
         self.opts = opts
 
+    @classmethod
+    def of(cls, ray: RayOptions | str) -> RayEncode:
+        """From ``index_folder``'s ``ray``: options, or a cluster address (``"auto"``: any)."""
+        return cls(ray if isinstance(ray, RayOptions) else RayOptions(address=ray))
+
     def __call__(self, store: Store, slot: ModelSlot, rows: list[Image], opts: EncodeOptions, bar: Any) -> int:
         if not rows:
             return 0  # nothing to encode: no cluster is started or reached
         with connected(self.opts.address) as ray:
             return self._run(ray, store, slot, rows, opts, bar)
 
-    def _run(self, ray: Any, store: Store, slot: ModelSlot, rows: list[Image], opts: EncodeOptions, bar: Any) -> int:
+    def _dataset(self, ray: Any, slot: ModelSlot, rows: list[Image], opts: EncodeOptions) -> Any:
+        """The Ray Dataset of ``rows``: decoding tasks, then an actor pool of encoders (on GPUs where there are)."""
         from PIL import Image as PILImage
         from ray.data import ActorPoolStrategy, DataContext
 
-        from .durability import Pending
-        from .indexing import checkpoint, mark_decoded
         from .onnx_runtime import OnnxEncoder
 
         DataContext.get_current().enable_progress_bars = False  # the driver's own bar counts images
@@ -295,7 +299,7 @@ class RayEncode:
             # then run inside the encoders, one at a time); a different reservation keeps them apart.
             decode_cpus *= 0.999
         # Ray retries failed decoding tasks and restarts failed actors (Ray Data's defaults).
-        ds = (
+        return (
             ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // per_task)))
             .map_batches(decode_batch, fn_kwargs={"prepare": prepare, "min_size": enc.image_size, "shape": shape},
                          batch_size=per_task, batch_format="numpy", num_cpus=decode_cpus)
@@ -303,6 +307,14 @@ class RayEncode:
                          batch_format="numpy", compute=ActorPoolStrategy(size=actors), num_cpus=self.opts.cpus_per_actor,
                          num_gpus=gpus)
         )
+
+    def _run(self, ray: Any, store: Store, slot: ModelSlot, rows: list[Image], opts: EncodeOptions, bar: Any) -> int:
+        """Write the vectors that come back from :meth:`_dataset` with the usual checkpoints."""
+        from .durability import Pending
+        from .indexing import checkpoint, mark_decoded
+
+        tokens = slot.tokens
+        ds = self._dataset(ray, slot, rows, opts)
         by_id = {r.id: r for r in rows}
         pending = Pending()
         encoded = 0

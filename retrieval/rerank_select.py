@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import ModelNotAvailable
+from .errors import ModelNotAvailable, QueryError
 from .reranker_spec import RerankerSpec, parse_reranker_spec, require_transformers
 from .store import Store
 
@@ -126,6 +126,58 @@ class Rerankers:
 
         items = [FeatureItem(i, rows[i].content_hash, rows[i].path) for i in ids]
         return reranker.features(items, self.feature_cache(reranker))
+
+
+def calibrate(
+    store: Store, folder: Path, model_spec: str, spec: str | None, candidates: int, annotations: Path | None,
+    device: str | None, progress: bool,
+) -> dict[str, Any]:
+    """Fit BLIP reranker ``spec``'s Platt calibration on a captioned ``folder``
+    and keep it in ``store`` beside the choice (committed); the fit's report."""
+    from .eval_rerank import calibrate_on_folder
+
+    if spec is None:
+        raise QueryError(f"no reranker chosen for model {model_spec}; give one with --reranker SPEC "
+                         "or choose one with `crossfind set-reranker SPEC`")
+    rs = check_spec(spec)
+    if rs.kind != "blip":
+        raise not_blip(rs.spec)
+    cal, report = calibrate_on_folder(folder, model_spec, rs.spec, candidates, annotations, device, progress)
+    value = {**json.loads(cal.to_json()), "fingerprint": report["fingerprint"], "folder": str(folder.resolve()),
+             "model": model_spec}
+    store.set_setting(calibration_key(rs.spec), json.dumps(value))
+    store.commit()
+    return report
+
+
+def compute_features(
+    store: Store, rerankers: Rerankers, spec: str | None, encoder: Callable[[], Any], bars: Callable[..., Any],
+    batch: int = 64,
+) -> int:
+    """Compute and cache BLIP reranker ``spec``'s image features for every
+    indexed image that lacks them; how many were computed."""
+    from .rerank_blip import FeatureItem
+
+    if spec is None:
+        raise QueryError("no BLIP reranker chosen for this model; give one with --reranker SPEC or `crossfind set-reranker`")
+    rr = rerankers.get(spec, encoder)
+    if getattr(rr, "kind", None) != "blip":
+        raise QueryError(f"{spec} is a crossfind reranker; its patch tokens are stored while indexing already")
+    ids = store.image_ids("ok")
+    done = 0
+    bar = bars(len(ids), "reranker features", "img")
+    try:
+        for start in range(0, len(ids), batch):
+            part = ids[start : start + batch]
+            rows = store.images_by_id(part)
+            counted: list[int] = []
+            rr.features([FeatureItem(i, rows[i].content_hash, rows[i].path) for i in part if i in rows],
+                        rerankers.feature_cache(rr), on_compute=counted.append)
+            done += sum(counted)
+            bar.update(len(part))
+    finally:
+        bar.close()
+    return done
 
 
 def not_blip(spec: str) -> ModelNotAvailable:

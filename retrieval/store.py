@@ -1,7 +1,8 @@
-"""The metadata store: SQLAlchemy 2 models over SQLite, schema by Alembic.
+"""The metadata store: SQLAlchemy 2 over SQLite (or PostgreSQL), schema by Alembic.
 
-Items (images, texts) are independent of models; per-model vector state,
-queries and their ranked results are rows too. The schema is created and
+The tables are in :mod:`retrieval.schema` (re-exported here); the store's
+vector rows and history methods in :mod:`retrieval.vector_rows` and
+:mod:`retrieval.history_rows`. The schema is created and
 upgraded only by the Alembic revisions in ``migrations/``; :func:`open_store`
 upgrades an older library on open. SQLite runs in WAL mode with a busy
 timeout so one writer and many readers can share a library.
@@ -13,195 +14,31 @@ import datetime as dt
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    DateTime,
-    Float,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    String,
-    Text,
-    UniqueConstraint,
-    cast,
-    create_engine,
-    delete,
-    event,
-    func,
-    select,
-    type_coerce,
-    update,
-)
+from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine as SAEngine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import Session
 
-from .dialect import AdvisoryLock, as_fetched_bytes, as_stored_text, glob_match, is_database_url, mask_url, paths_as_bytes
+from .dialect import AdvisoryLock, glob_match, is_database_url, mask_url
 from .errors import LibraryError
+from .history_rows import HistoryRows
+from .schema import CHUNK, Base, FsPath, Image, ImageVector, Model, Query, Result, Setting, TextItem, TextVector, chunks, utcnow
+from .vector_rows import VectorRows
+
+__all__ = [
+    "Base", "CHUNK", "DB_NAME", "FsPath", "Image", "ImageVector", "Model", "Query", "Result", "Setting", "Store",
+    "TextItem", "TextVector", "alembic_config", "chunks", "head_revision", "make_engine", "open_library", "open_library_store",
+    "open_store", "upgrade", "utcnow",
+]
 
 LOG = logging.getLogger(__name__)
 
 #: SQLite waits this long for a lock held by another writer.
 BUSY_TIMEOUT_MS = 30_000
-#: SQLite limits bound parameters; id lists are chunked to this size.
-CHUNK = 900
 #: Databases the store runs on (SQLAlchemy backend names).
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-
-
-class FsPath(TypeDecorator[str]):
-    """A file path stored losslessly: names that are not valid UTF-8 (carried in
-    Python as surrogateescape'd ``str``) come back as the same ``str``. SQLite
-    keeps them as raw bytes in a TEXT value (valid UTF-8 is plain text);
-    PostgreSQL keeps every path as ``bytea``. Either way paths compare and
-    order byte by byte (see :mod:`retrieval.dialect`)."""
-
-    impl = String
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Any) -> Any:
-        if paths_as_bytes(dialect):
-            return dialect.type_descriptor(LargeBinary())
-        return dialect.type_descriptor(String())
-
-    def process_bind_param(self, value: Any, dialect: Any) -> Any:
-        if isinstance(value, str):
-            if paths_as_bytes(dialect):
-                return value.encode("utf-8", "surrogateescape")
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return value.encode("utf-8", "surrogateescape")
-        return value
-
-    def bind_expression(self, bindvalue: Any) -> Any:
-        return as_stored_text(bindvalue)  # SQLite: raw bytes stay TEXT, so comparisons and substr work
-
-    def column_expression(self, column: Any) -> Any:
-        return type_coerce(as_fetched_bytes(column), self)  # SQLite: fetched as bytes, sqlite3 would refuse to decode them
-
-    def process_result_value(self, value: Any, dialect: Any) -> Any:
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            return bytes(value).decode("utf-8", "surrogateescape")
-        return value
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Model(Base):
-    """A dual-encoder model that has vectors in this library."""
-
-    __tablename__ = "models"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    spec: Mapped[str] = mapped_column(String, unique=True)
-    dim: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-
-
-class Image(Base):
-    """An image file. ``status`` is ``ok``, ``pending`` (not decoded yet) or ``failed``."""
-
-    __tablename__ = "images"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(FsPath, unique=True)
-    size: Mapped[int] = mapped_column(BigInteger)  # BIGINT on PostgreSQL (revision 0006); SQLite's INTEGER is 64-bit
-    mtime_ns: Mapped[int] = mapped_column(BigInteger)
-    content_hash: Mapped[str] = mapped_column(String, index=True)
-    status: Mapped[str] = mapped_column(String, default="pending")
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    height: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    taken_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True, index=True)
-    indexed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-
-
-class ImageVector(Base):
-    """Image ``image_id`` has a vector in model ``model_id``'s index, computed from ``content_hash``."""
-
-    __tablename__ = "image_vectors"
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
-    content_hash: Mapped[str] = mapped_column(String)
-    has_tokens: Mapped[bool] = mapped_column(Boolean, default=False)
-    vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32; rebuilds a lost index
-    token_crc: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # CRC-32 of the patch-token row
-
-
-class TextItem(Base):
-    """A text of a corpus; ``ext_id`` is the id given in the file, else its line number."""
-
-    __tablename__ = "texts"
-    __table_args__ = (UniqueConstraint("corpus", "ext_id"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    corpus: Mapped[str] = mapped_column(String, index=True)
-    ext_id: Mapped[str] = mapped_column(String)
-    text: Mapped[str] = mapped_column(Text)
-    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    content_hash: Mapped[str] = mapped_column(String)
-    added_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-
-
-class TextVector(Base):
-    """Text ``text_id`` has a vector in model ``model_id``'s text index."""
-
-    __tablename__ = "text_vectors"
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
-    text_id: Mapped[int] = mapped_column(ForeignKey("texts.id", ondelete="CASCADE"), primary_key=True)
-    content_hash: Mapped[str] = mapped_column(String)
-    vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32; rebuilds a lost index
-
-
-class Query(Base):
-    """One search as it was asked."""
-
-    __tablename__ = "queries"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    model: Mapped[str] = mapped_column(String)
-    text: Mapped[str | None] = mapped_column(Text, nullable=True)
-    image_path: Mapped[str | None] = mapped_column(FsPath, nullable=True)
-    target: Mapped[str] = mapped_column(String)
-    terms: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
-    filters: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    k: Mapped[int] = mapped_column(Integer)
-    candidates: Mapped[int] = mapped_column(Integer)
-    reranked: Mapped[bool] = mapped_column(Boolean, default=False)
-    seconds: Mapped[float] = mapped_column(Float)
-    text_vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32 embedding of ``text``
-    text_tokens: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32 reranker tokens of ``text`` (Reranker.query_tokens)
-
-
-class Result(Base):
-    """A ranked hit of a stored query (path/text kept so it prints even after removal)."""
-
-    __tablename__ = "results"
-    query_id: Mapped[int] = mapped_column(ForeignKey("queries.id", ondelete="CASCADE"), primary_key=True)
-    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String)
-    item_id: Mapped[int] = mapped_column(Integer)
-    path: Mapped[str | None] = mapped_column(FsPath, nullable=True)
-    text: Mapped[str | None] = mapped_column(Text, nullable=True)
-    score: Mapped[float] = mapped_column(Float)
-    rerank_score: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-
-class Setting(Base):
-    """Library-wide key/value settings (``default_model``)."""
-
-    __tablename__ = "settings"
-    key: Mapped[str] = mapped_column(String, primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -326,29 +163,7 @@ def upgrade(engine: SAEngine, revision: str = "head") -> None:
     command.upgrade(alembic_config(engine), revision)
 
 
-def _blobs(vectors: np.ndarray | None, n: int) -> list[bytes | None]:
-    if vectors is None:
-        return [None] * n
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if len(vectors) != n:
-        raise ValueError(f"{len(vectors)} vectors for {n} rows")
-    return [v.tobytes() for v in vectors]
-
-
-def _vector_table(kind: str) -> tuple[Any, Any]:
-    if kind == "images":
-        return ImageVector, ImageVector.image_id
-    if kind == "texts":
-        return TextVector, TextVector.text_id
-    raise ValueError(f"unknown vector kind {kind!r}")
-
-
-def chunks(seq: Sequence[int], n: int = CHUNK) -> Iterator[Sequence[int]]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
-
-
-class Store:
+class Store(VectorRows, HistoryRows):
     """Typed access to the library database."""
 
     def __init__(self, engine: SAEngine, read_only: bool = False, url: str | None = None, path: str | os.PathLike[str] | None = None) -> None:
@@ -383,6 +198,11 @@ class Store:
 
     def commit(self) -> None:
         self.session.commit()
+
+    def add_rows(self, rows: Sequence[Any]) -> None:
+        """Insert new rows in one flush; their ids are set when it returns."""
+        self.session.add_all(rows)
+        self.session.flush()
 
     def rollback(self) -> None:
         """Drop uncommitted changes and end the read transaction (the next read sees other processes' commits)."""
@@ -476,127 +296,12 @@ class Store:
         for part in chunks(list(ids)):
             self.session.execute(delete(Image).where(Image.id.in_(part)))
 
-    def image_vector_map(self, model_id: int) -> dict[int, str]:
-        """image id -> content hash its vector was computed from, for one model."""
-        q = select(ImageVector.image_id, ImageVector.content_hash).where(ImageVector.model_id == model_id)
-        return {i: h for i, h in self.session.execute(q)}
-
-    def token_ids(self, model_id: int, ids: Sequence[int]) -> set[int]:
-        out: set[int] = set()
-        for part in chunks(list(ids)):
-            q = select(ImageVector.image_id).where(
-                ImageVector.model_id == model_id, ImageVector.has_tokens.is_(True), ImageVector.image_id.in_(part)
-            )
-            out.update(self.session.scalars(q))
-        return out
-
-    def clear_tokens(self, model_id: int) -> None:
-        """Mark every stored patch-token row of a model invalid (the token store started over)."""
-        self.session.execute(
-            update(ImageVector).where(ImageVector.model_id == model_id).values(has_tokens=False)
-        )
-
-    def set_image_vectors(
-        self,
-        model_id: int,
-        rows: Sequence[tuple[int, str, bool]],
-        vectors: np.ndarray | None = None,
-        token_crcs: dict[int, int] | None = None,
-    ) -> None:
-        """Record (image id, content hash, has tokens) vector rows for a model,
-        with each row's float32 vector (``vectors[j]`` for ``rows[j]``) and the
-        CRC-32 of its patch-token row when it has one."""
-        ids = [r[0] for r in rows]
-        blobs = _blobs(vectors, len(rows))
-        crcs = token_crcs or {}
-        self.delete_image_vectors(model_id, ids)
-        self.session.add_all(
-            ImageVector(model_id=model_id, image_id=i, content_hash=h, has_tokens=t and i in crcs, vector=b, token_crc=crcs.get(i) if t else None)
-            for (i, h, t), b in zip(rows, blobs)
-        )
-
-    def vectors(self, model_id: int, kind: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """A model's durable vectors of ``kind`` (``images``/``texts``): ids,
-        an (n, dim) float32 matrix, and the ids of rows that have no vector."""
-        table, item = _vector_table(kind)
-        dim = self.session.scalar(select(Model.dim).where(Model.id == model_id)) or 0
-        ids: list[int] = []
-        blobs: list[bytes] = []
-        empty: list[int] = []
-        q = select(item, table.vector).where(table.model_id == model_id).order_by(item)
-        for i, blob in self.session.execute(q):
-            if blob is None or len(blob) != 4 * dim:
-                empty.append(i)
-            else:
-                ids.append(i)
-                blobs.append(blob)
-        mat = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim) if ids else np.empty((0, dim), np.float32)
-        return np.asarray(ids, np.int64), mat, empty
-
-    def count_vectors(self, model_id: int, kind: str) -> int:
-        table, _ = _vector_table(kind)
-        return int(self.session.scalar(select(func.count()).select_from(table).where(table.model_id == model_id)) or 0)
-
-    def vector_map(self, model_id: int, kind: str) -> dict[int, str]:
-        """item id -> content hash its vector of ``kind`` was computed from, for one model."""
-        table, item = _vector_table(kind)
-        return {i: h for i, h in self.session.execute(select(item, table.content_hash).where(table.model_id == model_id))}
-
-    def vectorless_ids(self, model_id: int, kind: str) -> list[int]:
-        """Ids of a model's vector rows of ``kind`` that keep no vector (rows of an older library)."""
-        table, item = _vector_table(kind)
-        return list(self.session.scalars(select(item).where(table.model_id == model_id, table.vector.is_(None))))
-
-    def delete_vectors(self, model_id: int, kind: str, ids: Sequence[int]) -> None:
-        """Drop a model's vector rows of ``kind`` for ``ids``."""
-        table, item = _vector_table(kind)
-        for part in chunks(list(ids)):
-            self.session.execute(delete(table).where(table.model_id == model_id, item.in_(part)))
-
     def vector_sources(self, kind: str, ids: Sequence[int]) -> dict[int, str]:
         """item id -> content hash, for the ``ids`` whose item may hold a vector
         of ``kind``: an image that loaded (a failed one keeps none), any text."""
         if kind == "images":
             return {i: r.content_hash for i, r in self.images_by_id(ids).items() if r.status == "ok"}
         return {i: r.content_hash for i, r in self.texts_by_id(ids).items()}
-
-    def tokens_without_crc(self, model_id: int) -> list[int]:
-        """Image ids whose token row is marked stored but has no CRC-32 yet (an older library)."""
-        q = select(ImageVector.image_id).where(
-            ImageVector.model_id == model_id, ImageVector.has_tokens.is_(True), ImageVector.token_crc.is_(None)
-        )
-        return list(self.session.scalars(q))
-
-    def fill_vectors(self, model_id: int, kind: str, ids: Sequence[int], vectors: np.ndarray) -> None:
-        """Store the vectors of existing rows (an older library's rows, filled from its index)."""
-        table, item = _vector_table(kind)
-        for i, blob in zip(ids, _blobs(vectors, len(ids))):
-            self.session.execute(update(table).where(table.model_id == model_id, item == int(i)).values(vector=blob))
-
-    def token_crcs(self, model_id: int, ids: Sequence[int]) -> dict[int, int | None]:
-        """image id -> CRC-32 of its stored patch-token row, for rows marked as having tokens."""
-        out: dict[int, int | None] = {}
-        for part in chunks(list(ids)):
-            q = select(ImageVector.image_id, ImageVector.token_crc).where(
-                ImageVector.model_id == model_id, ImageVector.has_tokens.is_(True), ImageVector.image_id.in_(part)
-            )
-            out.update({i: c for i, c in self.session.execute(q)})
-        return out
-
-    def set_tokens(self, model_id: int, crcs: dict[int, int | None]) -> None:
-        """Mark image rows as having a stored token row with that CRC-32 (None: none)."""
-        for i, c in crcs.items():
-            self.session.execute(
-                update(ImageVector)
-                .where(ImageVector.model_id == model_id, ImageVector.image_id == int(i))
-                .values(has_tokens=c is not None, token_crc=c)
-            )
-
-    def delete_image_vectors(self, model_id: int, ids: Sequence[int]) -> None:
-        for part in chunks(list(ids)):
-            self.session.execute(
-                delete(ImageVector).where(ImageVector.model_id == model_id, ImageVector.image_id.in_(part))
-            )
 
     def image_ids(self, status: str | None = "ok") -> list[int]:
         q = select(Image.id)
@@ -624,21 +329,6 @@ class Store:
     def delete_texts(self, ids: Sequence[int]) -> None:
         for part in chunks(list(ids)):
             self.session.execute(delete(TextItem).where(TextItem.id.in_(part)))
-
-    def text_vector_map(self, model_id: int) -> dict[int, str]:
-        q = select(TextVector.text_id, TextVector.content_hash).where(TextVector.model_id == model_id)
-        return {i: h for i, h in self.session.execute(q)}
-
-    def set_text_vectors(self, model_id: int, rows: Sequence[tuple[int, str]], vectors: np.ndarray | None = None) -> None:
-        """Record (text id, content hash) vector rows with their float32 vectors."""
-        ids = [r[0] for r in rows]
-        self.delete_text_vectors(model_id, ids)
-        blobs = _blobs(vectors, len(rows))
-        self.session.add_all(TextVector(model_id=model_id, text_id=i, content_hash=h, vector=b) for (i, h), b in zip(rows, blobs))
-
-    def delete_text_vectors(self, model_id: int, ids: Sequence[int]) -> None:
-        for part in chunks(list(ids)):
-            self.session.execute(delete(TextVector).where(TextVector.model_id == model_id, TextVector.text_id.in_(part)))
 
     def filtered_image_ids(
         self, model_id: int, glob: str | None = None, since: dt.datetime | None = None, until: dt.datetime | None = None
@@ -703,42 +393,6 @@ class Store:
             q = q.where(glob_match(Image.path, glob))
         return [(i, h) for i, h in self.session.execute(q.where(Image.content_hash.in_(dup_hashes)).order_by(Image.id))]
 
-    # -------------------------------------------------------------- history
-    def add_query(self, query: Query, results: Sequence[Result]) -> int:
-        self.session.add(query)
-        self.session.flush()
-        for r in results:
-            r.query_id = query.id
-        self.session.add_all(results)
-        self.session.commit()
-        return query.id
-
-    def text_vector(self, model: str, text: str) -> bytes | None:
-        """The stored embedding of a text asked before with this model, if any."""
-        return self._last_kept(Query.text_vector, model, text)
-
-    def text_tokens(self, model: str, text: str) -> bytes | None:
-        """The stored reranker tokens of a text asked before with this model, if any."""
-        return self._last_kept(Query.text_tokens, model, text)
-
-    def _last_kept(self, column: Any, model: str, text: str) -> bytes | None:
-        q = (
-            select(column)
-            .where(Query.model == model, Query.text == text, column.is_not(None))
-            .order_by(Query.id.desc())
-            .limit(1)
-        )
-        return self.session.scalar(q)
-
-    def queries(self, limit: int = 20) -> list[Query]:
-        return list(self.session.scalars(select(Query).order_by(Query.id.desc()).limit(limit)))
-
-    def query(self, query_id: int) -> tuple[Query, list[Result]] | None:
-        q = self.session.get(Query, query_id)
-        if q is None:
-            return None
-        rows = list(self.session.scalars(select(Result).where(Result.query_id == query_id).order_by(Result.rank)))
-        return q, rows
 
 
 def _check_head(engine: SAEngine, where: str) -> None:
@@ -763,57 +417,42 @@ def _reason(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _ready(engine: SAEngine, where: str, read_only: bool) -> SAEngine:
+    """``engine`` once its database is at the newest schema: checked when
+    ``read_only``, else upgraded (Alembic takes a third of a second to load:
+    it runs only when the database is not at the newest revision already)."""
+    try:
+        if read_only:
+            _check_head(engine, where)
+        else:
+            current = _current_revision(engine)
+            if current is None or current != head_revision():
+                upgrade(engine)
+    except LibraryError:
+        engine.dispose()
+        raise
+    except Exception as exc:
+        engine.dispose()
+        raise LibraryError(f"cannot open library database {where}: {_reason(exc)}") from exc
+    return engine
+
+
 def open_store(db: str | Path, read_only: bool = False) -> Store:
     """Open (creating or upgrading) the library database: a SQLite file at
     ``db``, or the database at the URL ``db`` (``postgresql+psycopg://...``);
     ``read_only`` opens an existing one as it is."""
     if isinstance(db, str) and is_database_url(db):
-        url = db
-        engine = make_engine(url)
-        where = mask_url(url)
-        try:
-            if read_only:
-                _check_head(engine, where)
-            else:
-                current = _current_revision(engine)
-                if current is None or current != head_revision():
-                    upgrade(engine)
-        except LibraryError:
-            engine.dispose()
-            raise
-        except Exception as exc:
-            engine.dispose()
-            raise LibraryError(f"cannot open library database {where}: {_reason(exc)}") from exc
-        return Store(engine, read_only=read_only, url=url)
+        return Store(_ready(make_engine(db), mask_url(db), read_only), read_only=read_only, url=db)
     db_path = Path(db)
-    if read_only:
-        if not db_path.is_file():
-            raise LibraryError(f"no library database at {db_path}, and its folder is read-only")
-        engine = make_engine(db_path, read_only=True)
+    if read_only and not db_path.is_file():
+        raise LibraryError(f"no library database at {db_path}, and its folder is read-only")
+    if not read_only:
         try:
-            _check_head(engine, str(db_path))
-        except LibraryError:
-            engine.dispose()
-            raise
-        except Exception as exc:
-            engine.dispose()
-            raise LibraryError(f"cannot open library database {db_path}: {exc}") from exc
-        return Store(engine, read_only=True, path=db_path)
-    try:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LibraryError(f"cannot create library folder {db_path.parent}: {exc.strerror}") from exc
-    engine = make_engine(db_path)
-    try:
-        # Alembic takes a third of a second to load: run it only when the
-        # database is not already at the newest revision.
-        current = _current_revision(engine)
-        if current is None or current != head_revision():
-            upgrade(engine)
-    except Exception as exc:
-        engine.dispose()
-        raise LibraryError(f"cannot open library database {db_path}: {exc}") from exc
-    return Store(engine, path=db_path)
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LibraryError(f"cannot create library folder {db_path.parent}: {exc.strerror}") from exc
+    engine = _ready(make_engine(db_path, read_only=read_only), str(db_path), read_only)
+    return Store(engine, read_only=read_only, path=db_path)
 
 
 #: The SQLite database of a library, in its folder.
@@ -835,6 +474,25 @@ def _read_binding(library_dir: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not isinstance(data.get("library"), str):
         raise LibraryError(f"{path} is damaged; it says which library database this folder belongs to")
     return data
+
+
+def open_library(library_dir: str | os.PathLike[str] | None, db: str | None) -> tuple[Store, Path]:
+    """The store of the library folder ``library_dir`` (default: :func:`default_library`)
+    and the folder, resolved; see :meth:`retrieval.Engine.open`. A folder on a
+    read-only file system (or without write permission) opens read-only."""
+    from .locations import database, default_database, default_library
+
+    if library_dir is not None and not os.fspath(library_dir).strip():
+        raise LibraryError("empty library path; give a folder (or leave --library out for the default)")
+    lib = Path(library_dir).expanduser() if library_dir is not None else default_library()
+    if lib.exists() and not lib.is_dir():
+        raise LibraryError(f"library path {lib} is a file, not a folder")
+    url = database(db) if db is not None else default_database()
+    sqlite = lib / DB_NAME
+    read_only = lib.is_dir() and (
+        not os.access(lib, os.W_OK) or (url is None and sqlite.exists() and not os.access(sqlite, os.W_OK))
+    )
+    return open_library_store(lib, url, read_only=read_only), lib.resolve()
 
 
 def open_library_store(library_dir: str | Path, db: str | None = None, read_only: bool = False) -> Store:

@@ -68,7 +68,7 @@ def ceiling(enc, paths: list[Path], batch_size: int) -> tuple[float, float]:
 def pipeline(enc, folder: Path, batch_size: int, workers: int | None) -> dict:
     """Index ``folder`` into a fresh library with the loaded encoder; the report's numbers."""
     from retrieval import Engine
-    from retrieval.engine import DB_NAME
+    from retrieval.store import DB_NAME
     from retrieval.store import open_store
 
     lib = Path(tempfile.mkdtemp(prefix="lib-", dir=WORK))

@@ -65,7 +65,7 @@ def run_peer(args: argparse.Namespace) -> tuple[dict[str, float], str]:
 def index_in_process(spec: str, folder: Path) -> dict:
     """``Engine.index_folder`` into a fresh library, encoder loaded before timing."""
     from retrieval import Engine
-    from retrieval.engine import DB_NAME
+    from retrieval.store import DB_NAME
     from retrieval.encoders import load_encoder
     from retrieval.store import open_store
 
