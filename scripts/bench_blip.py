@@ -46,7 +46,7 @@ QUERY = "a small red circle to the left of a large blue square"
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(QUERY.split()))
 
 
-def random_blip_base(work: Path) -> BlipReranker:
+def random_blip_base(work: Path, device: str = "cpu") -> BlipReranker:
     """BLIP-base's architecture with random weights, its processor's default 384 px preprocessing."""
     from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
 
@@ -57,7 +57,7 @@ def random_blip_base(work: Path) -> BlipReranker:
     torch.manual_seed(0)
     model = BlipForImageTextRetrieval(BlipConfig())
     spec = RerankerSpec("local-dir:" + str(work), "blip", work, None)
-    return BlipReranker(model, processor, spec, "random-blip-base", device="cpu")
+    return BlipReranker(model, processor, spec, "random-blip-base", device=device)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from retrieval.rerank import CrossAttentionITM, Reranker, RerankerConfig, find_r
 from retrieval.train.evaluation import latency_ms  # noqa: E402
 
 
-def random_vit_reranker(arch: str, directory: Path, like: RerankerConfig | None = None) -> Reranker:
+def random_vit_reranker(arch: str, directory: Path, like: RerankerConfig | None = None, device: str = "cpu") -> Reranker:
     """A random-weight open_clip ``arch`` saved as a ``local-dir:`` model, with a random reranker shaped like ``like``."""
     import open_clip
     from safetensors.torch import save_file
@@ -41,7 +41,7 @@ def random_vit_reranker(arch: str, directory: Path, like: RerankerConfig | None 
     model = open_clip.create_model(arch, pretrained=None)
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(directory / "open_clip_model.safetensors"))
     del model
-    encoder = load_encoder(f"local-dir:{directory}", device="cpu")
+    encoder = load_encoder(f"local-dir:{directory}", device=device)
     keep = ("width", "depth", "heads", "mlp_ratio", "image_layer", "text_words", "image_depth")
     shape = {} if like is None else {k: getattr(like, k) for k in keep}
     return Reranker(CrossAttentionITM(RerankerConfig.for_encoder(encoder, **shape)), encoder)
