@@ -134,7 +134,7 @@ def _quiet_ray() -> None:
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files or folders matching GLOB (repeatable), e.g. --exclude '*/thumbnails/*'.")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders (names starting with '.').")
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per encoder batch (default 32 on CPU, 128 on GPU).")
-@click.option("--workers", type=click.IntRange(1, 64), help="Image decoding threads (default: number of cores, 2 to 8).")
+@click.option("--workers", type=click.IntRange(1, 64), help="Image decoding threads (default: number of cores, 2 to 8); when encoding on a GPU, decoding processes (default: number of cores).")
 @click.option("--checkpoint-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="Make progress durable this often.")
 @click.option("--prune", is_flag=True, help="Also remove images indexed before that are still on disk but no longer "
               "selected (hidden without --include-hidden, or matched by a new --exclude); by default they are kept.")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from PIL import Image as PILImage
 
 from .durability import Pending
 from .errors import LibraryError
@@ -253,8 +254,16 @@ class EncodeOptions:
     """How :func:`encode_pending` batches, decodes and checkpoints."""
 
     batch_size: int | None = None  # images per encoder batch (default 32 on CPU, 128 on GPU)
-    workers: int | None = None  # decoding threads
+    workers: int | None = None  # decoding threads (processes when encoding on a GPU)
     checkpoint_seconds: float = 30.0  # make progress durable this often
+
+
+def decode_in_processes(device: str) -> bool:
+    """Whether to decode in processes rather than threads: when encoding on a
+    GPU (threads of one process cannot feed it), or as ``$CROSSFIND_DECODE``
+    (``processes``/``threads``) says."""
+    how = os.environ.get("CROSSFIND_DECODE", "auto").lower()
+    return how == "processes" or (how != "threads" and device.startswith("cuda"))
 
 
 def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: EncodeOptions, bar: Any) -> int:
@@ -274,10 +283,19 @@ def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: Encod
         img = load_image(row.path, min_size=size)
         return img, enc.prepare(img.image)
 
+    if decode_in_processes(enc.device):
+        from .decoding import decoded_in_processes, preparer
+
+        prepare = preparer(enc)
+        shape = prepare(PILImage.new("RGB", (size, size))).shape
+        batches: Iterable[list[Any]] = decoded_in_processes(rows, prepare, size, shape, batch_size,
+                                                            opts.workers or max(2, os.cpu_count() or 2))
+    else:
+        batches = load_batches(rows, load, batch_size, opts.workers)
     pending = Pending()
     encoded = 0
     last = time.monotonic()
-    for batch in load_batches(rows, load, batch_size, opts.workers):
+    for batch in batches:
         good = []
         for out in batch:
             row = out.item

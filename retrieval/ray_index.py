@@ -33,10 +33,11 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from .decoding import decode_batch, preparer
 from .errors import LibraryError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -103,44 +104,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- workers
-def decode_batch(batch: dict[str, np.ndarray], prepare: Callable[[Any], np.ndarray], min_size: int,
-                 shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Ray task body: decode and preprocess one batch of files.
-
-    Returns per file whether it loaded, the failure reason (``""`` when it
-    did), its size, its EXIF time (ISO text or ``""``) and the preprocessed
-    uint8 pixels (zeros for a failed file). Failures are judged as in-process:
-    any ``Exception`` from loading one file is that file's reason.
-    """
-    from .imageio import load_image
-    from .pipeline import _call
-
-    n = len(batch["id"])
-    pixels = np.zeros((n, *shape), np.uint8)
-    ok = np.zeros(n, bool)
-    error = np.full(n, "", dtype=object)
-    width = np.zeros(n, np.int64)
-    height = np.zeros(n, np.int64)
-    taken = np.full(n, "", dtype=object)
-
-    def load(path: str) -> Any:
-        img = load_image(path, min_size=min_size)
-        return img, prepare(img.image)
-
-    for i, raw in enumerate(batch["path"]):
-        out = _call(load, os.fsdecode(bytes(raw)), (Exception,))
-        if out.error is not None or out.value is None:
-            error[i] = out.error or "cannot decode"
-            continue
-        loaded, pix = out.value
-        pixels[i] = pix
-        ok[i] = True
-        width[i], height[i] = loaded.width, loaded.height
-        taken[i] = loaded.taken_at.isoformat() if loaded.taken_at is not None else ""
-    return {"id": np.asarray(batch["id"], np.int64), "ok": ok, "error": error, "width": width, "height": height,
-            "taken_at": taken, "pixels": pixels}
-
-
 @dataclass(frozen=True)
 class EncoderRecipe:
     """What an encoder actor needs to build the model's image encoder."""
@@ -197,51 +160,6 @@ class EncodeBatch:
 
 
 # ------------------------------------------------------------------ driver
-def _preparer(enc: Any) -> Callable[[Any], np.ndarray]:
-    """The model's per-image preprocessing, without the model: what decoding tasks run.
-
-    As plain numbers when open_clip's transform is the usual one (the ONNX
-    export's description of it), so decoding tasks never import torch; else
-    open_clip's own PIL steps (torchvision, pickled)."""
-    from .onnx_runtime import OnnxEncoder
-
-    if isinstance(enc, OnnxEncoder):
-        return _Pixels(enc.manifest["preprocess"])
-    from .onnx_export import ExportUnsupported, _preprocess_info
-
-    try:
-        return _Pixels(_preprocess_info(enc))
-    except ExportUnsupported:
-        pass
-    split = enc._split
-    if split is None:
-        raise LibraryError(f"model {enc.spec.spec}'s preprocessing has no ToTensor step, so it cannot be split "
-                           "between decoding tasks and encoders; index it without --ray")
-    return _PilSteps(split[0])
-
-
-class _Pixels:
-    """open_clip's resize, crop and RGB conversion from its numbers (:func:`~retrieval.onnx_runtime.prepare_pixels`)."""
-
-    def __init__(self, preprocess: dict[str, Any]) -> None:
-        self.preprocess = preprocess
-
-    def __call__(self, image: Any) -> np.ndarray:
-        from .onnx_runtime import prepare_pixels
-
-        return prepare_pixels(image, self.preprocess)
-
-
-class _PilSteps:
-    """open_clip's PIL steps (resize, crop, mode) as a uint8 array, as :meth:`Encoder.prepare`."""
-
-    def __init__(self, steps: Callable[[Any], Any]) -> None:
-        self.steps = steps
-
-    def __call__(self, image: Any) -> np.ndarray:
-        return np.asarray(self.steps(image), dtype=np.uint8)
-
-
 class RayEncode:
     """The encoding step of an index run, through Ray Data (see the module docstring).
 
@@ -275,7 +193,7 @@ class RayEncode:
         DataContext.get_current().enable_progress_bars = False  # the driver's own bar counts images
         enc = slot.runtime("image")
         tokens = slot.tokens
-        prepare = _preparer(enc)
+        prepare = preparer(enc)
         shape = prepare(PILImage.new("RGB", (enc.image_size, enc.image_size))).shape
         resources = ray.cluster_resources()
         gpus = self.opts.gpus_per_actor if self.opts.gpus_per_actor is not None else (1.0 if resources.get("GPU") else 0.0)

@@ -86,6 +86,30 @@ def test_duplicate_copies_vector_without_encoding(tmp_path, tiny_model, photo_di
         assert hits[0].score == pytest.approx(hits[1].score, abs=1e-6)
 
 
+def test_decoding_in_processes_gives_the_same_library(tmp_path, tiny_model, photo_dir, monkeypatch):
+    """Decoding in a process pool (how a GPU is fed) records what loader threads
+    record: the same vectors, sizes and failure reasons, in fewer batches than files."""
+    (photo_dir / "bad.jpg").write_text("not an image at all")
+    data = (photo_dir / "b" / "img01.jpg").read_bytes()
+    (photo_dir / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    seen = {}
+    for how in ("threads", "processes"):
+        monkeypatch.setenv("CROSSFIND_DECODE", how)
+        with Engine.open(tmp_path / how, model=tiny_model) as eng:
+            rep = eng.index_folder(photo_dir, batch_size=5, workers=2)
+            assert (rep.encoded, rep.failed) == (12, 2), how
+            st = eng.status()
+            ids = np.sort(eng.state().images.ids())
+            rows = eng.store.images_by_id(ids.tolist())
+            vecs = dict(zip((rows[i].path for i in ids.tolist()), eng.state().images.reconstruct(ids)))
+            sizes = {r.path: (r.width, r.height) for r in rows.values()}
+            seen[how] = vecs, sizes, {f["path"]: f["error"] for f in st["failures"]}
+    (tv, ts, tf), (pv, ps, pf) = seen["threads"], seen["processes"]
+    assert tv.keys() == pv.keys() and ts == ps and tf == pf and len(tf) == 2
+    for path in tv:
+        np.testing.assert_allclose(tv[path], pv[path], atol=1e-5)
+
+
 def test_deleted_files_leave_store_and_hits(tmp_path, tiny_model, photo_dir, backend):
     with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
         eng.index_folder(photo_dir)
