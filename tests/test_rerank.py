@@ -236,7 +236,9 @@ def test_local_stem_reads_each_patch_neighbourhood_and_starts_at_zero(encoder, t
     first = torch.from_numpy(toks[:1, :, :48].astype(np.float32))
     out = local.local_in(first)
     nudged = first.clone()
-    nudged[0, 5] += 1.0  # grid 4x4: patch 5 is (1, 1); its neighbours include 0 and 10, not 15
+    # grid 4x4: patch 5 is (1, 1); its neighbours include 0 and 10, not 15. One feature moves:
+    # the stem layer-normalises each token, so a shift of all its features alike would change nothing.
+    nudged[0, 5, 0] += 1.0
     diff = (local.local_in(nudged) - out).abs().sum(-1)[0]
     assert diff[0] > 0 and diff[10] > 0 and diff[15] == 0
     rr.save(tmp_path / "local")
