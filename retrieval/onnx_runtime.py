@@ -287,12 +287,25 @@ class OnnxEncoder:
         return prepare_pixels(image, self.manifest["preprocess"])
 
     def batch(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
-        """Stack :meth:`prepare` outputs into one normalised float32 ``(n, 3, H, W)`` batch."""
+        """Stack :meth:`prepare` outputs into one normalised float32 ``(n, 3, H, W)`` batch.
+
+        Each channel goes through a 256-entry table of ``(v / 255 - mean) / std``
+        (the same float32 arithmetic, so the same values), a quarter of the
+        work of computing it per pixel in the thread that then runs the encoder."""
+        x = np.ascontiguousarray(np.stack(prepared).transpose(0, 3, 1, 2))  # uint8: a quarter of the bytes to move
+        lut = self._normalise_table
+        out = np.empty(x.shape, np.float32)
+        for c in range(3):
+            np.take(lut[c], x[:, c], out=out[:, c])
+        return out
+
+    @functools.cached_property
+    def _normalise_table(self) -> np.ndarray:
         p = self.manifest["preprocess"]
-        x = np.stack(prepared).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-        mean = np.asarray(p["mean"], np.float32)[None, :, None, None]
-        std = np.asarray(p["std"], np.float32)[None, :, None, None]
-        return np.ascontiguousarray((x - mean) / std)
+        v = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
+        mean = np.asarray(p["mean"], np.float32)[:, None]
+        std = np.asarray(p["std"], np.float32)[:, None]
+        return np.ascontiguousarray((v - mean) / std)
 
     def image_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.batch([self.prepare(im) for im in images])

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--large", type=int, default=50, help="4000x3000 JPEGs indexed")
     p.add_argument("--few", type=int, default=50, help="images in the small search library")
     p.add_argument("--big", type=int, default=100_000, help="rows in the large search library")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: index,search,rerank")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: index,search,rerank, or big (the 100k search library)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     if "search" not in skip:
 
         for label, size in (("few", args.few), ("big", args.big)):
+            if label in skip:
+                continue
             lib = work / f"search-{label}-n{size}"
             data = rclip_datadir(work / f"rclip-search-{label}-n{size}", fresh=False)
             if label == "few":
