@@ -320,7 +320,7 @@ def test_search_process_preloads_the_sessions_it_runs(tmp_path, photo_dir, reran
     with_preload = search(lib)
     without = search(twin, patch="cli._preload_sessions = lambda *a: None")
     assert with_preload["out"]["hits"] and with_preload["out"] == without["out"]
-    parts = ["text.onnx", "reranker.onnx"] if rerank else ["text.onnx"]
+    parts = ["text.onnx", "rerank_cross.onnx", "rerank_image.onnx"] if rerank else ["text.onnx"]
     assert sorted(with_preload["made"]) == sorted([p, "crossfind-onnx-preload"] for p in parts)
     assert with_preload["left"] == 0
     assert sorted(p for p, _ in without["made"]) == sorted(parts)
@@ -328,7 +328,8 @@ def test_search_process_preloads_the_sessions_it_runs(tmp_path, photo_dir, reran
     # The same text again: its vector (and tokens) are kept, so the text tower is not loaded at all.
     again = search(lib)
     assert again["out"] == with_preload["out"] and again["left"] == 0
-    assert again["made"] == ([["reranker.onnx", "crossfind-onnx-preload"]] if rerank else [])
+    # The candidates' image memory is cached now: the reranker's image part is not loaded either.
+    assert again["made"] == ([["rerank_cross.onnx", "crossfind-onnx-preload"]] if rerank else [])
 
 
 def test_export_failure_falls_back_to_torch_and_says_so_once(tmp_path, tiny_model, photo_dir, caplog):
