@@ -160,6 +160,30 @@ def test_onnx_reranker_equals_torch(exported):
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
 
 
+def test_onnx_cached_memory_scores_like_torch(exported):
+    """The ONNX reranker's two parts, the image memory rounded to float16 as
+    cached, against torch's whole reranker: the same order (but near-ties),
+    probabilities within 1e-4; ONNX and torch memory alike."""
+    from test_rerank_memory import same_order_but_ties
+
+    enc, reranker, onnx, onnx_reranker = exported
+    if reranker is None:
+        pytest.skip("this model has no reranker")
+    assert onnx_reranker.fingerprint == reranker.fingerprint  # both runtimes share one cache
+    _, tokens = enc.encode_images(enc.image_batch(sample_images()), with_tokens=True, token_layer=reranker.config.image_layer)
+    memory = onnx_reranker.image_memory(tokens)
+    assert memory.dtype == np.float16 and memory.shape == (len(tokens), *reranker.memory_shape)
+    np.testing.assert_allclose(memory.astype(np.float32), reranker.image_memory(tokens).astype(np.float32), atol=2e-2)
+    dual = np.linspace(0.1, 0.9, len(tokens)).astype(np.float32)
+    for text in ["a red circle left of a blue square", "a small green triangle", "x"]:
+        want = reranker.logits_images(text, tokens, dual_scores=dual)
+        got = onnx_reranker.logits_memory(text, memory, dual_scores=dual)
+        np.testing.assert_allclose(got, want, atol=2e-2, rtol=1e-3)
+        assert same_order_but_ties(want, got)
+        np.testing.assert_allclose(onnx_reranker.probability(got), reranker.probability(want), atol=1e-4)
+        np.testing.assert_array_equal(onnx_reranker.logits_images(text, tokens, dual_scores=dual), got)
+
+
 def _hits(res) -> list[tuple[int, float, float | None]]:
     return [(h.id, h.score, h.rerank_score) for h in res]
 
