@@ -190,3 +190,20 @@ def test_changed_reranker_does_not_read_stale_memory(tmp_path, photo_dir):
         np.testing.assert_allclose([h.rerank_score for h in new.hits],
                                    reranker.score_images("a red circle", toks, dual), atol=1e-3)
     assert hits(new) != old
+
+
+def test_damaged_cached_memory_is_computed_again(tmp_path, scenes):
+    lib = tmp_path / "lib"
+    q = SearchQuery(text=scenes[1][2], k=8, candidates=8)
+    with Engine.open(lib, model="shapes-tiny") as eng:
+        eng.index_folder(scenes[0])
+        want = hits(eng.search(q))
+    files = memory_files(lib)
+    files[0].write_bytes(files[0].read_bytes()[:100])  # cut short
+    data = bytearray(files[1].read_bytes())
+    data[-64:] = b"\xff" * 64  # NaN halves
+    files[1].write_bytes(bytes(data))
+    with Engine.open(lib, model="shapes-tiny") as eng:
+        assert hits(eng.search(q)) == want and eng.searcher.memory.computed == 2
+    with Engine.open(lib, model="shapes-tiny") as eng:
+        assert hits(eng.search(q)) == want and eng.searcher.memory.computed == 0  # written again
