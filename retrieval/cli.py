@@ -138,8 +138,9 @@ def _quiet_ray() -> None:
 @click.option("--checkpoint-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="Make progress durable this often.")
 @click.option("--prune", is_flag=True, help="Also remove images indexed before that are still on disk but no longer "
               "selected (hidden without --include-hidden, or matched by a new --exclude); by default they are kept.")
-@click.option("--rerank-features", is_flag=True, help="Also compute the BLIP image features of the reranker chosen with "
-              "set-reranker now, so searches never wait for them (BLIP-base: 0.87 MB per image).")
+@click.option("--rerank-features", is_flag=True, help="Also compute and keep in the library what re-ranking needs per "
+              "image, so searches never wait for it: the image memory of the model's own reranker (shapes-tiny: 16 KB "
+              "per image), or the BLIP image features of the reranker chosen with set-reranker (BLIP-base: 0.87 MB per image).")
 @click.option("--index-memory", metavar="SIZE", help="Memory budget for searching the index, e.g. 4G (remembered; "
               "'none' forgets it). Past what the full index fits in, a compressed one (IVF-HNSW-PQ, exact re-scoring) "
               "is built for searching, e.g. crossfind index ~/Archive --index-memory 4G --shards 4.")
@@ -168,11 +169,14 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
       crossfind index ~/Pictures --model shapes-tiny --json
       crossfind index ~/Pictures --exclude 'screenshots' --prune
       crossfind index ~/Pictures --no-wait   # fail at once if another process is writing
+      crossfind index ~/Pictures --model shapes-tiny --rerank-features   # the model's own reranker
       crossfind index ~/Pictures --rerank-features   # after: crossfind set-reranker hf-hub:Salesforce/blip-itm-base-coco
       crossfind index /data/catalogue --index-memory 4G --shards 4   # 10M+ images
       crossfind index /shared/photos --ray                 # through Ray Data on this machine
       crossfind index /shared/photos --ray=10.0.0.5:6379   # on a Ray cluster (shared file system)
     """
+    from .encoders import parse_spec
+    from .rerank_files import reranker_dir
     from .scale import apply_index_memory, check_memory
 
     if index_memory is not None:
@@ -183,15 +187,16 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
     if ray_address is not None:
         _quiet_ray()
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
-        if rerank_features and eng.reranker_for() is None:
-            raise click.UsageError(f"--rerank-features needs a BLIP reranker chosen for {eng.model_spec}: "
-                                   "run `crossfind set-reranker SPEC` first")
+        if rerank_features and eng.reranker_for() is None and reranker_dir(parse_spec(eng.model_spec)) is None:
+            raise click.UsageError(f"--rerank-features needs a reranker: {eng.model_spec} has none of its own; "
+                                   "choose a BLIP one with `crossfind set-reranker SPEC` first")
         rep = eng.index_folder(paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
                                workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json, prune=prune,
                                ray=ray_address)
         if rerank_features:
             computed = eng.rerank_features(progress=not as_json)
-            _stderr(f"reranker features: {computed} computed for {eng.reranker_for()}")
+            which = eng.reranker_for() or "the model's own reranker"
+            _stderr(f"reranker features: {computed} computed for {which}")
         scaled = apply_index_memory(eng.state(), index_memory, shards, kinds=("images",))
     for sr in scaled:
         if sr.compressed and not as_json:
@@ -372,7 +377,9 @@ def _preload_sessions(ctx: click.Context, q: SearchQuery, model: str | None) -> 
                 return con.execute(sql, (ms.spec, q.text)).fetchone() is not None
 
             need_text = not kept("text_vector") or (reranks and not kept("text_tokens"))
-        parts = (["text"] if need_text else []) + (["reranker"] if reranks else [])
+        # The image part of the reranker only while nothing has cached candidates' image memory.
+        rerank_parts = ["reranker_cross"] + ([] if (lib / "rerank-features").is_dir() else ["reranker_image"])
+        parts = (["text"] if need_text else []) + (rerank_parts if reranks else [])
         if parts:
             from .onnx_runtime import preload
 

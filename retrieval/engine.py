@@ -241,14 +241,14 @@ class Engine:
                          Path(annotations) if annotations is not None else None, self.device, progress)
 
     def rerank_features(self, reranker: str | None = None, progress: bool = False, batch: int = 64) -> int:
-        """Compute and cache the BLIP image features of every indexed image that
-        lacks them, for ``reranker`` (default: the one chosen for the model in
-        use), so that searches never wait for the vision tower; how many were computed."""
+        """Compute and cache what re-ranking needs per image for every indexed image that
+        lacks it, for ``reranker`` (default: the one chosen for the model in use, else the
+        model's own): BLIP image features, or a crossfind reranker's image memory, so
+        that searches never wait for them; how many were computed."""
         from .rerank_select import compute_features
 
-        state = self.state()
-        return compute_features(self.store, self.searcher.rerankers, reranker or self.reranker_for(),
-                                lambda: state.encoder, _bars(progress), batch)
+        return compute_features(self.store, self.searcher, reranker or self.reranker_for(), self.state(),
+                                _bars(progress), batch)
 
     # ------------------------------------------------------------- indexing
     @writes

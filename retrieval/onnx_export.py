@@ -3,8 +3,10 @@
 The exports let a search run without torch (:mod:`retrieval.onnx_runtime`):
 ``text.onnx`` (token ids -> normalised vector, the tower's output tokens and
 its input word embeddings), ``image.onnx`` (pixels -> normalised vector, and
-the patch tokens the reranker reads when the model has one) and
-``reranker.onnx`` (query tokens, candidate patch tokens, dual cosines ->
+the patch tokens the reranker reads when the model has one) and the reranker
+in two parts: ``rerank_image.onnx`` (candidate patch tokens -> image memory,
+the part that does not depend on the query, so it can be cached per image)
+and ``rerank_cross.onnx`` (query tokens, image memory, dual cosines ->
 logits). They live in the library beside the model's index,
 ``models/<slug>/onnx/<key>/``, where the key is the weights fingerprint (and
 the reranker's), so weights retrained in place get a new export. A
@@ -128,15 +130,7 @@ def export_model(encoder: Encoder, library_dir: Path, key: str, reranker: Any = 
                 manifest["image"] = "image.onnx"
                 manifest["image_tokens_layer"] = layer if len(outputs) == 2 else None
             if reranker is not None and layer is not None:
-                cfg = reranker.config
-                text = torch.zeros(2, 5, cfg.text_features)
-                mask = torch.ones(2, 5, dtype=torch.bool)
-                image = torch.zeros(2, cfg.image_tokens, cfg.image_features, dtype=torch.float16)
-                _export(_RerankerGraph(reranker.module), (text, mask, image, torch.zeros(2)), tmp / "reranker.onnx",
-                        ["text", "mask", "image", "dual"], ["logits"],
-                        {"text": {0: "n", 1: "length"}, "mask": {0: "n", 1: "length"}, "image": {0: "n"}, "dual": {0: "n"}})
-                manifest["reranker"] = "reranker.onnx"
-                manifest["reranker_config"] = json.loads(cfg.to_json())
+                manifest.update(_export_reranker(reranker, tmp))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -263,23 +257,52 @@ class _ImageTower(nn.Module):
         return torch.nn.functional.normalize(pooled.float(), dim=-1), tokens.float()
 
 
-class _RerankerGraph(nn.Module):
-    """:class:`CrossAttentionITM` on ``n`` pairs: text tokens ``(n, L, F)`` with
-    their mask, patch tokens ``(n, P, F2)`` float16, dual cosines ``(n,)``;
-    returns logits ``(n,)``.
+def _export_reranker(reranker: Any, tmp: Path) -> dict[str, Any]:
+    """Export a reranker as its two parts (see :class:`_RerankImage`,
+    :class:`_RerankCross`); the manifest entries that describe them."""
+    cfg = reranker.config
+    image = torch.zeros(2, cfg.image_tokens, cfg.image_features, dtype=torch.float16)
+    _export(_RerankImage(reranker.module), (image,), tmp / "rerank_image.onnx", ["image"], ["memory"], {"image": {0: "n"}})
+    text = torch.zeros(2, 5, cfg.text_features)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    memory = torch.zeros(2, cfg.image_tokens, cfg.width, dtype=torch.float16)
+    _export(_RerankCross(reranker.module), (text, mask, memory, torch.zeros(2)), tmp / "rerank_cross.onnx",
+            ["text", "mask", "memory", "dual"], ["logits"],
+            {"text": {0: "n", 1: "length"}, "mask": {0: "n", 1: "length"}, "memory": {0: "n"}, "dual": {0: "n"}})
+    return {"reranker_image": "rerank_image.onnx", "reranker_cross": "rerank_cross.onnx",
+            "reranker_config": json.loads(cfg.to_json()), "reranker_fingerprint": reranker.fingerprint}
 
-    The same computation as ``CrossAttentionITM.forward``, written with shapes
-    taken from the inputs so one graph serves any number of pairs; the caller
-    repeats the query side and passes texts cut to their longest real token.
+
+class _RerankImage(nn.Module):
+    """The query-independent part of :class:`CrossAttentionITM`: patch tokens
+    ``(n, P, F)`` float16 -> image memory ``(n, P, width)`` (``encode_image``)."""
+
+    def __init__(self, module: Any) -> None:
+        super().__init__()
+        self.m = module
+
+    def forward(self, image: Any) -> Any:
+        return self.m.encode_image(image).float()
+
+
+class _RerankCross(nn.Module):
+    """The cross part of :class:`CrossAttentionITM` on ``n`` pairs: text tokens
+    ``(n, L, F)`` with their mask, image memory ``(n, P, width)`` float16 (from
+    :class:`_RerankImage`, or cached), dual cosines ``(n,)``; returns logits ``(n,)``.
+
+    The same computation as ``CrossAttentionITM.forward`` given ``memory``,
+    written with shapes taken from the inputs so one graph serves any number of
+    pairs; the caller repeats the query side and passes texts cut to their
+    longest real token.
     """
 
     def __init__(self, module: Any) -> None:
         super().__init__()
         self.m = module
 
-    def forward(self, text: Any, mask: Any, image: Any, dual: Any) -> Any:
+    def forward(self, text: Any, mask: Any, memory: Any, dual: Any) -> Any:
         m = self.m
-        img = m.encode_image(image)
+        img = memory.to(m.head.weight.dtype)
         length = text.shape[1]
         t = m.text_in(text.to(m.head.weight.dtype))
         itm = m.itm_token.expand(t.shape[0], 1, -1)

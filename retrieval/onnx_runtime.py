@@ -34,6 +34,9 @@ MANIFEST = "manifest.json"
 #: The tokenizer's merge table, kept in an export the first time a search reads it.
 TOKENIZER_CACHE = "bpe_ranks.marshal"
 ONNX_OPSET = 18
+#: What an export holds; part of its key, so a library's older exports are made again.
+#: 2: the reranker in two graphs (image memory, cross part) instead of one.
+EXPORT_VERSION = 2
 
 
 def onnx_enabled(device: str | None) -> bool:
@@ -65,7 +68,7 @@ def export_key(spec: ModelSpec, weights: str | None) -> str:
     or the spec when weights are named by a tag) and its reranker's files."""
     from .rerank_files import CONFIG_NAME, WEIGHTS_NAME, reranker_dir
 
-    digest = hashlib.sha256(f"{spec.spec}\0{weights or ''}\0onnx{ONNX_OPSET}".encode())
+    digest = hashlib.sha256(f"{spec.spec}\0{weights or ''}\0onnx{ONNX_OPSET}\0v{EXPORT_VERSION}".encode())
     where = reranker_dir(spec)
     if where is not None:
         for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -222,7 +225,8 @@ class OnnxEncoder:
         return self.tokens_layer is not None
 
     def session(self, part: str) -> Any:
-        """The ONNX Runtime session of ``text``, ``image`` or ``reranker`` (created on first use)."""
+        """The ONNX Runtime session of ``text``, ``image``, ``reranker_image`` or
+        ``reranker_cross`` (created on first use)."""
         if part not in self._sessions:
             name = self.manifest.get(part)
             if not name:
@@ -338,6 +342,7 @@ class RerankerInfo:
     text_words: bool
     temperature: float
     shift: float
+    width: int
 
     @property
     def text_features(self) -> int:
@@ -349,16 +354,30 @@ class RerankerInfo:
 
 
 class OnnxReranker:
-    """The exported reranker: what :class:`retrieval.rerank.Reranker` does at search time."""
+    """The exported reranker: what :class:`retrieval.rerank.Reranker` does at search time.
+
+    It runs in two graphs: ``reranker_image`` turns candidate patch tokens
+    into image memory (:meth:`image_memory`, independent of the query, so
+    search caches it per image), ``reranker_cross`` scores a query against
+    that memory (:meth:`logits_memory`). The memory goes between them as
+    float16, cached or not, so both give the same numbers.
+    """
 
     def __init__(self, encoder: OnnxEncoder, batch_size: int = 256) -> None:
         cfg = encoder.manifest["reranker_config"]
         self.encoder = encoder
         self.batch_size = batch_size
+        self.fingerprint: str = str(encoder.manifest["reranker_fingerprint"])
         self.config = RerankerInfo(
             int(cfg["text_width"]), int(cfg["image_width"]), int(cfg["image_tokens"]), str(cfg.get("image_layer", "final")),
             bool(cfg.get("text_words", False)), float(cfg.get("temperature", 1.0)), float(cfg.get("shift", 0.0)),
+            int(cfg.get("width", 128)),
         )
+
+    @property
+    def memory_shape(self) -> tuple[int, int]:
+        """Shape of one image's memory: ``(patches, width)``."""
+        return (self.config.image_tokens, self.config.width)
 
     def score_images(self, text: str | np.ndarray, image_tokens: np.ndarray, dual_scores: np.ndarray | None = None) -> np.ndarray:
         """Match probabilities of one text query against candidate patch tokens."""
@@ -378,33 +397,46 @@ class OnnxReranker:
         tok, mask = self.encoder.text_tokens([text], words=self.config.text_words)
         return np.ascontiguousarray(tok[0][mask[0]], dtype=np.float32)
 
-    def _run(self, text: np.ndarray, mask: np.ndarray, image: np.ndarray, dual: np.ndarray) -> np.ndarray:
+    def image_memory(self, image_tokens: np.ndarray) -> np.ndarray:
+        """Candidate patch tokens ``(n, patches, image_features)`` as the text
+        sees them: float16 image memory ``(n, patches, width)``."""
+        tokens = np.asarray(image_tokens)
+        sess = self.encoder.session("reranker_image")
+        out = [np.asarray(sess.run(None, {"image": np.ascontiguousarray(tokens[s : s + self.batch_size], np.float16)})[0])
+               .astype(np.float16) for s in range(0, len(tokens), self.batch_size)]
+        return np.concatenate(out) if out else np.empty((0, *self.memory_shape), np.float16)
+
+    def _run(self, text: np.ndarray, mask: np.ndarray, memory: np.ndarray, dual: np.ndarray) -> np.ndarray:
         n = len(dual)  # the graph takes n pairs: the query side is repeated
         feeds = {
             "text": np.ascontiguousarray(np.broadcast_to(text.astype(np.float32), (n, *text.shape[1:]))),
             "mask": np.ascontiguousarray(np.broadcast_to(mask.astype(bool), (n, *mask.shape[1:]))),
-            "image": np.ascontiguousarray(np.broadcast_to(image.astype(np.float16), (n, *image.shape[1:]))),
+            "memory": np.ascontiguousarray(np.broadcast_to(memory.astype(np.float16), (n, *memory.shape[1:]))),
             "dual": np.ascontiguousarray(dual, dtype=np.float32),
         }
-        return np.asarray(self.encoder.session("reranker").run(None, feeds)[0], np.float32)
+        return np.asarray(self.encoder.session("reranker_cross").run(None, feeds)[0], np.float32)
 
-    def logits_images(self, text: str | np.ndarray, image_tokens: np.ndarray, dual_scores: np.ndarray | None = None) -> np.ndarray:
-        """Raw logits of one text query (or its :meth:`query_tokens`) against candidate patch tokens."""
+    def logits_memory(self, text: str | np.ndarray, memory: np.ndarray, dual_scores: np.ndarray | None = None) -> np.ndarray:
+        """Raw logits of one text query (or its :meth:`query_tokens`) against candidates' :meth:`image_memory`."""
         kept = self.query_tokens(text) if isinstance(text, str) else np.asarray(text, np.float32)
-        tokens = np.asarray(image_tokens)
-        n = len(tokens)
+        memory = np.asarray(memory)
+        n = len(memory)
         dual = np.zeros(n, np.float32) if dual_scores is None else np.asarray(dual_scores, np.float32).reshape(-1)
         mask = np.ones((1, len(kept)), bool)
-        out = [self._run(kept[None], mask, tokens[s : s + self.batch_size], dual[s : s + self.batch_size])
+        out = [self._run(kept[None], mask, memory[s : s + self.batch_size], dual[s : s + self.batch_size])
                for s in range(0, n, self.batch_size)]
         return np.concatenate(out) if out else np.empty(0, np.float32)
 
+    def logits_images(self, text: str | np.ndarray, image_tokens: np.ndarray, dual_scores: np.ndarray | None = None) -> np.ndarray:
+        """Raw logits of one text query (or its :meth:`query_tokens`) against candidate patch tokens."""
+        return self.logits_memory(text, self.image_memory(image_tokens), dual_scores)
+
     def logits_texts(self, image_tokens: np.ndarray, texts: Sequence[str], dual_scores: np.ndarray | None = None) -> np.ndarray:
         """Raw logits of one image query (its patch tokens) against candidate texts."""
-        image = np.asarray(image_tokens)[None]
+        memory = self.image_memory(np.asarray(image_tokens)[None])  # once for all the texts
         dual = np.zeros(len(texts), np.float32) if dual_scores is None else np.asarray(dual_scores, np.float32).reshape(-1)
         out = []
         for s in range(0, len(texts), self.batch_size):
             tok, mask = self.encoder.text_tokens(list(texts[s : s + self.batch_size]), words=self.config.text_words)
-            out.append(self._run(tok, mask, image, dual[s : s + self.batch_size]))
+            out.append(self._run(tok, mask, memory, dual[s : s + self.batch_size]))
         return np.concatenate(out) if out else np.empty(0, np.float32)

@@ -18,6 +18,8 @@ This module imports torch; the engine imports it only when it reranks.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelNotAvailable
-from .rerank_files import CONFIG_NAME, WEIGHTS_NAME, reranker_dir, reranker_dirs
+from .rerank_files import CONFIG_NAME, MEMORY_VERSION, WEIGHTS_NAME, reranker_dir, reranker_dirs, reranker_fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover
     from .encoders import Encoder
@@ -329,14 +331,16 @@ class CrossAttentionITM(nn.Module):
         self,
         text: torch.Tensor,
         mask: torch.Tensor,
-        image: torch.Tensor,
+        image: torch.Tensor | None,
         dual: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of the pairs (text ``j``, image ``j``); with ``image_index`` the
         pairs (text ``j``, image ``image_index[j]``), so each image of a group is
-        encoded once."""
-        logit = self.head(self.fuse(text, mask, image, image_index)[:, 0]).squeeze(-1).float()
+        encoded once. ``memory`` is the images' :meth:`encode_image` computed
+        before (then ``image`` is not read and may be None)."""
+        logit = self.head(self.fuse(text, mask, image, image_index, memory)[:, 0]).squeeze(-1).float()
         if self.config.residual:
             base = self.dual_bias.float()
             if dual is not None:
@@ -348,12 +352,18 @@ class CrossAttentionITM(nn.Module):
         self,
         text: torch.Tensor,
         mask: torch.Tensor,
-        image: torch.Tensor,
+        image: torch.Tensor | None,
         image_index: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The text stream after every block, ``(n, 1 + L, width)``: the [ITM]
-        token first, then one state per text token (``L`` cut to the longest text)."""
-        img = self.encode_image(image)
+        token first, then one state per text token (``L`` cut to the longest text).
+        ``memory``: the images' :meth:`encode_image`, when computed before."""
+        if memory is None:
+            assert image is not None, "fuse needs patch tokens or their image memory"
+            img = self.encode_image(image)
+        else:
+            img = memory.to(self.head.weight.dtype)
         # Causal text towers leave padding after the last real token, so cutting
         # the batch to its longest text changes nothing but the cost.
         length = min(int(mask.sum(1).max()), self.config.max_text_tokens)
@@ -409,6 +419,7 @@ class Reranker:
         self.module = module.eval()
         self.batch_size = batch_size
         self._where = where
+        self.folder: Path | None = None  # where it was loaded from (its fingerprint is its files')
         self._encoder: Encoder | None = None
         self._load_encoder: Callable[[], Encoder] | None = None
         if callable(encoder):
@@ -475,14 +486,7 @@ class Reranker:
         rank by these. ``text`` is the query, or its :meth:`query_tokens`."""
         tokens = self._check_tokens(image_tokens, ndim=3)
         dual = self._dual(dual_scores, len(tokens))
-        if isinstance(text, str):
-            text_tok, mask = self.encoder.text_tokens([text], words=self.config.text_words)  # once per query
-        else:
-            kept = np.asarray(text, dtype=np.float32)
-            if kept.ndim != 2 or kept.shape[1] != self.config.text_features or not len(kept):
-                raise ValueError(f"query tokens must have shape (length, {self.config.text_features}), got {kept.shape}")
-            text_tok = torch.from_numpy(kept.copy())[None].to(self._device)
-            mask = torch.ones(text_tok.shape[:2], dtype=torch.bool, device=self._device)
+        text_tok, mask = self._query(text)
         out = [
             self._logits(
                 text_tok, mask, self._tensor(tokens[start : start + self.batch_size]),
@@ -490,6 +494,63 @@ class Reranker:
             )
             for start in range(0, len(tokens), self.batch_size)
         ]
+        return np.concatenate(out) if out else np.empty(0, np.float32)
+
+    def _query(self, text: str | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens ``(1, L, F)`` and mask of a query or of its kept :meth:`query_tokens`."""
+        if isinstance(text, str):
+            return self.encoder.text_tokens([text], words=self.config.text_words)  # once per query
+        kept = np.asarray(text, dtype=np.float32)
+        if kept.ndim != 2 or kept.shape[1] != self.config.text_features or not len(kept):
+            raise ValueError(f"query tokens must have shape (length, {self.config.text_features}), got {kept.shape}")
+        text_tok = torch.from_numpy(kept.copy())[None].to(self._device)
+        return text_tok, torch.ones(text_tok.shape[:2], dtype=torch.bool, device=self._device)
+
+    # --------------------------------------------------- image memory, cached
+    @property
+    def memory_shape(self) -> tuple[int, int]:
+        """Shape of one image's memory (:meth:`image_memory`): ``(patches, width)``."""
+        return (self.config.image_tokens, self.config.width)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """What this reranker computes, in 16 hex characters: its files'
+        (:func:`~retrieval.rerank_files.reranker_fingerprint`), or its config
+        and weights when it was built in memory. Keys its cached image memory."""
+        if self.folder is not None:
+            return reranker_fingerprint(self.folder)
+        digest = hashlib.sha256(f"crossfind-reranker-memory{MEMORY_VERSION}".encode() + self.config.to_json().encode())
+        for name, value in sorted(self.module.state_dict().items()):
+            digest.update(name.encode() + value.detach().to("cpu", torch.float16).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    @torch.inference_mode()
+    def image_memory(self, image_tokens: np.ndarray) -> np.ndarray:
+        """The query-independent part of re-ranking: candidate patch tokens
+        ``(n, patches, image_features)`` as the text sees them, float16
+        ``(n, patches, width)`` (:meth:`CrossAttentionITM.encode_image`). Keep
+        it per image and score with :meth:`logits_memory`."""
+        tokens = self._check_tokens(image_tokens, ndim=3)
+        out = [self.module.encode_image(self._tensor(tokens[s : s + self.batch_size])).to("cpu", torch.float16).numpy()
+               for s in range(0, len(tokens), self.batch_size)]
+        return np.concatenate(out) if out else np.empty((0, *self.memory_shape), np.float16)
+
+    @torch.inference_mode()
+    def logits_memory(
+        self, text: str | np.ndarray, memory: np.ndarray, dual_scores: np.ndarray | None = None
+    ) -> np.ndarray:
+        """:meth:`logits_images` of candidates given by their :meth:`image_memory`
+        ``(n, patches, width)``: the cross-attention part only."""
+        memory = np.asarray(memory)
+        if memory.ndim != 3 or (memory.size and tuple(memory.shape[1:]) != self.memory_shape):
+            raise ValueError(f"image memory must have shape (n, {self.memory_shape[0]}, {self.memory_shape[1]}), got {memory.shape}")
+        dual = self._dual(dual_scores, len(memory))
+        text_tok, mask = self._query(text)
+        out = []
+        for start in range(0, len(memory), self.batch_size):
+            mem = torch.from_numpy(np.array(memory[start : start + self.batch_size], dtype=np.float16)).to(self._device)
+            part = None if dual is None else dual[start : start + self.batch_size]
+            out.append(self.module(text_tok, mask, None, part, memory=mem).cpu().numpy().astype(np.float32))
         return np.concatenate(out) if out else np.empty(0, np.float32)
 
     @torch.inference_mode()
@@ -617,7 +678,9 @@ class Reranker:
                 f"reranker weights in {where} do not fit {CONFIG_NAME} ({first}); retrain with "
                 f"crossfind train-reranker DATA --model {name}, or search with --no-rerank"
             ) from exc
-        return cls(module, encoder, where=str(where))
+        loaded = cls(module, encoder, where=str(where))
+        loaded.folder = where
+        return loaded
 
 
 def find_reranker(encoder: Encoder) -> Reranker | None:

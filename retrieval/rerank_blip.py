@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .errors import ModelNotAvailable
+from .feature_cache import FeatureCache, FeatureItem
 from .imageio import ImageLoadError, load_image
 from .rerank import RankedCandidate
 from .reranker_spec import BLIP_EXTRA_HINT, RerankerSpec, parse_reranker_spec, require_transformers
@@ -155,68 +156,6 @@ def fingerprint(folder: str | os.PathLike[str]) -> str:
             st = p.stat()  # follows the hub cache's symlinks to their blobs
             h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return h.hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class FeatureItem:
-    """A candidate image whose BLIP features may be cached."""
-
-    id: int  # the library's image id
-    key: str  # what the file's content is: its content hash, or size and mtime
-    path: str  # where to read it when the features must be computed
-
-
-class FeatureCache:
-    """BLIP image features kept on disk as float16, one ``.npy`` file per image.
-
-    Files live under ``root/<fingerprint>/<id % 256>/<id>-<key>.npy``: a new
-    fingerprint (other weights) or a new content key (the file changed) is a
-    miss, and writing an item's features removes the ones of its older
-    content. Writes are atomic (temp file, rename); a file that cannot be
-    read is a miss. ``read_only`` caches answer but never write.
-    """
-
-    def __init__(self, root: str | os.PathLike[str], fingerprint: str, shape: tuple[int, int], read_only: bool = False) -> None:
-        self.dir = Path(root) / fingerprint
-        self.shape = tuple(shape)
-        self.read_only = read_only
-
-    def _path(self, item: FeatureItem) -> Path:
-        key = "".join(c for c in item.key if c.isalnum() or c in "-_")[:32] or "0"
-        return self.dir / f"{item.id % 256:02x}" / f"{item.id}-{key}.npy"
-
-    def get(self, item: FeatureItem) -> np.ndarray | None:
-        """The cached features of ``item`` (float16 ``shape``), or None."""
-        path = self._path(item)
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError):
-            return None
-        if arr.shape != self.shape or arr.dtype != np.float16 or not np.isfinite(arr).all():
-            LOG.warning("ignoring damaged cached BLIP features %s", path)
-            return None
-        return arr
-
-    def put(self, item: FeatureItem, features: np.ndarray) -> None:
-        """Keep ``item``'s features (rounded to float16); a failed write is only logged."""
-        if self.read_only:
-            return
-        path = self._path(item)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            for old in path.parent.glob(f"{item.id}-*.npy"):
-                if old != path:
-                    old.unlink(missing_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.ascontiguousarray(features, dtype=np.float16), allow_pickle=False)
-            os.replace(tmp, path)
-        except OSError as exc:
-            LOG.warning("cannot cache BLIP features in %s: %s", self.dir, exc)
-
-    def bytes_per_image(self) -> int:
-        """Disk taken by one image's features (the .npy header included)."""
-        return int(np.prod(self.shape)) * 2 + 128
 
 
 # ---------------------------------------------------------------- reranker

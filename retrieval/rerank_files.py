@@ -37,3 +37,20 @@ def reranker_dir(spec: ModelSpec) -> Path | None:
         if (where / WEIGHTS_NAME).is_file() and (where / CONFIG_NAME).is_file():
             return where
     return None
+
+
+#: Version of what a crossfind reranker's image memory is (``CrossAttentionITM.encode_image``):
+#: raised when that computation changes, so memory cached by an older crossfind is not read.
+MEMORY_VERSION = 1
+
+
+def reranker_fingerprint(folder: Path) -> str:
+    """What the crossfind reranker in ``folder`` computes, in 16 hex characters:
+    the content of its config and weights (and :data:`MEMORY_VERSION`). Image
+    memory cached under one fingerprint is never read for another."""
+    import hashlib
+
+    digest = hashlib.sha256(f"crossfind-reranker-memory{MEMORY_VERSION}".encode())
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        digest.update(hashlib.sha256((Path(folder) / name).read_bytes()).digest())
+    return digest.hexdigest()[:16]

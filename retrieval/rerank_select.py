@@ -9,8 +9,10 @@ over it, and without either the model's own reranker is used (as found by
 weights it was fitted on: once the weights change it is no longer applied.
 
 BLIP rerankers (:mod:`retrieval.rerank_blip`) read image features cached under
-the library's ``rerank-features/`` folder; the files are independent and
-written atomically, so searches write them without the writer lock.
+the library's ``rerank-features/`` folder, and a model's own crossfind
+reranker its image memory (:mod:`retrieval.rerank_memory`); the files are
+independent and written atomically, so searches write them without the
+writer lock. :func:`compute_features` fills either ahead.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import ModelNotAvailable, QueryError
+from .feature_cache import FEATURES_DIR
 from .reranker_spec import RerankerSpec, parse_reranker_spec, require_transformers
 from .store import Store
 
 LOG = logging.getLogger(__name__)
 
-#: Folder of the library holding BLIP image features.
-FEATURES_DIR = "rerank-features"
 #: Value of the model's setting that goes back to its own reranker.
 DEFAULT = "default"
 
@@ -151,18 +152,31 @@ def calibrate(
 
 
 def compute_features(
-    store: Store, rerankers: Rerankers, spec: str | None, encoder: Callable[[], Any], bars: Callable[..., Any],
-    batch: int = 64,
+    store: Store, searcher: Any, spec: str | None, state: Any, bars: Callable[..., Any], batch: int = 64,
 ) -> int:
-    """Compute and cache BLIP reranker ``spec``'s image features for every
-    indexed image that lacks them; how many were computed."""
-    from .rerank_blip import FeatureItem
+    """Compute and cache, for every indexed image that lacks them, the image
+    features of BLIP reranker ``spec``, or with no spec (or the model's own)
+    the image memory of ``state``'s own crossfind reranker
+    (:mod:`retrieval.rerank_memory`); how many were computed."""
+    from .feature_cache import FeatureItem
+    from .rerank_files import reranker_dir
 
-    if spec is None:
-        raise QueryError("no BLIP reranker chosen for this model; give one with --reranker SPEC or `crossfind set-reranker`")
-    rr = rerankers.get(spec, encoder)
+    rs = parse_reranker_spec(spec) if spec is not None else None
+    own = reranker_dir(state.spec)
+    if rs is None or (rs.kind == "crossfind" and own is not None and rs.path == own.resolve()):
+        if state.reranker is None:
+            raise QueryError(f"model {state.spec.spec} has no reranker of its own; choose a BLIP one with "
+                             "`crossfind set-reranker SPEC` first")
+        bar = bars(len(ids := store.image_ids("ok")), "reranker image memory", "img")
+        try:
+            return searcher.memory.fill(state, state.reranker, ids, store.images_by_id,
+                                        lambda missing, rows: searcher.candidate_tokens(state, missing, rows), bar)
+        finally:
+            bar.close()
+    rerankers = searcher.rerankers
+    rr = rerankers.get(rs.spec, lambda: state.encoder)
     if getattr(rr, "kind", None) != "blip":
-        raise QueryError(f"{spec} is a crossfind reranker; its patch tokens are stored while indexing already")
+        raise QueryError(f"{rs.spec} is not this model's own reranker: its image memory is not cached")
     ids = store.image_ids("ok")
     done = 0
     bar = bars(len(ids), "reranker features", "img")

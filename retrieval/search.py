@@ -8,7 +8,8 @@ reader can follow by name:
 3. :meth:`Searcher.candidates` asks FAISS for the best ids under the filters,
    without the query image itself;
 4. :meth:`Searcher.rerank` re-scores those candidates with the model's
-   reranker (the one place a reranker is called);
+   reranker (the one place a reranker is called), its image memory cached
+   per image (:mod:`retrieval.rerank_memory`);
 5. the threshold, near-duplicate folding and ``k`` cut make the hits;
 6. :class:`~retrieval.history.History` records the search.
 """
@@ -31,6 +32,7 @@ from .history import History
 from .imageio import ImageLoadError, load_image
 from .paths import is_utf8, normalize_path
 from .queries import QueryEncoder, image_label
+from .rerank_memory import ImageMemory
 from .rerank_select import Rerankers, chosen
 from .scan import file_hash
 from .slot import ModelSlot
@@ -108,6 +110,7 @@ class Searcher:
         self.queries = QueryEncoder(store, slot)
         self.history = History(store)
         self.rerankers = Rerankers(store, library_dir)
+        self.memory = ImageMemory(library_dir, lambda: store.read_only)  # the own reranker's, cached per image
         #: Free each ONNX session as soon as a search is done with it: lower peak
         #: memory for a process that searches once (the CLI), slower for one that searches on.
         self.lean = False
@@ -267,9 +270,10 @@ class Searcher:
         query_tokens = None
         if query.target == "images":
             assert query.text is not None
-            toks = self.candidate_tokens(state, cands.ids, cands.rows)
+            memory = self.memory.memory(state, reranker, cands.ids, cands.rows,
+                                        lambda ids: self.candidate_tokens(state, ids, cands.rows))
             query_tokens = self.queries.text_tokens(query.text)
-            logits = reranker.logits_images(query_tokens, toks, dual_scores=dual)
+            logits = reranker.logits_memory(query_tokens, memory, dual_scores=dual)
         else:
             assert query.image is not None
             _, qtok = self.queries.image(query.image, with_tokens=True)

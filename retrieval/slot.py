@@ -61,8 +61,8 @@ class ModelSlot:
         self.library_dir = library_dir
         self.dir = library_dir / "models" / spec.slug
         self.files = IndexFiles(store, spec.spec, self.dir, lambda: self.row, self._writable)
-        self._fingerprint = weights_fingerprint(spec)
-        self.weights_changed = self.files.drop_if_weights_changed(self._fingerprint)
+        self.fingerprint = weights_fingerprint(spec)
+        self.weights_changed = self.files.drop_if_weights_changed(self.fingerprint)
 
     # ------------------------------------------------------------ lazy parts
     @property
@@ -87,7 +87,7 @@ class ModelSlot:
         return self._onnx or None
 
     def _open_onnx(self) -> OnnxEncoder | None:
-        key = export_key(self.spec, self._fingerprint)
+        key = export_key(self.spec, self.fingerprint)
         where = find_export(self.library_dir, self.spec, key)
         failed = self.dir / f"onnx-{key}.failed"  # beside, not inside, the export: its folder may be what fails
         if where is None and not failed.is_file():
@@ -207,7 +207,7 @@ class ModelSlot:
 
             if reranker_dir(self.spec) is None:  # decided without loading torch
                 self._reranker = None
-            elif self.onnx is not None and self.onnx.manifest.get("reranker"):
+            elif self.onnx is not None and self.onnx.manifest.get("reranker_cross"):
                 self._reranker = OnnxReranker(self.onnx)
             else:
                 self._reranker = self._torch_reranker()

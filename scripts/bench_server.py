@@ -16,8 +16,10 @@ stdlib ``http.client``; everything is loopback):
   that job runs; then ``crossfind search --json`` as a whole process, handed to
   the server over the library's unix socket (and once without a server).
 * ``shapes``: generated scenes indexed with the bundled ``shapes-tiny`` model
-  and its reranker, plus 640x480 JPEGs: text searches re-ranking 50 candidates
-  (p50), and ``GET /api/thumbs/ID?size=256``: first request (decode, resize,
+  and its reranker, plus 640x480 JPEGs, the reranker's image memory prepared
+  as ``crossfind index --rerank-features`` does: text searches re-ranking 50
+  candidates (p50), each sent to that server and to a second one serving a
+  copy of the library with the cache off (``CROSSFIND_RERANK_CACHE=0``), and ``GET /api/thumbs/ID?size=256``: first request (decode, resize,
   JPEG encode, write) and cached (file, and 304 with ``If-None-Match``).
 
 Example::
@@ -32,6 +34,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -42,7 +45,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from bench_common import REPO, WORK, fill_library, gen_jpegs, machine, median, random_model, say, write_json
+from bench_common import REPO, WORK, Monitor, fill_library, gen_jpegs, machine, median, random_model, say, write_json
 
 CLI = [sys.executable, "-c", "from retrieval.cli import main; main()"]
 QUERY = "a photo of a dog playing on the beach"
@@ -60,9 +63,10 @@ def ms(x: float) -> float:
 class Server:
     """``crossfind serve --port 0`` on ``lib``, stopped with SIGTERM."""
 
-    def __init__(self, lib: Path, model: str) -> None:
+    def __init__(self, lib: Path, model: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen([*CLI, "--library", str(lib), "serve", "--port", "0", "--model", model],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                     env={**os.environ, **(env or {})})
         assert self.proc.stderr is not None
         t0 = time.perf_counter()
         for line in self.proc.stderr:
@@ -206,6 +210,30 @@ def bench_vectors(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def rerank_side_by_side(cached: Server, uncached: Server, captions: list[str], n: int) -> dict[str, Any]:
+    """Text searches re-ranking 50 candidates, new captions, each sent to the server
+    with the image-memory cache and then to the one without (its own copy of the
+    library, so each caption is new to both); p50/p99 of each."""
+    lat: dict[str, list[float]] = {"cached": [], "uncached": []}
+    conns = {"cached": cached.conn(), "uncached": uncached.conn()}
+    for i in range(3):  # warm-up: sessions, allocator
+        for conn in conns.values():
+            get(conn, search_url(captions[-1 - i], k=10, candidates=50))
+    with Monitor() as mon:
+        for i in range(n):
+            for name, conn in conns.items():
+                status, body, sec = get(conn, search_url(captions[i], k=10, candidates=50))
+                assert status == 200 and json.loads(body)["reranked"], body[:200]
+                lat[name].append(sec)
+    for conn in conns.values():
+        conn.close()
+    out: dict[str, Any] = {}
+    for name in lat:
+        out[name] = {"requests": len(lat[name]), "p50_ms": ms(pct(lat[name], 50)), "p99_ms": ms(pct(lat[name], 99))}
+    out["others_cpu"] = mon.report()
+    return out
+
+
 def bench_shapes(args: argparse.Namespace) -> dict[str, Any]:
     from retrieval import Engine
     from retrieval.shapes import generate
@@ -219,20 +247,26 @@ def bench_shapes(args: argparse.Namespace) -> dict[str, Any]:
         with Engine.open(lib, model="shapes-tiny") as eng:
             eng.index_folder([scenes, photos])
         (root / ".built").write_text(json.dumps([r["caption"] for r in records]))
+    # As `crossfind index --rerank-features` prepares a library: the reranker's image memory of every image.
+    with Engine.open(lib, model="shapes-tiny") as eng:
+        t = time.perf_counter()
+        prepared = eng.rerank_features()
+        say(f"rerank features: {prepared} computed in {time.perf_counter() - t:.1f} s")
     captions = json.loads((root / ".built").read_text())
+    # A copy searched by a server with the cache off, side by side with the prepared library.
+    bare = root / "lib-nocache"
+    shutil.rmtree(bare, ignore_errors=True)
+    shutil.copytree(lib, bare, ignore=shutil.ignore_patterns("rerank-features", "serve.sock"))
     srv = Server(lib, "shapes-tiny")
+    off = Server(bare, "shapes-tiny", env={"CROSSFIND_RERANK_CACHE": "0"})
     res: dict[str, Any] = {"library": f"{args.scenes} generated scenes + {args.thumbs} 640x480 JPEGs, shapes-tiny"}
     try:
+        side = rerank_side_by_side(srv, off, captions, min(args.requests, len(captions) - 3))
+        res["rerank_50"], res["rerank_50_uncached"] = side["cached"], side["uncached"]
+        res["rerank_others_cpu"] = side["others_cpu"]
+        say(f"rerank, image memory cached: {res['rerank_50']}; computed: {res['rerank_50_uncached']}")
+        off.stop()
         conn = srv.conn()
-        for i in range(3):
-            get(conn, search_url(captions[-1 - i], k=10, candidates=50))
-        lat = []
-        for i in range(min(args.requests, len(captions) - 3)):
-            status, body, sec = get(conn, search_url(captions[i], k=10, candidates=50))
-            assert status == 200 and json.loads(body)["reranked"], body[:200]
-            lat.append(sec)
-        res["rerank_50"] = {"requests": len(lat), "p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99))}
-        say(f"rerank: {res['rerank_50']}")
         status, body, _ = get(conn, search_url("x", k=10000, rerank="false", path=str(photos) + "/*"))
         ids = [h["id"] for h in json.loads(body)["hits"]]
         first, cached, not_modified = [], [], []
@@ -255,6 +289,7 @@ def bench_shapes(args: argparse.Namespace) -> dict[str, Any]:
         conn.close()
     finally:
         srv.stop()
+        off.stop()
     return res
 
 

@@ -160,6 +160,30 @@ def test_onnx_reranker_equals_torch(exported):
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
 
 
+def test_onnx_cached_memory_scores_like_torch(exported):
+    """The ONNX reranker's two parts, the image memory rounded to float16 as
+    cached, against torch's whole reranker: the same order (but near-ties),
+    probabilities within 1e-4; ONNX and torch memory alike."""
+    from test_rerank_memory import same_order_but_ties
+
+    enc, reranker, onnx, onnx_reranker = exported
+    if reranker is None:
+        pytest.skip("this model has no reranker")
+    assert onnx_reranker.fingerprint == reranker.fingerprint  # both runtimes share one cache
+    _, tokens = enc.encode_images(enc.image_batch(sample_images()), with_tokens=True, token_layer=reranker.config.image_layer)
+    memory = onnx_reranker.image_memory(tokens)
+    assert memory.dtype == np.float16 and memory.shape == (len(tokens), *reranker.memory_shape)
+    np.testing.assert_allclose(memory.astype(np.float32), reranker.image_memory(tokens).astype(np.float32), atol=2e-2)
+    dual = np.linspace(0.1, 0.9, len(tokens)).astype(np.float32)
+    for text in ["a red circle left of a blue square", "a small green triangle", "x"]:
+        want = reranker.logits_images(text, tokens, dual_scores=dual)
+        got = onnx_reranker.logits_memory(text, memory, dual_scores=dual)
+        np.testing.assert_allclose(got, want, atol=2e-2, rtol=1e-3)
+        assert same_order_but_ties(want, got)
+        np.testing.assert_allclose(onnx_reranker.probability(got), reranker.probability(want), atol=1e-4)
+        np.testing.assert_array_equal(onnx_reranker.logits_images(text, tokens, dual_scores=dual), got)
+
+
 def _hits(res) -> list[tuple[int, float, float | None]]:
     return [(h.id, h.score, h.rerank_score) for h in res]
 
@@ -320,7 +344,7 @@ def test_search_process_preloads_the_sessions_it_runs(tmp_path, photo_dir, reran
     with_preload = search(lib)
     without = search(twin, patch="cli._preload_sessions = lambda *a: None")
     assert with_preload["out"]["hits"] and with_preload["out"] == without["out"]
-    parts = ["text.onnx", "reranker.onnx"] if rerank else ["text.onnx"]
+    parts = ["text.onnx", "rerank_cross.onnx", "rerank_image.onnx"] if rerank else ["text.onnx"]
     assert sorted(with_preload["made"]) == sorted([p, "crossfind-onnx-preload"] for p in parts)
     assert with_preload["left"] == 0
     assert sorted(p for p, _ in without["made"]) == sorted(parts)
@@ -328,7 +352,8 @@ def test_search_process_preloads_the_sessions_it_runs(tmp_path, photo_dir, reran
     # The same text again: its vector (and tokens) are kept, so the text tower is not loaded at all.
     again = search(lib)
     assert again["out"] == with_preload["out"] and again["left"] == 0
-    assert again["made"] == ([["reranker.onnx", "crossfind-onnx-preload"]] if rerank else [])
+    # The candidates' image memory is cached now: the reranker's image part is not loaded either.
+    assert again["made"] == ([["rerank_cross.onnx", "crossfind-onnx-preload"]] if rerank else [])
 
 
 def test_export_failure_falls_back_to_torch_and_says_so_once(tmp_path, tiny_model, photo_dir, caplog):
