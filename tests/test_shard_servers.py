@@ -91,3 +91,78 @@ def test_parse_servers() -> None:
     for bad in ("h1", "h1:x", ":9100", "", "h:70000"):
         with pytest.raises(ValueError):
             parse_servers(bad)
+
+
+def start_cli_server(lib, model: str, shards: str):
+    """``crossfind serve-shards`` in a subprocess on a free port; returns (process, port)."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from retrieval.cli import main; main()", "--library", str(lib), "serve-shards",
+         "--target", "texts", "--shards", shards, "--port", "0", "--model", model],
+        stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    found = re.search(r"on 127\.0\.0\.1:(\d+); Ctrl-C", line)
+    if not found:
+        proc.kill()
+        raise AssertionError(f"serve-shards did not start: {line}{proc.stderr.read()}")
+    return proc, int(found.group(1))
+
+
+def test_library_searches_its_shards_on_servers(tmp_path, tiny_model, capsys) -> None:
+    from click.testing import CliRunner
+
+    from retrieval import Engine, QueryError
+    from retrieval.cli import cli, main
+    from retrieval.scale import apply_index_memory
+
+    lib = tmp_path / "lib"
+    corpus = tmp_path / "words.txt"
+    corpus.write_text("".join(f"caption number {i} of a {['red', 'blue', 'green'][i % 3]} thing {i * 7 % 13}\n" for i in range(400)))
+    queries = ["caption number 17 of a blue thing", "a green thing 5", "number 300"]
+    with Engine.open(lib, model=tiny_model) as eng:
+        eng.add_texts(corpus)
+        full = [[(h.id, h.score) for h in eng.search_text(q, k=8, target="texts")] for q in queries]
+        with eng.writer():
+            (rep,) = apply_index_memory(eng.state(), "80K", shards=3, kinds=("texts",))
+        assert rep.compressed and rep.shards == 3
+    with Engine.open(lib, model=tiny_model) as eng:
+        assert eng.state().search_index("texts").kind == "ivfpq"
+        local = [[(h.id, h.score) for h in eng.search_text(q, k=8, target="texts")] for q in queries]
+    assert [[i for i, _ in r] for r in local] == [[i for i, _ in r] for r in full]  # 64 lists probed of 64: exact
+    a, port_a = start_cli_server(lib, tiny_model, "0,1")
+    b, port_b = start_cli_server(lib, tiny_model, "2")
+    try:
+        ok = CliRunner().invoke(cli, ["--library", str(lib), "set-shard-servers", f"127.0.0.1:{port_a},127.0.0.1:{port_b}",
+                                      "--target", "texts", "--model", tiny_model])
+        assert ok.exit_code == 0 and f"127.0.0.1:{port_a},127.0.0.1:{port_b}" in ok.output, ok.output
+        with Engine.open(lib, model=tiny_model) as eng:
+            index = eng.state().search_index("texts")
+            assert type(index).__name__ == "RemoteCompressedIndex" and len(index) == 400
+            remote = [[(h.id, h.score) for h in eng.search_text(q, k=8, target="texts")] for q in queries]
+            assert remote == local  # the same ids and the same scores
+            b.kill()
+            b.wait()
+            with pytest.raises(QueryError, match=rf"^shard server 127\.0\.0\.1:{port_b}: connection lost"):
+                eng.search_text(queries[0], k=8, target="texts")
+        # a fresh process: one line naming the server that is down, no traceback
+        with pytest.raises(SystemExit):
+            main(["--library", str(lib), "search", queries[0], "--target", "texts", "--model", tiny_model])
+        err = capsys.readouterr().err
+        assert f"shard server 127.0.0.1:{port_b}: " in err and "set-shard-servers none" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        # only shards 0 and 1 up: refused, not searched partially
+        ok = CliRunner().invoke(cli, ["--library", str(lib), "set-shard-servers", f"127.0.0.1:{port_a}", "--target", "texts", "--model", tiny_model])
+        assert ok.exit_code == 0
+        with Engine.open(lib, model=tiny_model) as eng, pytest.raises(Exception, match=r"missing \[2\]"):
+            eng.search_text(queries[0], k=8, target="texts")
+        CliRunner().invoke(cli, ["--library", str(lib), "set-shard-servers", "none", "--target", "texts", "--model", tiny_model])
+        with Engine.open(lib, model=tiny_model) as eng:
+            assert [[(h.id, h.score) for h in eng.search_text(q, k=8, target="texts")] for q in queries] == local
+    finally:
+        for proc in (a, b):
+            proc.kill()
+            proc.wait()
