@@ -382,6 +382,8 @@ class CompressedIndex:
 
     @property
     def nprobe(self) -> int:
+        if getattr(self.index, "remote", False):
+            return int(self.index.nprobe)
         ivf = self._first_ivf()
         return int(ivf.nprobe) if ivf is not None else 0
 
@@ -390,6 +392,9 @@ class CompressedIndex:
 
     def set_nprobe(self, nprobe: int) -> None:
         faiss = _faiss()
+        if getattr(self.index, "remote", False):  # index.remote.RemoteShards: the servers set it
+            self.index.set_nprobe(int(nprobe))
+            return
         for part in _parts(self.index):
             ivf = _ivf(part)
             ivf.nprobe = int(nprobe)
@@ -416,19 +421,14 @@ class CompressedIndex:
         return SearchResult(scores, ids)
 
     def _filtered(self, queries: np.ndarray, n: int, allowed: np.ndarray) -> np.ndarray:
-        """Candidates among ``allowed`` ids: each shard searched with an id
-        selector, the shards' lists merged by FAISS's ``ResultHeap``."""
-        faiss = _faiss()
-        allowed = np.unique(np.asarray(allowed, np.int64))
-        sel = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
-        heap = faiss.ResultHeap(len(queries), n)  # L2: smallest first
-        for part in _parts(self.index):
-            ivf = _ivf(part)
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=int(ivf.nlist))  # a narrow filter: every list
-            d, i = part.search(queries, n, params=params)
-            heap.add_result(d, i)
-        heap.finalize()
-        return heap.I
+        """Candidates among ``allowed`` ids: each shard (local, or on its
+        server) searched with an id selector, the lists merged by FAISS's
+        ``ResultHeap``."""
+        if getattr(self.index, "remote", False):
+            return self.index.search_filtered(queries, n, allowed)[1]  # type: ignore[no-any-return]
+        from .remote import filtered_candidates
+
+        return filtered_candidates(_parts(self.index), queries, n, allowed)[1]
 
     # ----------------------------------------------------------- building
     @classmethod

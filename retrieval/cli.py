@@ -764,6 +764,81 @@ def serve_cmd(ctx: click.Context, host: str, port: int, model: str | None, token
     run(obj.library, opts, echo=_stderr)
 
 
+TRUSTED_ONLY = ("It speaks faiss.contrib.client_server's protocol: pickle over plain TCP, no authentication or "
+                "encryption, so anyone who can reach the port can feed it data to unpickle. Run it on a trusted "
+                "private network only; the default address is loopback.")
+
+
+def _shard_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not a list of shard numbers: {text!r} (example: 0,1)", param_hint="--shards") from None
+
+
+@cli.command("serve-shards", help=f"""Serve shard files of the compressed index to other machines' searches.
+
+Opens the chosen shard files of the model's compressed index (built by
+`crossfind index PATH --index-memory SIZE --shards N`) memory-mapped and
+answers `crossfind set-shard-servers` clients until stopped (Ctrl-C).
+
+{TRUSTED_ONLY}
+
+\b
+Example:
+  crossfind serve-shards --shards 0,1 --host 10.0.0.5 --port 9100   # on machine A
+  crossfind serve-shards --shards 2,3 --host 10.0.0.6 --port 9100   # on machine B
+""")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (a trusted network's only).")
+@click.option("--port", type=click.IntRange(0, 65535), default=9100, show_default=True, help="TCP port (0: any free port).")
+@click.option("--shards", "shards", metavar="LIST", help="Shard numbers to serve, e.g. 0,1 (default: all).")
+@click.option("--target", type=click.Choice(["images", "texts"]), default="images", show_default=True, help="Which index.")
+@model_option
+@click.pass_context
+def serve_shards_cmd(ctx: click.Context, host: str, port: int, shards: str | None, target: str, model: str | None) -> None:
+    from .shard_servers import serve_shards
+
+    with _engine(ctx, model) as eng:
+        svc = serve_shards(eng.state(), target, _shard_list(shards), host=host, port=port)
+        _stderr(f"serving {target} shards {','.join(map(str, svc.info['shards']))} of {svc.info['of']} "
+                f"({int(svc.index.ntotal)} vectors) on {svc.host}:{svc.port}; Ctrl-C to stop")
+        try:
+            svc.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            svc.close()
+
+
+@cli.command("set-shard-servers", help=f"""Search the compressed index's shards on these servers.
+
+SERVERS is HOST:PORT,HOST:PORT,... (each running `crossfind serve-shards`,
+every shard served once among them), or `none` to search the local shard
+files again. Searches then take their candidates from the servers and
+re-score them exactly from this library's float16 sidecar, as locally.
+{TRUSTED_ONLY.replace("It speaks", "The servers speak")}
+
+\b
+Example:
+  crossfind set-shard-servers 10.0.0.5:9100,10.0.0.6:9100
+  crossfind set-shard-servers none
+""")
+@click.argument("servers")
+@click.option("--target", type=click.Choice(["images", "texts"]), default="images", show_default=True, help="Which index.")
+@model_option
+@no_wait_option
+@click.pass_context
+def set_shard_servers_cmd(ctx: click.Context, servers: str, target: str, model: str | None, no_wait: bool) -> None:
+    from .scale import set_shard_servers
+
+    with _engine(ctx, model) as eng, _writer(eng, no_wait):
+        names = set_shard_servers(eng.state(), servers, kind=target)
+        spec = eng.model_spec
+    click.echo(f"{target} shard servers for {spec}: {','.join(names) or 'none (local shard files)'}")
+
+
 @cli.command("eval")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @model_option

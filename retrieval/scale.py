@@ -79,9 +79,16 @@ def in_step(slot: ModelSlot, kind: str) -> bool:
 
 
 def open_scaled(slot: ModelSlot, kind: str) -> Any:
-    """``kind``'s compressed index, memory-mapped, or ``None`` when there is none in step."""
+    """``kind``'s compressed index, memory-mapped, or ``None`` when there is none
+    in step; its shards searched on the servers of :func:`set_shard_servers` when
+    there are some (a server down: :class:`LibraryError`)."""
     if not in_step(slot, kind):
         return None
+    servers = shard_servers(slot, kind)
+    if servers:
+        from .shard_servers import open_remote
+
+        return open_remote(slot, kind, servers)
     from .index.compressed import CompressedIndex
 
     try:
@@ -89,6 +96,47 @@ def open_scaled(slot: ModelSlot, kind: str) -> Any:
     except (OSError, RuntimeError, ValueError) as exc:
         LOG.warning("the compressed %s index could not be opened, searching the full one: %s", kind, exc)
         return None
+
+
+def _servers_key(slot: ModelSlot, kind: str) -> str:
+    return f"shard-servers:{slot.spec.spec}:{kind}"
+
+
+def shard_servers(slot: ModelSlot, kind: str) -> list[tuple[str, int]]:
+    """The ``(host, port)`` of the shard servers remembered for ``kind`` (none: search locally)."""
+    from .index.remote import parse_servers
+
+    text = slot.store.get_setting(_servers_key(slot, kind))
+    return parse_servers(text) if text else []
+
+
+def set_shard_servers(slot: ModelSlot, servers: str, kind: str = "images") -> list[str]:
+    """Remember the servers (``"HOST:PORT,HOST:PORT"``, every shard of
+    ``kind``'s compressed index served once among them; ``"none"``: search
+    the local shard files again) that searches of ``kind`` use; returns them."""
+    from .index.remote import parse_servers
+
+    if servers.strip().lower() == "none":
+        addrs: list[tuple[str, int]] = []
+    else:
+        try:
+            addrs = parse_servers(servers)
+        except ValueError as exc:
+            raise LibraryError(str(exc)) from None
+    names = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addrs]
+    slot.store.set_setting(_servers_key(slot, kind), ",".join(names))
+    slot.store.commit()
+    slot._mapped.pop(kind, None)  # this process opens the index the new way on its next search
+    return names
+
+
+def marker(slot: ModelSlot, kind: str) -> dict[str, Any] | None:
+    """What the build of ``kind``'s compressed index recorded (plan, shards, generation), or ``None``."""
+    try:
+        mark = json.loads(_marker(slot, kind).read_text())
+    except (OSError, ValueError):
+        return None
+    return mark if isinstance(mark, dict) else None
 
 
 def check_memory(memory: str) -> None:
