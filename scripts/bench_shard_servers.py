@@ -59,7 +59,7 @@ def main() -> None:
     stem = args.out / f"n{args.n}-s{args.shards}"
     if not stem.with_name(stem.name + ".f16.npy").exists():
         plan = plan_index(args.n, args.dim, args.n * args.dim)  # a quarter of float32: compressed
-        sample = next(stream(min(args.n, 65_536), args.dim, 65_536, seed=7))
+        sample = next(stream(min(args.n, 262_144), args.dim, 262_144, seed=7))  # as bench_scale: two-level training wants ~100 a list
         t = time.perf_counter()
         CompressedIndex.build(plan, np.arange(args.n, dtype=np.int64), stream(args.n, args.dim, 50_000), stem, sample, shards=args.shards)
         say(f"built {plan.factory} in {time.perf_counter() - t:.0f} s")
