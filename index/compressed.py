@@ -8,7 +8,7 @@ lists follow ``4*sqrt(n)``, the coarse quantizer is an HNSW graph so probing
 65k lists costs well under a millisecond).
 
 A PQ code ranks candidates, it does not score them: :class:`CompressedIndex`
-asks the PQ index for ``default_rescore(n) * k`` (20k up to 1M vectors, 100k at 10M) candidates and scores those exactly
+asks the PQ index for ``default_rescore(n) * k`` (20k up to 1M vectors, 150k at 10M) candidates and scores those exactly
 against the vectors in a memory-mapped float16 sidecar (``*.f16.npy``, rows in
 ascending id order, ids in ``*.ids.npy``). The sidecar is derived from the
 store's durable float32 vectors and rebuilt with the index; float16 halves the
@@ -54,21 +54,21 @@ PQ_CHOICES = (64, 48, 32, 24, 16, 8)
 INDEX_SHARE = 0.5
 #: Candidates re-scored per result wanted, up to 1M vectors (200 for k=10:
 #: recall@10 0.95-0.97 at 1M synthetic vectors where 100 gave 0.88-0.90),
-#: growing with the index to MAX_RESCORE at 10M (1,000 for k=10: 0.936 at
-#: nprobe 16, where 200 gave 0.73 at any nprobe); docs/benchmarks.md.
+#: growing with the index to MAX_RESCORE at 10M (1,500 for k=10: 0.937 at
+#: nprobe 12, where 200 gave 0.73 at any nprobe); docs/benchmarks.md.
 RESCORE = 20
-MAX_RESCORE = 100
+MAX_RESCORE = 150
 #: Vectors sampled to train OPQ, the coarse quantizer and the PQ codebooks.
 TRAIN_SAMPLE = 262_144
 #: Past this many lists the coarse quantizer is trained by 2-level k-means
 #: (``faiss.contrib.clustering``): sqrt(nlist) clusters, then each split.
 TWO_LEVEL_FROM = 1024
-#: Lists probed: PROBE_BUDGET / nlist, kept within [MIN_PROBE, MAX_PROBE]: 64 up
-#: to 4,096 lists (1M vectors), 16 at 16,384 (10M), where probing more lists
-#: gained little recall (0.73 -> 0.75 from 16 to 64) next to re-scoring deeper
-#: and cost time linearly (29 -> 96 ms a query).
-PROBE_BUDGET = 262_144
-MIN_PROBE = 16
+#: Lists probed: MAX_PROBE up to PROBE_FULL_UNTIL lists (1M vectors), then
+#: fewer, to 12 at 16,384 (10M), where probing more lists gained little recall
+#: (0.73 -> 0.75 from 16 to 64 lists at 200 re-scored) next to re-scoring
+#: deeper, and cost time linearly (29 -> 96 ms a query); never below MIN_PROBE.
+PROBE_FULL_UNTIL = 4096
+MIN_PROBE = 8
 MAX_PROBE = 64
 #: Below this many vectors the index is never compressed (8-bit PQ codebooks
 #: need 256 training vectors; such an index is small whatever the budget).
@@ -149,12 +149,13 @@ def plan_index(n: int, dim: int, memory: int | str | None = None) -> IndexPlan:
 
 def default_nprobe(nlist: int) -> int:
     """Lists a search probes by default (see :data:`PROBE_BUDGET`)."""
-    return min(nlist, max(MIN_PROBE, min(MAX_PROBE, PROBE_BUDGET // max(1, nlist))))
+    scaled = MAX_PROBE * min(1.0, PROBE_FULL_UNTIL / max(1, nlist)) ** 1.2
+    return min(nlist, max(MIN_PROBE, int(round(scaled))))
 
 
 def default_rescore(n: int) -> int:
     """Candidates re-scored per result wanted for an index of ``n`` vectors (see :data:`RESCORE`)."""
-    return int(min(MAX_RESCORE, max(RESCORE, round(RESCORE * (n / 1_000_000) ** 0.7))))
+    return int(min(MAX_RESCORE, max(RESCORE, round(RESCORE * (n / 1_000_000) ** 0.875))))
 
 
 def _ivf(index: Any) -> Any:

@@ -217,9 +217,9 @@ def test_cli_index_memory_option(tmp_path, tiny_model, photo_dir, capsys) -> Non
 
 
 def test_search_defaults_follow_the_measured_settings():
-    """nprobe stays 64 up to 4,096 lists and falls to 16 at 16,384 (10M vectors);
-    re-scoring deepens from 20k candidates at 1M to 100k at 10M (docs/benchmarks.md)."""
+    """nprobe stays 64 up to 4,096 lists and falls to 12 at 16,384 (10M vectors);
+    re-scoring deepens from 20k candidates at 1M to 150k at 10M (docs/benchmarks.md)."""
     from retrieval.index.compressed import default_nprobe, default_rescore
 
-    assert [default_nprobe(n) for n in (8, 1024, 4096, 8192, 16384, 65536)] == [8, 64, 64, 32, 16, 16]
-    assert [default_rescore(n) for n in (1_000, 1_000_000, 2_000_000, 10_000_000, 10**9)] == [20, 20, 32, 100, 100]
+    assert [default_nprobe(n) for n in (8, 1024, 4096, 8192, 16384, 65536)] == [8, 64, 64, 28, 12, 8]
+    assert [default_rescore(n) for n in (1_000, 1_000_000, 2_000_000, 10_000_000, 10**9)] == [20, 20, 37, 150, 150]
