@@ -194,13 +194,15 @@ def apply_index_memory(slot: ModelSlot, memory: str | None = None, shards: int |
             reports.append(ScaleReport(kind, n, plan.factory, True, nshards, False))
             continue
         generation = slot.files.saved_generation(kind)
-        ids, vecs, _ = store.vectors(slot.row.id, kind)
+        # The vectors stream from the store chunk by chunk: the build never holds them all.
+        ids = store.vector_ids(slot.row.id, kind)
         rng = np.random.default_rng(0)
-        sample = vecs if len(vecs) <= TRAIN_SAMPLE else vecs[np.sort(rng.choice(len(vecs), TRAIN_SAMPLE, replace=False))]
+        picked = ids if len(ids) <= TRAIN_SAMPLE else ids[np.sort(rng.choice(len(ids), TRAIN_SAMPLE, replace=False))]
+        sample = store.vectors_by_id(slot.row.id, kind, picked)
         _remove(slot, kind)
         LOG.info("building the compressed %s index %s for %d vectors in %d shard(s)", kind, plan.factory, n, nshards)
-        CompressedIndex.build(plan, ids, (vecs[s : s + BUILD_CHUNK] for s in range(0, len(vecs), BUILD_CHUNK)),
-                              stem(slot, kind), sample, shards=nshards)
+        chunks = (store.vectors_by_id(slot.row.id, kind, ids[s : s + BUILD_CHUNK]) for s in range(0, len(ids), BUILD_CHUNK))
+        CompressedIndex.build(plan, ids, chunks, stem(slot, kind), sample, shards=nshards)
         mark = {"generation": generation, "library": store.library_id, "plan": plan.factory, "shards": nshards, "vectors": n}
         tmp = _marker(slot, kind).with_suffix(".tmp")
         tmp.write_text(json.dumps(mark) + "\n")

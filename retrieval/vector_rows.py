@@ -77,6 +77,24 @@ class VectorRows:
         mat = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim) if ids else np.empty((0, dim), np.float32)
         return np.asarray(ids, np.int64), mat, empty
 
+    def vector_ids(self, model_id: int, kind: str) -> np.ndarray:
+        """Ascending ids of a model's rows of ``kind`` that keep a whole vector
+        (the ids :meth:`vectors` returns, without reading the vectors)."""
+        table, item = _vector_table(kind)
+        dim = self.session.scalar(select(Model.dim).where(Model.id == model_id)) or 0
+        q = select(item).where(table.model_id == model_id, func.length(table.vector) == 4 * dim).order_by(item)
+        return np.fromiter(self.session.scalars(q), dtype=np.int64)
+
+    def vectors_by_id(self, model_id: int, kind: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The float32 vectors of ``ids`` (rows that keep one), ``(len(ids), dim)`` in the order given."""
+        table, item = _vector_table(kind)
+        got: dict[int, bytes] = {}
+        for part in chunks([int(i) for i in ids]):
+            q = select(item, table.vector).where(table.model_id == model_id, item.in_(part))
+            got.update({i: b for i, b in self.session.execute(q)})
+        flat = np.frombuffer(b"".join(got[int(i)] for i in ids), dtype=np.float32)
+        return flat.reshape(len(ids), -1) if len(ids) else flat.reshape(0, 0)
+
     def count_vectors(self, model_id: int, kind: str) -> int:
         table, _ = _vector_table(kind)
         return int(self.session.scalar(select(func.count()).select_from(table).where(table.model_id == model_id)) or 0)

@@ -158,7 +158,7 @@ def test_id_bounds_split_evenly() -> None:
         id_bounds(np.arange(5), 0)
 
 
-def test_index_memory_budget_builds_and_searches_a_compressed_index(tmp_path, tiny_model) -> None:
+def test_index_memory_budget_builds_and_searches_a_compressed_index(tmp_path, tiny_model, backend) -> None:
     from retrieval import Engine
     from retrieval.scale import apply_index_memory, in_step
 
