@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import LibraryError
-from .pipeline import Outcome
+from .pipeline import Outcome, ordered_batches
 
 
 def decode_batch(batch: dict[str, np.ndarray], prepare: Callable[[Any], np.ndarray], min_size: int,
@@ -129,30 +128,15 @@ def decoded_in_processes(
 
     # spawn: the parent may hold a CUDA context and threads, which fork would copy half-made
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    pending: deque[tuple[Sequence[Any], Future[dict[str, np.ndarray]]]] = deque()
-    starts = iter(range(0, len(rows), chunk))
-    try:
-        def fill() -> None:
-            while len(pending) < 2 * workers:
-                start = next(starts, None)
-                if start is None:
-                    return
-                part = rows[start : start + chunk]
-                batch = {"id": np.asarray([r.id for r in part], np.int64),
-                         "path": np.asarray([os.fsencode(r.path) for r in part], dtype=object)}
-                pending.append((part, pool.submit(decode_batch, batch, prepare, min_size, shape)))
 
-        fill()
-        ready: deque[Outcome[Any, tuple[Decoded, np.ndarray]]] = deque()
-        while pending or ready:
-            while pending and len(ready) < batch_size:
-                part, fut = pending.popleft()
-                ready.extend(_outcomes(part, fut.result()))
-                fill()
-            yield [ready.popleft() for _ in range(min(batch_size, len(ready)))]
+    def submit(part: list[Any]) -> Future[dict[str, np.ndarray]]:
+        batch = {"id": np.asarray([r.id for r in part], np.int64),
+                 "path": np.asarray([os.fsencode(r.path) for r in part], dtype=object)}
+        return pool.submit(decode_batch, batch, prepare, min_size, shape)
+
+    try:
+        yield from ordered_batches(rows, submit, _outcomes, chunk, 2 * workers, batch_size)
     finally:
-        for _, fut in pending:
-            fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -15,7 +15,7 @@ import itertools
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Generic, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -58,6 +58,46 @@ def _call_all(fn: Callable[[T], R], items: list[T], errors: tuple[type[BaseExcep
     return [_call(fn, item, errors) for item in items]
 
 
+def ordered_batches(
+    items: Iterable[T],
+    submit: Callable[[list[T]], Future[Any]],
+    finish: Callable[[list[T], Any], list[Outcome[T, R]]],
+    chunk: int,
+    ahead: int,
+    batch_size: int,
+) -> Iterator[list[Outcome[T, R]]]:
+    """Yield lists of ``batch_size`` outcomes in input order: ``items`` go to
+    ``submit`` (a pool's task) ``chunk`` at a time, at most ``ahead`` chunks in
+    flight, and ``finish(chunk, its task's result)`` turns each into outcomes.
+    Chunks not yet started when the consumer stops are cancelled."""
+    it = iter(items)
+    pending: deque[tuple[list[T], Future[Any]]] = deque()
+    exhausted = False
+
+    def fill() -> None:
+        nonlocal exhausted
+        while not exhausted and len(pending) < ahead:
+            part = list(itertools.islice(it, chunk))
+            if len(part) < chunk:
+                exhausted = True
+            if not part:
+                return
+            pending.append((part, submit(part)))
+
+    try:
+        fill()
+        ready: deque[Outcome[T, R]] = deque()
+        while pending or ready:
+            while pending and len(ready) < batch_size:
+                part, fut = pending.popleft()
+                ready.extend(finish(part, fut.result()))
+                fill()
+            yield [ready.popleft() for _ in range(min(batch_size, len(ready)))]
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+
+
 def load_batches(
     items: Sequence[T] | Iterable[T],
     load: Callable[[T], R],
@@ -75,30 +115,9 @@ def load_batches(
     # thread more than decoding costs a worker when there are many workers.
     chunk = max(1, min(16, batch_size // (2 * workers)))
     ahead = (batch_size * 2 + workers + chunk - 1) // chunk  # chunks in flight
-    pending: deque[Future[list[Outcome[T, R]]]] = deque()
-    it = iter(items)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crossfind-load")
     try:
-        exhausted = False
-
-        def fill() -> None:
-            nonlocal exhausted
-            while not exhausted and len(pending) < ahead:
-                part = list(itertools.islice(it, chunk))
-                if len(part) < chunk:
-                    exhausted = True
-                if not part:
-                    return
-                pending.append(pool.submit(_call_all, load, part, errors))
-
-        fill()
-        ready: deque[Outcome[T, R]] = deque()
-        while pending or ready:
-            while pending and len(ready) < batch_size:
-                ready.extend(pending.popleft().result())
-                fill()
-            yield [ready.popleft() for _ in range(min(batch_size, len(ready)))]
+        yield from ordered_batches(items, lambda part: pool.submit(_call_all, load, part, errors),
+                                   lambda _, outcomes: outcomes, chunk, ahead, batch_size)
     finally:
-        for fut in pending:
-            fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
