@@ -91,26 +91,33 @@ def _threads() -> int:
 
 
 def _session(path: Path, threads: int | None = None) -> Any:
-    pre = _take_preloaded(path, threads or _threads())
+    pre = _take_preloaded(path)
     if pre is not None:
         return pre
     return _new_session(path, threads)
 
 
-def _new_session(path: Path, threads: int | None = None) -> Any:
+def _new_session(path: Path, threads: int | None = None, prepack: bool = True) -> Any:
+    """A CPU session of the graph at ``path``. Without ``prepack`` the weights
+    stay where ONNX Runtime mapped them instead of being copied into packed
+    matrices: a session of the ViT-B-32 text tower starts in 0.04 s instead of
+    0.18 s and then runs a query as fast, the right trade for a process that
+    encodes one text (not for indexing, whose batches gain from packing)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or _threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 # Sessions a search process starts loading before it has opened the library
-# (see :func:`preload`), by (file, threads): each is handed out once.
-_preloaded: dict[tuple[str, int], Any] = {}
-_pending: dict[tuple[str, int], threading.Event] = {}
+# (see :func:`preload`), by file: each is handed out once.
+_preloaded: dict[str, Any] = {}
+_pending: dict[str, threading.Event] = {}
 
 
 def preload(library_dir: Path, spec: str, parts: Sequence[str] = ("text",)) -> threading.Thread | None:
@@ -123,7 +130,10 @@ def preload(library_dir: Path, spec: str, parts: Sequence[str] = ("text",)) -> t
     store; :func:`_session` then takes the session instead of making one
     (waiting for it when it is still loading). It changes nothing else: a
     session the process never asks for goes with the process, and a failure
-    here is left for the ordinary path to meet, and report, again.
+    here is left for the ordinary path to meet, and report, again. The text
+    session is made for the one text such a process encodes: one thread and no
+    weight prepacking (see :func:`_new_session`), which starts it and runs the
+    query in 0.1 s instead of 0.15-0.26 s for ViT-B-32 on two busy cores.
     """
     if not onnx_enabled(None):
         return None
@@ -133,9 +143,14 @@ def preload(library_dir: Path, spec: str, parts: Sequence[str] = ("text",)) -> t
     where = find_export(Path(library_dir), ms, export_key(ms, weights_fingerprint(ms)))
     if where is None:
         return None
+    return preload_export(where, parts)
+
+
+def preload_export(where: Path, parts: Sequence[str] = ("text",)) -> threading.Thread:
+    """:func:`preload` of the export folder ``where``."""
     manifest = json.loads((where / MANIFEST).read_text())
-    threads = _threads()
-    keys = [(str(where / manifest[p]), threads) for p in parts if manifest.get(p)]
+    keys = [str(where / manifest[p]) for p in parts if manifest.get(p)]
+    text = str(where / manifest["text"]) if manifest.get("text") else None
     # The thread keeps its own references: _take_preloaded may pop an event
     # from _pending before the session is ready, and waits on that event.
     events = {key: threading.Event() for key in keys}
@@ -144,7 +159,8 @@ def preload(library_dir: Path, spec: str, parts: Sequence[str] = ("text",)) -> t
     def load() -> None:
         for key in keys:
             try:
-                _preloaded[key] = _new_session(Path(key[0]), threads)
+                one_text = key == text
+                _preloaded[key] = _new_session(Path(key), 1 if one_text else None, prepack=not one_text)
             except Exception:  # noqa: BLE001 - the ordinary path tries again and reports it
                 pass
             finally:
@@ -155,8 +171,8 @@ def preload(library_dir: Path, spec: str, parts: Sequence[str] = ("text",)) -> t
     return thread
 
 
-def _take_preloaded(path: Path, threads: int) -> Any:
-    key = (str(path), threads)
+def _take_preloaded(path: Path) -> Any:
+    key = str(path)
     done = _pending.pop(key, None)
     if done is None:
         return None

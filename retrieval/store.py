@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from .dialect import AdvisoryLock, glob_match, is_database_url, mask_url
 from .errors import LibraryError
 from .history_rows import HistoryRows
+from .revision import head_revision
 from .schema import CHUNK, Base, FsPath, Image, ImageVector, Model, Query, Result, Setting, TextItem, TextVector, chunks, utcnow
 from .vector_rows import VectorRows
 
@@ -116,29 +117,6 @@ def alembic_config(engine: SAEngine | None = None) -> Any:
         cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=True).replace("%", "%%"))
         cfg.attributes["engine"] = engine
     return cfg
-
-
-def head_revision() -> str | None:
-    """The newest revision in ``migrations/versions``, read from the revision
-    files' ``revision``/``down_revision`` lines without loading Alembic: the one
-    revision no other revises. None when that is not a single one (Alembic decides)."""
-    import re
-    from importlib.resources import files
-
-    revisions: set[str] = set()
-    parents: set[str] = set()
-    for entry in files("retrieval.migrations").joinpath("versions").iterdir():
-        if not entry.name.endswith(".py"):
-            continue
-        text = entry.read_text()
-        rev = re.search(r"""^revision\s*(?::[^=]*)?=\s*["']([^"']+)["']""", text, re.M)
-        down = re.search(r"""^down_revision\s*(?::[^=]*)?=\s*(.+)$""", text, re.M)
-        if rev is None or down is None:
-            return None
-        revisions.add(rev.group(1))
-        parents.update(re.findall(r"""["']([^"']+)["']""", down.group(1)))
-    heads = revisions - parents
-    return heads.pop() if len(heads) == 1 else None
 
 
 def _current_revision(engine: SAEngine) -> str | None:

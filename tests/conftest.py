@@ -119,7 +119,7 @@ def _torch_unless_onnx_test(request, monkeypatch):
     """Tests outside tests/test_onnx.py run the torch encoders (CROSSFIND_ONNX=0):
     an ONNX export per test library would add seconds to each. test_onnx.py
     checks the ONNX path against torch, end to end."""
-    if request.module.__name__ != "test_onnx":
+    if request.module.__name__.rpartition(".")[2] not in ("test_onnx", "test_quick"):
         monkeypatch.setenv("CROSSFIND_ONNX", "0")
 
 

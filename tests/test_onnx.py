@@ -294,17 +294,17 @@ def test_preloaded_session_asked_for_before_it_is_ready(tmp_path, photo_dir, mon
         eng.index_folder(photo_dir)
     new, started, release = rt._new_session, threading.Event(), threading.Event()
 
-    def slow(path, threads=None):
+    def slow(path, threads=None, prepack=True):
         started.set()
         release.wait(10)
-        return new(path, threads)
+        return new(path, threads, prepack)
 
     monkeypatch.setattr(rt, "_new_session", slow)
     thread = rt.preload(lib, "shapes-tiny")
     assert thread is not None and started.wait(10)
-    (key,) = [k for k in rt._pending if "text" in k[0]]
+    (key,) = [k for k in rt._pending if "text" in k]
     got: list = []
-    taker = threading.Thread(target=lambda: got.append(rt._take_preloaded(Path(key[0]), key[1])))
+    taker = threading.Thread(target=lambda: got.append(rt._take_preloaded(Path(key))))
     taker.start()  # pops the event, then waits on it
     while key in rt._pending:
         threading.Event().wait(0.01)
@@ -325,8 +325,8 @@ def test_search_process_preloads_the_sessions_it_runs(tmp_path, photo_dir, reran
     probe = (
         "import sys, json, io, contextlib, threading\nimport retrieval.cli as cli, retrieval.onnx_runtime as rt\n"
         "made = []\nnew = rt._new_session\n"
-        "def counted(path, threads=None):\n"
-        "    made.append([path.name, threading.current_thread().name])\n    return new(path, threads)\n"
+        "def counted(path, threads=None, prepack=True):\n"
+        "    made.append([path.name, threading.current_thread().name])\n    return new(path, threads, prepack)\n"
         "rt._new_session = counted\n"
         "{patch}\n"
         "buf = io.StringIO()\n"
@@ -342,7 +342,7 @@ def test_search_process_preloads_the_sessions_it_runs(tmp_path, photo_dir, reran
         return _run(probe.format(args=repr(args), patch=patch))
 
     with_preload = search(lib)
-    without = search(twin, patch="cli._preload_sessions = lambda *a: None")
+    without = search(twin, patch="cli._preload_sessions = lambda *a: None\nimport os\nos.environ['CROSSFIND_QUICK'] = '0'")
     assert with_preload["out"]["hits"] and with_preload["out"] == without["out"]
     parts = ["text.onnx", "rerank_cross.onnx", "rerank_image.onnx"] if rerank else ["text.onnx"]
     assert sorted(with_preload["made"]) == sorted([p, "crossfind-onnx-preload"] for p in parts)
