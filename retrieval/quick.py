@@ -90,7 +90,12 @@ def quick_search(library: str | os.PathLike[str] | None, db: str | None, query: 
 
     if (database(db) if db is not None else default_database()) is not None:
         return None
-    lib = library_dir(library)
+    if library is not None and not os.fspath(library).strip():
+        return None  # the engine says what is wrong with it
+    try:
+        lib = library_dir(library)
+    except (OSError, RuntimeError):
+        return None
     path = lib / "library.db"
     if not (path.is_file() and os.access(lib, os.W_OK) and os.access(path, os.W_OK)) or (lib / "store.json").exists():
         return None
