@@ -28,7 +28,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -127,19 +127,13 @@ def _find(con: sqlite3.Connection, lib: Path, query: SearchQuery, model: str | N
     plan = _plan(con, lib, query, model)
     if plan is None:
         return None
-    if plan.kept is None:  # the session loads (ONNX Runtime, without the GIL) while FAISS imports and maps
-        from .onnx_runtime import preload_export
-
-        preload_export(plan.export, ("text",))
+    encoded = _encode_meanwhile(plan, query.text or "") if plan.kept is None else None
     index = _index(con, plan, query.target)
     if index is None:
         return None
-    if plan.kept is not None:
-        raw = plan.kept
-    else:
-        from .onnx_runtime import OnnxEncoder
-
-        raw = OnnxEncoder(plan.export, plan.spec).encode_texts([query.text or ""])[0]
+    raw = encoded() if encoded is not None else plan.kept
+    if raw is None:
+        return None
     v = np.sum([1.0 * raw], axis=0).astype(np.float32)  # as QueryEncoder.vector combines one part
     norm = float(np.linalg.norm(v))
     if norm < 1e-8:
@@ -158,6 +152,38 @@ def _find(con: sqlite3.Connection, lib: Path, query: SearchQuery, model: str | N
         for rank, i in enumerate((i for i in ids if i in rows), 1)
     ]
     return plan, hits, raw, {"encode": t1 - t0, "index": time.perf_counter() - t1}
+
+
+def _encode_meanwhile(plan: Plan, text: str) -> Callable[[], np.ndarray]:
+    """Start encoding ``text`` in a thread; the returned call waits for its vector.
+
+    The thread imports ONNX Runtime, loads the text session (one thread, no
+    prepacking: :func:`retrieval.onnx_runtime.preload_export`) and the
+    tokenizer, and runs the tower, which ONNX Runtime does without the GIL,
+    while this thread imports FAISS and maps the index."""
+    import threading
+
+    from .onnx_runtime import OnnxEncoder, preload_export
+
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            preload_export(plan.export, ("text",))
+            out["vector"] = OnnxEncoder(plan.export, plan.spec).encode_texts([text])[0]
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, name="crossfind-encode", daemon=True)
+    thread.start()
+
+    def result() -> np.ndarray:
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["vector"]
+
+    return result
 
 
 def _setting(con: sqlite3.Connection, key: str) -> str | None:
