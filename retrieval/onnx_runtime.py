@@ -36,7 +36,8 @@ TOKENIZER_CACHE = "bpe_ranks.marshal"
 ONNX_OPSET = 18
 #: What an export holds; part of its key, so a library's older exports are made again.
 #: 2: the reranker in two graphs (image memory, cross part) instead of one.
-EXPORT_VERSION = 2
+#: 3: the image tower with ONNX Runtime's attention fusions (and, pooling the class token, a last block for it alone).
+EXPORT_VERSION = 3
 
 
 def onnx_enabled(device: str | None) -> bool:
