@@ -21,6 +21,8 @@ import click
 from .errors import CrossfindError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import threading
+
     from .engine import Engine
     from .types import SearchQuery, SearchResult, Term
 
@@ -186,6 +188,7 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
                                "or write --ray=ADDRESS")
     if ray_address is not None:
         _quiet_ray()
+    loading = _preload_image_session(ctx, model) if ray_address is None else None
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
         if rerank_features and eng.reranker_for() is None and reranker_dir(parse_spec(eng.model_spec)) is None:
             raise click.UsageError(f"--rerank-features needs a reranker: {eng.model_spec} has none of its own; "
@@ -198,6 +201,8 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
             which = eng.reranker_for() or "the model's own reranker"
             _stderr(f"reranker features: {computed} computed for {which}")
         scaled = apply_index_memory(eng.state(), index_memory, shards, kinds=("images",))
+    if loading is not None:
+        loading.join()  # nothing was encoded: let it finish rather than exit under it
     for sr in scaled:
         if sr.compressed and not as_json:
             _stderr(f"{sr.kind}: compressed index {sr.plan} for {sr.vectors} vectors in {sr.shards} shard(s)"
@@ -361,11 +366,9 @@ def _preload_sessions(ctx: click.Context, q: SearchQuery, model: str | None) -> 
         if not db.is_file():
             return
         with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+            model = model or _default_model(con)
             if model is None:
-                row = con.execute("SELECT value FROM settings WHERE key = 'default_model'").fetchone()
-                if row is None:
-                    return
-                model = str(row[0])
+                return
             from .encoders import parse_spec
             from .rerank_files import reranker_dir
 
@@ -386,6 +389,41 @@ def _preload_sessions(ctx: click.Context, q: SearchQuery, model: str | None) -> 
             preload(lib, ms.spec, parts)
     except Exception:  # noqa: BLE001 - only a head start: the search itself meets and reports any problem
         return
+
+
+def _default_model(con: Any) -> str | None:
+    """The library's default model, read from its settings (``con``: sqlite3, read-only)."""
+    row = con.execute("SELECT value FROM settings WHERE key = 'default_model'").fetchone()
+    return None if row is None else str(row[0])
+
+
+def _preload_image_session(ctx: click.Context, model: str | None) -> threading.Thread | None:
+    """Start loading the image tower's ONNX session that ``crossfind index``
+    will encode with (``--model``, else the library's default, when its export
+    is in the library and no GPU takes the images) while this process imports
+    the rest, opens the library and scans: see :func:`retrieval.onnx_runtime.preload`.
+    Returns the loading thread, or None when nothing is preloaded."""
+    import contextlib
+    import sqlite3
+
+    from .locations import library_dir
+    from .onnx_runtime import gpu_visible, preload
+
+    obj = ctx.find_object(Ctx)
+    assert obj is not None
+    try:
+        if gpu_visible():
+            return None
+        lib = library_dir(obj.library)
+        if model is None:
+            db = lib / "library.db"
+            if not db.is_file():
+                return None
+            with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+                model = _default_model(con)
+        return preload(lib, model, ("image",)) if model is not None else None
+    except Exception:  # noqa: BLE001 - only a head start: indexing itself meets and reports any problem
+        return None
 
 
 def _print_paths(hits: list[dict[str, Any]], null: bool) -> None:
