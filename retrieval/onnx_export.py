@@ -18,6 +18,8 @@ This module imports torch: only indexing and the first search of a model use it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -358,13 +360,22 @@ def _fused(model: Any, heads: int, width: int) -> Any:
         levels = [lg.level for lg in loggers]
         for lg in loggers:  # it warns about shape inference it does not need here
             lg.setLevel(logging.ERROR)
+        said = io.StringIO()
         try:
-            out = optimizer.optimize_model(model, model_type="vit", num_heads=heads, hidden_size=width, opt_level=0)
+            with contextlib.redirect_stdout(said):  # it prints some failures (the JSON of `index --json` goes there)
+                out = optimizer.optimize_model(model, model_type="vit", num_heads=heads, hidden_size=width, opt_level=0)
         finally:
+            if said.getvalue().strip():
+                LOG.debug("ONNX Runtime's optimizer said: %s", said.getvalue().strip())
             for lg, level in zip(loggers, levels):
                 lg.setLevel(level)
         LOG.info("image tower fusions: %s", {k: v for k, v in out.get_fused_operator_statistics().items() if v})
-        return out.model
+        fused = out.model
+        if not any(o.domain == "com.microsoft" for o in fused.opset_import):  # the fused nodes' domain, declared
+            import onnx
+
+            fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        return fused
     except Exception as exc:  # noqa: BLE001 - the unfused graph is correct, only slower
         LOG.info("image tower left unfused: %s", exc)
         return model
