@@ -152,12 +152,15 @@ def _quiet_ray() -> None:
               help="Decode and encode through Ray Data (needs pip install 'crossfind[ray]'): on the Ray cluster at "
               "ADDRESS (HOST:PORT or ray://HOST:PORT), or with no ADDRESS (or 'auto') a running local cluster, else a "
               "new one on this machine. Put it after PATHS or write --ray=ADDRESS.")
+@click.option("--int8", is_flag=True, help="Encode with the image tower's weights in 8 bits (ONNX Runtime on the CPU): "
+              "about twice the images per second on CPUs with VNNI, vectors slightly different (made once per model).")
 @no_wait_option
 @json_option
 @click.pass_context
 def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exclude: tuple[str, ...], include_hidden: bool,
               batch_size: int | None, workers: int | None, checkpoint_seconds: float, prune: bool, rerank_features: bool,
-              index_memory: str | None, shards: int | None, ray_address: str | None, no_wait: bool, as_json: bool) -> None:
+              index_memory: str | None, shards: int | None, ray_address: str | None, int8: bool, no_wait: bool,
+              as_json: bool) -> None:
     """Index image files under PATHS (incremental: only new or changed files are encoded).
 
     Files that cannot be used (broken symlinks, unreadable or special files)
@@ -174,6 +177,7 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
       crossfind index ~/Pictures --model shapes-tiny --rerank-features   # the model's own reranker
       crossfind index ~/Pictures --rerank-features   # after: crossfind set-reranker hf-hub:Salesforce/blip-itm-base-coco
       crossfind index /data/catalogue --index-memory 4G --shards 4   # 10M+ images
+      crossfind index ~/Pictures --int8   # 8-bit image tower: faster, vectors slightly different
       crossfind index /shared/photos --ray                 # through Ray Data on this machine
       crossfind index /shared/photos --ray=10.0.0.5:6379   # on a Ray cluster (shared file system)
     """
@@ -188,14 +192,14 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
                                "or write --ray=ADDRESS")
     if ray_address is not None:
         _quiet_ray()
-    loading = _preload_image_session(ctx, model) if ray_address is None else None
+    loading = _preload_image_session(ctx, model) if ray_address is None and not int8 else None
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
         if rerank_features and eng.reranker_for() is None and reranker_dir(parse_spec(eng.model_spec)) is None:
             raise click.UsageError(f"--rerank-features needs a reranker: {eng.model_spec} has none of its own; "
                                    "choose a BLIP one with `crossfind set-reranker SPEC` first")
         rep = eng.index_folder(paths, exclude=exclude, include_hidden=include_hidden, batch_size=batch_size,
                                workers=workers, checkpoint_seconds=checkpoint_seconds, progress=not as_json, prune=prune,
-                               ray=ray_address)
+                               ray=ray_address, int8=int8)
         if rerank_features:
             computed = eng.rerank_features(progress=not as_json)
             which = eng.reranker_for() or "the model's own reranker"

@@ -235,6 +235,20 @@ class OnnxEncoder:
             self._sessions[part] = _session(self.folder / name, self.threads)
         return self._sessions[part]
 
+    def int8(self) -> OnnxEncoder:
+        """This export with its image tower's weights in 8 bits (made on first
+        use; see :mod:`retrieval.onnx_quant`): for index runs that ask for it."""
+        import copy
+
+        from .onnx_quant import int8_image
+
+        if not self.has_image:
+            raise KeyError(f"the ONNX export in {self.folder} has no image part")
+        other = copy.copy(self)
+        other.manifest = {**self.manifest, "image": int8_image(self.folder, self.manifest["image"])}
+        other._sessions = {k: v for k, v in self._sessions.items() if k != "image"}
+        return other
+
     def release(self) -> None:
         """Close every session (each is created again on its next use)."""
         self._sessions.clear()
