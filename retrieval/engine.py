@@ -256,7 +256,7 @@ class Engine:
         self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], exclude: Sequence[str] = (),
         include_hidden: bool = False, batch_size: int | None = None, workers: int | None = None,
         checkpoint_seconds: float = CHECKPOINT_SECONDS, progress: bool = False, prune: bool = False,
-        ray: RayOptions | str | None = None,
+        ray: RayOptions | str | None = None, int8: bool = False,
     ) -> IndexReport:
         """Index image files under ``paths`` incrementally; returns counts.
 
@@ -268,9 +268,9 @@ class Engine:
         or matched by a new ``exclude``) are kept and reported, or removed
         with ``prune``. See :mod:`retrieval.indexing`.
 
-        With ``ray`` (a cluster address, ``"auto"``, or :class:`~retrieval.ray_index.RayOptions`)
-        the files to encode are decoded and encoded through Ray Data, and the
-        vectors written here with the same checkpoints (:mod:`retrieval.ray_index`).
+        With ``ray`` (a cluster address, ``"auto"``, or :class:`~retrieval.ray_index.RayOptions`) the files to encode are
+        decoded and encoded through Ray Data, and the vectors written here with the same checkpoints (:mod:`retrieval.ray_index`).
+        ``int8`` encodes with an 8-bit image tower instead of float32 (:mod:`retrieval.onnx_quant`; never a default).
         """
         from .indexing import EncodeOptions, Indexer, ScanOptions
         from .ray_index import RayEncode
@@ -282,7 +282,7 @@ class Engine:
         state.row  # loads the model before anything is written
         self._mark_default(state)
         report = Indexer(self.store, state, _bars(progress), encode).run(
-            roots, ScanOptions(tuple(exclude), include_hidden, prune), EncodeOptions(batch_size, workers, checkpoint_seconds))
+            roots, ScanOptions(tuple(exclude), include_hidden, prune), EncodeOptions(batch_size, workers, checkpoint_seconds, int8))
         report.seconds = time.perf_counter() - t0
         return report
 

@@ -18,8 +18,11 @@ This module imports torch: only indexing and the first search of a model use it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import math
 import shutil
 import tempfile
 import warnings
@@ -125,8 +128,9 @@ def export_model(encoder: Encoder, library_dir: Path, key: str, reranker: Any = 
             if manifest["preprocess"] is not None:
                 size = encoder.image_size
                 outputs = ["vector", "tokens"] if layer is not None and encoder.has_tokens else ["vector"]
-                _export(_ImageTower(encoder, layer if len(outputs) == 2 else None),
-                        (torch.zeros(2, 3, size, size),), tmp / "image.onnx", ["pixels"], outputs, {"pixels": {0: "n"}})
+                tower, fuse = _image_tower(encoder, layer if len(outputs) == 2 else None)
+                _export(tower, (torch.zeros(2, 3, size, size),), tmp / "image.onnx", ["pixels"], outputs,
+                        {"pixels": {0: "n"}}, fuse=fuse)
                 manifest["image"] = "image.onnx"
                 manifest["image_tokens_layer"] = layer if len(outputs) == 2 else None
             if reranker is not None and layer is not None:
@@ -158,7 +162,10 @@ def _recent(path: Path, seconds: float = 3600.0) -> bool:
         return False
 
 
-def _export(module: Any, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict, dynamo: bool = False) -> None:
+def _export(module: Any, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict, dynamo: bool = False,
+            fuse: tuple[int, int] | None = None) -> None:
+    """Export ``module`` to ``path`` with its weights beside it; ``fuse``
+    (heads, width) runs ONNX Runtime's transformer fusions over the graph (see :func:`_fused`)."""
     import time
     t = time.perf_counter()
     module.eval()
@@ -173,6 +180,8 @@ def _export(module: Any, args: tuple, path: Path, inputs: list[str], outputs: li
     import onnx
 
     model = onnx.load(str(path))
+    if fuse is not None:
+        model = _fused(model, *fuse)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
     LOG.info("exported %s in %.1f s", path.name, time.perf_counter() - t)
@@ -181,15 +190,18 @@ def _export(module: Any, args: tuple, path: Path, inputs: list[str], outputs: li
 def _plain_blocks(model: Any) -> bool:
     """Whether the text tower is open_clip's usual stack of ResidualAttentionBlocks
     (then :class:`_TextTower` runs them itself and the fast TorchScript exporter works)."""
+    tr = getattr(model, "transformer", None)
+    return bool(tr is not None and getattr(tr, "batch_first", False) and _plain_stack(tr))
+
+
+def _plain_stack(tr: Any) -> bool:
+    """Whether ``tr``'s blocks are all open_clip's plain ResidualAttentionBlock
+    (one packed, biased input projection; no separate key/value norm)."""
     from open_clip.transformer import ResidualAttentionBlock
 
-    tr = getattr(model, "transformer", None)
-    return bool(
-        tr is not None and getattr(tr, "batch_first", False)
-        and all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
-                and isinstance(b.attn, nn.MultiheadAttention) and b.attn._qkv_same_embed_dim and b.attn.in_proj_bias is not None
-                for b in tr.resblocks)
-    )
+    return all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
+               and isinstance(b.attn, nn.MultiheadAttention) and b.attn._qkv_same_embed_dim and b.attn.in_proj_bias is not None
+               for b in tr.resblocks)
 
 
 def _block(blk: Any, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -239,6 +251,134 @@ class _TextTower(nn.Module):
         if proj is not None:
             pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
         return torch.nn.functional.normalize(pooled.float(), dim=-1), x.float(), words.float()
+
+
+def _image_tower(encoder: Encoder, layer: str | None) -> tuple[nn.Module, tuple[int, int] | None]:
+    """The module to export for the image tower, and (heads, width) when its
+    graph is one ONNX Runtime's transformer fusions apply to: open_clip's plain
+    VisionTransformer in float32 (then :class:`_VisionTower`), else :class:`_ImageTower`."""
+    from open_clip.transformer import VisionTransformer
+
+    vis = encoder.model.visual
+    parts = layer.split("+") if layer else []
+    tr = getattr(vis, "transformer", None)
+    plain = (type(vis) is VisionTransformer and vis.attn_pool is None and tr is not None and _plain_stack(tr)
+             and set(parts) <= {"embed", "final"} and all(p.dtype == torch.float32 for p in vis.parameters()))
+    if not plain or tr is None:
+        return _ImageTower(encoder, layer), None
+    attn = tr.resblocks[0].attn
+    return _VisionTower(encoder, layer), (int(attn.num_heads), int(attn.embed_dim))
+
+
+def _layer_norm(ln: Any, x: torch.Tensor) -> torch.Tensor:
+    # open_clip's LayerNorm casts back to the input's type: a Cast node the fusions do not expect.
+    return torch.nn.functional.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def _vision_block(blk: Any, x: torch.Tensor, length: int, first_only: bool) -> torch.Tensor:
+    """One ResidualAttentionBlock of an image tower, the same computation written
+    in the form ONNX Runtime's attention fusion recognises: separate query, key
+    and value projections, shapes constant but for the batch, the attention
+    output added to the residual (not the residual to it). ``first_only``:
+    the block's output at token 0 alone (keys and values still come from all
+    ``length`` tokens), all that a class-token pool reads of the last block."""
+    attn = blk.attn
+    width, heads = int(attn.embed_dim), int(attn.num_heads)
+    head = width // heads
+    wq, wk, wv = attn.in_proj_weight.chunk(3)
+    bq, bk, bv = attn.in_proj_bias.chunk(3)
+    h = _layer_norm(blk.ln_1, x)
+    rows = 1 if first_only else length
+    f = torch.nn.functional
+    q = f.linear(h[:, :1] if first_only else h, wq, bq).reshape(-1, rows, heads, head).permute(0, 2, 1, 3)
+    k = f.linear(h, wk, bk).reshape(-1, length, heads, head).permute(0, 2, 3, 1)
+    v = f.linear(h, wv, bv).reshape(-1, length, heads, head).permute(0, 2, 1, 3)
+    weights = torch.softmax(torch.matmul(q, k) / math.sqrt(head), dim=-1)
+    out = torch.matmul(weights, v).permute(0, 2, 1, 3).reshape(-1, rows, width)
+    x = blk.ls_1(attn.out_proj(out)) + (x[:, :1] if first_only else x)
+    return x + blk.ls_2(blk.mlp(_layer_norm(blk.ln_2, x)))
+
+
+class _VisionTower(nn.Module):
+    """pixels ``(n, 3, H, W)`` -> normalised vector (and patch tokens at ``layer``:
+    ``final``, ``embed`` or both), open_clip's VisionTransformer with its blocks
+    written out by :func:`_vision_block`.
+
+    Without tokens and with a class-token pool the last block runs for the
+    class token only: the other tokens' outputs of that block are never read
+    (about a fourteenth of the tower's work for ViT-B/32).
+    """
+
+    def __init__(self, encoder: Encoder, layer: str | None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.visual = encoder.model.visual
+        self.parts = layer.split("+") if layer else []
+
+    def forward(self, pixels: Any) -> Any:
+        vis = self.visual
+        seen: dict[str, torch.Tensor] = {}
+        hooks = []
+        try:
+            if "embed" in self.parts:
+                module, cut = self.encoder.token_source("embed")
+                hooks.append(module.register_forward_hook(lambda _m, _i, out: seen.__setitem__("embed", cut(out))))
+            x = vis._embeds(pixels)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        length = int(vis.positional_embedding.shape[0])
+        blocks = list(vis.transformer.resblocks)
+        first_only = not self.parts and vis.pool_type == "tok"
+        for i, blk in enumerate(blocks):
+            x = _vision_block(blk, x, length, first_only and i == len(blocks) - 1)
+        pooled, seen["final"] = vis._pool(x)
+        if vis.proj is not None:
+            pooled = pooled @ vis.proj
+        vector = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        if not self.parts:
+            return vector
+        tokens = [seen[part] for part in self.parts]
+        return vector, (tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=-1)).float()
+
+
+def _fused(model: Any, heads: int, width: int) -> Any:
+    """``model`` (an ONNX ModelProto of :class:`_VisionTower`) with ONNX
+    Runtime's transformer fusions applied: each block's attention becomes one
+    ``Attention`` node, GELU with its bias one ``BiasGelu``. The unfused model
+    when the optimizer fails: it computes the same, only slower."""
+    import os
+    import sys
+
+    try:
+        from onnxruntime.transformers import optimizer
+
+        # Its modules are imported under their own names (``fusion_attention``), not the package's.
+        home = os.path.dirname(optimizer.__file__)
+        loggers = [m.logger for m in list(sys.modules.values())
+                   if (getattr(m, "__file__", None) or "").startswith(home) and isinstance(getattr(m, "logger", None), logging.Logger)]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:  # it warns about shape inference it does not need here
+            lg.setLevel(logging.ERROR)
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(said):  # it prints some failures (the JSON of `index --json` goes there)
+                out = optimizer.optimize_model(model, model_type="vit", num_heads=heads, hidden_size=width, opt_level=0)
+        finally:
+            if said.getvalue().strip():
+                LOG.debug("ONNX Runtime's optimizer said: %s", said.getvalue().strip())
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+        LOG.info("image tower fusions: %s", {k: v for k, v in out.get_fused_operator_statistics().items() if v})
+        fused = out.model
+        if not any(o.domain == "com.microsoft" for o in fused.opset_import):  # the fused nodes' domain, declared
+            import onnx
+
+            fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        return fused
+    except Exception as exc:  # noqa: BLE001 - the unfused graph is correct, only slower
+        LOG.info("image tower left unfused: %s", exc)
+        return model
 
 
 class _ImageTower(nn.Module):

@@ -36,7 +36,8 @@ TOKENIZER_CACHE = "bpe_ranks.marshal"
 ONNX_OPSET = 18
 #: What an export holds; part of its key, so a library's older exports are made again.
 #: 2: the reranker in two graphs (image memory, cross part) instead of one.
-EXPORT_VERSION = 2
+#: 3: the image tower with ONNX Runtime's attention fusions (and, pooling the class token, a last block for it alone).
+EXPORT_VERSION = 3
 
 
 def onnx_enabled(device: str | None) -> bool:
@@ -249,6 +250,20 @@ class OnnxEncoder:
                 raise KeyError(f"the ONNX export in {self.folder} has no {part} part")
             self._sessions[part] = _session(self.folder / name, self.threads)
         return self._sessions[part]
+
+    def int8(self) -> OnnxEncoder:
+        """This export with its image tower's weights in 8 bits (made on first
+        use; see :mod:`retrieval.onnx_quant`): for index runs that ask for it."""
+        import copy
+
+        from .onnx_quant import int8_image
+
+        if not self.has_image:
+            raise KeyError(f"the ONNX export in {self.folder} has no image part")
+        other = copy.copy(self)
+        other.manifest = {**self.manifest, "image": int8_image(self.folder, self.manifest["image"])}
+        other._sessions = {k: v for k, v in self._sessions.items() if k != "image"}
+        return other
 
     def release(self) -> None:
         """Close every session (each is created again on its next use)."""

@@ -178,6 +178,8 @@ class RayEncode:
         return cls(ray if isinstance(ray, RayOptions) else RayOptions(address=ray))
 
     def __call__(self, store: Store, slot: ModelSlot, rows: list[Image], opts: EncodeOptions, bar: Any) -> int:
+        if opts.int8:
+            raise LibraryError("int8 encoding is for indexing in this process, not through Ray")
         if not rows:
             return 0  # nothing to encode: no cluster is started or reached
         with connected(self.opts.address) as ray:

@@ -237,6 +237,37 @@ def test_indexing_through_onnx_equals_torch(tmp_path, tiny_model, photo_dir, mon
     assert cosines(np.stack([vecs["0"][p] for p in paths]), np.stack([vecs["1"][p] for p in paths])).min() >= 0.9999
 
 
+def _indexed_vectors(eng) -> dict[str, np.ndarray]:
+    index = eng.state().images
+    ids = np.sort(index.ids())
+    paths = {r.id: r.path for r in eng.store.images_by_id(ids.tolist()).values()}
+    return {paths[i]: v for i, v in zip(ids.tolist(), index.reconstruct(ids))}
+
+
+def test_int8_indexing_is_opt_in_and_close(tmp_path, tiny_model, photo_dir, monkeypatch):
+    """--int8 encodes with a quantised twin of the image export, made in the export
+    folder on first use; vectors stay close to float32 ones; the default never makes it;
+    with torch encoding the images it is an error, not a silent float32 run."""
+    from retrieval.errors import LibraryError
+    from retrieval.onnx_quant import INT8_IMAGE
+
+    vecs = {}
+    for int8 in (False, True):
+        with Engine.open(tmp_path / f"lib{int8}", model=tiny_model) as eng:
+            rep = eng.index_folder(photo_dir, int8=int8)
+            assert (rep.encoded, rep.failed) == (12, 0)
+            made = list((tmp_path / f"lib{int8}").rglob(INT8_IMAGE))
+            assert len(made) == int(int8) and all((m.parent / (INT8_IMAGE + ".data")).is_file() for m in made)
+            vecs[int8] = _indexed_vectors(eng)
+    paths = sorted(vecs[False])
+    assert sorted(vecs[True]) == paths
+    cos = cosines(np.stack([vecs[False][p] for p in paths]), np.stack([vecs[True][p] for p in paths]))
+    assert cos.min() >= 0.98 and cos.max() < 1.0 - 1e-7  # close, and really another tower
+    monkeypatch.setenv("CROSSFIND_ONNX", "0")
+    with Engine.open(tmp_path / "torch", model=tiny_model) as eng, pytest.raises(LibraryError, match="int8"):
+        eng.index_folder(photo_dir, int8=True)
+
+
 def test_images_go_to_torch_where_a_gpu_is_visible(tmp_path, tiny_model, photo_dir, monkeypatch):
     """With a GPU visible and no device named, indexing encodes on torch (which
     puts it on the GPU); text queries stay on ONNX Runtime."""
