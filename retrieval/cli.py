@@ -897,10 +897,11 @@ def set_shard_servers_cmd(ctx: click.Context, servers: str, target: str, model: 
 @click.option("--no-rerank", is_flag=True, help="Report the dual encoder alone.")
 @click.option("--reranker", "reranker_spec", metavar="SPEC", help="Compare the dual encoder, this reranker alone and the fused "
               "score per candidate count, e.g. --reranker hf-hub:Salesforce/blip-itm-base-coco or local-dir:PATH.")
+@click.option("--int8", is_flag=True, help="Index FOLDER with the 8-bit image tower (as index --int8) to see what it costs in recall.")
 @json_option
 @click.pass_context
 def eval_cmd(ctx: click.Context, folder: str, model: str | None, annotations: str | None, candidates_list: str,
-             no_rerank: bool, reranker_spec: str | None, as_json: bool) -> None:
+             no_rerank: bool, reranker_spec: str | None, int8: bool, as_json: bool) -> None:
     """Measure Recall@1/5/10 (text->image, image->text) on a captioned folder.
 
     FOLDER is indexed into a temporary library of its own, so nothing else can
@@ -914,6 +915,7 @@ def eval_cmd(ctx: click.Context, folder: str, model: str | None, annotations: st
       python scripts/make_shapes.py --out /tmp/heldout --n 1000 --seed 7
       crossfind eval /tmp/heldout --model shapes-tiny --json
       crossfind eval /tmp/heldout --model shapes-tiny --candidates 16,32,64,128
+      crossfind eval /tmp/heldout --model shapes-tiny --int8     # recall with the 8-bit image tower
       crossfind eval ~/coco --annotations dataset_coco.json --model ViT-B-32:laion2b_s34b_b79k \\
           --reranker hf-hub:Salesforce/blip-itm-base-coco --candidates 16,32,64,128
     """
@@ -931,6 +933,8 @@ def eval_cmd(ctx: click.Context, folder: str, model: str | None, annotations: st
         raise click.BadParameter("give numbers from 1 to 10000, comma-separated, e.g. 16,32,64", param_hint="--candidates")
     if reranker_spec is not None and no_rerank:
         raise click.UsageError("--reranker and --no-rerank contradict each other")
+    if int8 and (reranker_spec is not None or len(sweep) > 1):
+        raise click.UsageError("--int8 measures one candidate count without --reranker")
     if reranker_spec is not None or (len(sweep) > 1 and not no_rerank):
         from .eval_rerank import evaluate_reranker
 
@@ -939,7 +943,7 @@ def eval_cmd(ctx: click.Context, folder: str, model: str | None, annotations: st
         return
     candidates = sweep[0]
     rep = evaluate(folder, model=model or "shapes-tiny", annotations=annotations, candidates=candidates,
-                   rerank=not no_rerank, progress=not as_json)
+                   rerank=not no_rerank, progress=not as_json, int8=int8)
     if as_json:
         _print_json(rep)
         return

@@ -92,8 +92,10 @@ def evaluate(
     candidates: int = 50,
     rerank: bool = True,
     progress: bool = False,
+    int8: bool = False,
 ) -> dict[str, Any]:
-    """Text→image and image→text Recall@1/5/10, dual encoder and re-ranked.
+    """Text→image and image→text Recall@1/5/10, dual encoder and re-ranked
+    (``int8``: the gallery indexed with the 8-bit image tower, as ``index --int8``).
 
     The folder is indexed into a temporary library of its own, so nothing
     else in a library can rank among the results. Returns ``{"t2i": {"R@1",
@@ -111,7 +113,7 @@ def evaluate(
                 fh.write(json.dumps({"text": p.caption, "id": str(i)}) + "\n")
         with Engine.open(Path(tmp) / "library", model=model, db="sqlite") as eng:
             images = sorted({p.image for p in pairs})
-            eng.index_folder([str(p) for p in images], progress=progress)
+            eng.index_folder([str(p) for p in images], progress=progress, int8=int8)
             eng.add_texts(corpus, corpus="eval", progress=progress)
             return _measure(eng, pairs, candidates, rerank)
 

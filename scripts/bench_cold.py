@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--large", type=int, default=50, help="4000x3000 JPEGs indexed")
     p.add_argument("--few", type=int, default=50, help="images in the small search library")
     p.add_argument("--big", type=int, default=100_000, help="rows in the large search library")
+    p.add_argument("--int8", action="store_true", help="also index with `crossfind index --int8` (8-bit image tower, opt-in)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: index,search,rerank, or big (the 100k search library)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -215,6 +217,10 @@ def main(argv: list[str] | None = None) -> None:
         say(f"new text queries with shapes-tiny and its reranker: {args.repeats}")
         res["search_rerank"] = alternate(args.repeats, {"crossfind": run_rr})
 
+    if "index" not in skip and args.int8:
+        from retrieval.onnx_quant import int8_image
+
+        int8_image(find_export(warm, ms, export_key(ms, weights_fingerprint(ms))), "image.onnx")  # made once, as a first --int8 run does
     if "index" not in skip:
         for kind, n in (("small", args.small), ("large", args.large)):
             if n <= 0:
@@ -226,20 +232,22 @@ def main(argv: list[str] | None = None) -> None:
                 wall, rss, _ = timed([rclip, "-f", "-t", "10", QUERY], cwd=folder, env=rclip_env(data))
                 return wall, rss
 
-            def run_cf_index(i: int, folder: Path = folder, n: int = n) -> tuple[float, float]:
+            def run_cf_index(i: int, folder: Path = folder, n: int = n, extra: tuple[str, ...] = ()) -> tuple[float, float]:
                 lib = work / "index-lib"
                 seed_library(lib, warm)
-                wall, rss, text = timed(crossfind(lib, "index", str(folder), "--model", spec, "--json"))
+                wall, rss, text = timed(crossfind(lib, "index", str(folder), "--model", spec, "--json", *extra))
                 assert json.loads(text)["added"] == n, text
                 return wall, rss
 
-            say(f"indexing {n} {kind} JPEGs: {args.repeats} x (rclip, crossfind)")
-            res[f"index_{kind}"] = r = alternate(args.repeats, {"rclip": run_rclip_index, "crossfind": run_cf_index})
+            runners = {"rclip": run_rclip_index, "crossfind": run_cf_index}
+            if args.int8:
+                runners["crossfind --int8"] = functools.partial(run_cf_index, extra=("--int8",))
+            say(f"indexing {n} {kind} JPEGs: {args.repeats} x ({', '.join(runners)})")
+            res[f"index_{kind}"] = r = alternate(args.repeats, runners)
             r["images"] = n
-            for tool in ("rclip", "crossfind"):
+            for tool in runners:
                 r[tool]["img_per_s"] = n / r[tool]["wall_s"]
-            say(f"  rclip {r['rclip']['img_per_s']:.2f} img/s {r['rclip']['rss_mib']:.0f} MiB; "
-                f"crossfind {r['crossfind']['img_per_s']:.2f} img/s {r['crossfind']['rss_mib']:.0f} MiB")
+            say("  " + "; ".join(f"{tool} {r[tool]['img_per_s']:.2f} img/s {r[tool]['rss_mib']:.0f} MiB" for tool in runners))
     out["total_s"] = time.perf_counter() - t0
     out["busy_after"] = machine()["busy"]
 
@@ -260,6 +268,10 @@ def main(argv: list[str] | None = None) -> None:
             a, b = r["rclip"], r["crossfind"]
             rows.append((f"index {r['images']} {kind}: img/s (whole process)", a["img_per_s"], b["img_per_s"], b["img_per_s"] / a["img_per_s"], target))
             rows.append((f"index {r['images']} {kind}: peak MiB", a["rss_mib"], b["rss_mib"], b["rss_mib"] / a["rss_mib"], "<= 1.2x"))
+            c = r.get("crossfind --int8")
+            if c:
+                rows.append((f"index {r['images']} {kind} --int8: img/s", a["img_per_s"], c["img_per_s"], c["img_per_s"] / a["img_per_s"], "opt-in"))
+                rows.append((f"index {r['images']} {kind} --int8: peak MiB", a["rss_mib"], c["rss_mib"], c["rss_mib"] / a["rss_mib"], "opt-in"))
     for what, a, b, ratio, target in rows:
         fa = f"{a:14.3f}" if a is not None else f"{'-':>14}"
         fr = f"{ratio:7.2f}x" if ratio is not None else f"{'-':>8}"

@@ -447,3 +447,28 @@ def test_mmap_index_searches_like_loaded(tmp_path, n):
     np.testing.assert_allclose(a.scores, b.scores)
     allowed = np.arange(n)[::7] * 3 + 1
     np.testing.assert_array_equal(loaded.search(q, 5, allowed=allowed).ids, mapped.search(q, 5, allowed=allowed).ids)
+
+
+def test_eval_int8_reports_recall_of_the_8bit_tower(tmp_path, tiny_model, monkeypatch):
+    """`crossfind eval --int8` indexes the gallery with the 8-bit image tower and
+    reports its recall; with a reranker list or --reranker it is refused."""
+    from click.testing import CliRunner
+
+    from retrieval import onnx_quant
+    from retrieval.cli import cli
+    from retrieval.shapes import generate
+
+    made: list[str] = []
+    real = onnx_quant.int8_image
+    monkeypatch.setattr(onnx_quant, "int8_image", lambda folder, name: made.append(name) or real(folder, name))
+    generate(tmp_path / "g", 12, seed=5)
+    runner = CliRunner()
+    args = ["eval", str(tmp_path / "g"), "--model", tiny_model, "--no-rerank", "--json"]
+    plain = json.loads(runner.invoke(cli, args, catch_exceptions=False).output)
+    assert made == []
+    int8 = json.loads(runner.invoke(cli, args + ["--int8"], catch_exceptions=False).output)
+    assert made == ["image.onnx"]  # the gallery went through the 8-bit tower
+    assert int8["queries"] == plain["queries"] == 12
+    assert set(int8["t2i"]) == {"R@1", "R@5", "R@10"} and int8["t2i"]["R@10"] >= int8["t2i"]["R@1"]
+    refused = runner.invoke(cli, ["eval", str(tmp_path / "g"), "--model", tiny_model, "--int8", "--candidates", "8,16"])
+    assert refused.exit_code != 0 and "--int8" in refused.output
