@@ -43,15 +43,24 @@ def int8_image(folder: Path, name: str) -> str:
     level = root.level
     root.setLevel(logging.ERROR)  # it advises, on the root logger, a pre-processing step this graph does not need
     try:
+        # onnx refuses to read weights from a file with several hard links (a library
+        # copied with `cp -l`, say): quantise a plain copy of the graph and its weights.
+        source = tmp / "source"
+        source.mkdir()
+        for part in os.listdir(folder):
+            if part == name or part.startswith(name + "."):
+                shutil.copyfile(folder / part, source / part)
+        out = tmp / "out"
+        out.mkdir()
         quantize_dynamic(
-            folder / name, tmp / INT8_IMAGE, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Attention"],
+            source / name, out / INT8_IMAGE, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Attention"],
             use_external_data_format=True,
             # The fused Attention nodes' outputs have no type until ONNX Runtime sees them: float32.
             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
         # The weights first, the graph that names them last: a graph present means a whole pair.
-        for part in sorted(os.listdir(tmp), key=lambda p: p == INT8_IMAGE):
-            os.replace(tmp / part, folder / part)
+        for part in sorted(os.listdir(out), key=lambda p: p == INT8_IMAGE):
+            os.replace(out / part, folder / part)
     finally:
         root.setLevel(level)
         shutil.rmtree(tmp, ignore_errors=True)

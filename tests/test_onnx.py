@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import os
 import shutil
 import subprocess
 import sys
@@ -261,6 +262,11 @@ def test_int8_indexing_is_opt_in_and_close(tmp_path, tiny_model, photo_dir, monk
             vecs[int8] = _indexed_vectors(eng)
     paths = sorted(vecs[False])
     assert sorted(vecs[True]) == paths
+    # A library whose export is hard-linked from another (cp -l): onnx refuses such weight files; it still works.
+    shutil.copytree(tmp_path / "libFalse" / "models", tmp_path / "linked" / "models", copy_function=os.link)
+    with Engine.open(tmp_path / "linked", model=tiny_model) as eng:
+        assert eng.index_folder(photo_dir, int8=True).encoded == 12
+        assert sorted(_indexed_vectors(eng)) == paths and list((tmp_path / "linked").rglob(INT8_IMAGE))
     cos = cosines(np.stack([vecs[False][p] for p in paths]), np.stack([vecs[True][p] for p in paths]))
     assert cos.min() >= 0.98 and cos.max() < 1.0 - 1e-7  # close, and really another tower
     monkeypatch.setenv("CROSSFIND_ONNX", "0")
