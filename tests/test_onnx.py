@@ -478,3 +478,19 @@ def test_eval_int8_reports_recall_of_the_8bit_tower(tmp_path, tiny_model, monkey
     assert set(int8["t2i"]) == {"R@1", "R@5", "R@10"} and int8["t2i"]["R@10"] >= int8["t2i"]["R@1"]
     refused = runner.invoke(cli, ["eval", str(tmp_path / "g"), "--model", tiny_model, "--int8", "--candidates", "8,16"])
     assert refused.exit_code != 0 and "--int8" in refused.output
+
+
+def test_image_export_is_fused(tmp_path, photo_dir):
+    """The image tower is exported in the form ONNX Runtime's optimizer fuses:
+    one Attention node per transformer block and fused BiasGelu (an optimizer
+    that failed or found nothing would leave the slower plain graph)."""
+    import collections
+
+    import onnx
+
+    with Engine.open(tmp_path / "lib", model="shapes-tiny") as eng:
+        eng.index_folder(photo_dir)
+        blocks = len(eng.state().encoder.model.visual.transformer.resblocks)
+    (path,) = (tmp_path / "lib").rglob("image.onnx")
+    ops = collections.Counter((n.domain, n.op_type) for n in onnx.load(path, load_external_data=False).graph.node)
+    assert ops[("com.microsoft", "Attention")] == blocks and ops[("com.microsoft", "BiasGelu")] == blocks
