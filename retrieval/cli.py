@@ -152,14 +152,15 @@ def _quiet_ray() -> None:
               help="Decode and encode through Ray Data (needs pip install 'crossfind[ray]'): on the Ray cluster at "
               "ADDRESS (HOST:PORT or ray://HOST:PORT), or with no ADDRESS (or 'auto') a running local cluster, else a "
               "new one on this machine. Put it after PATHS or write --ray=ADDRESS.")
-@click.option("--int8", is_flag=True, help="Encode with the image tower's weights in 8 bits (ONNX Runtime on the CPU): "
-              "about twice the images per second on CPUs with VNNI, vectors slightly different (made once per model).")
+@click.option("--int8/--no-int8", default=None, help="Encode with the image tower's weights in 8 bits (ONNX Runtime on the CPU): "
+              "about twice the images per second, vectors slightly different; remembered for the model in this library "
+              "until --no-int8. Default: float32.")
 @no_wait_option
 @json_option
 @click.pass_context
 def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exclude: tuple[str, ...], include_hidden: bool,
               batch_size: int | None, workers: int | None, checkpoint_seconds: float, prune: bool, rerank_features: bool,
-              index_memory: str | None, shards: int | None, ray_address: str | None, int8: bool, no_wait: bool,
+              index_memory: str | None, shards: int | None, ray_address: str | None, int8: bool | None, no_wait: bool,
               as_json: bool) -> None:
     """Index image files under PATHS (incremental: only new or changed files are encoded).
 
@@ -177,7 +178,7 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
       crossfind index ~/Pictures --model shapes-tiny --rerank-features   # the model's own reranker
       crossfind index ~/Pictures --rerank-features   # after: crossfind set-reranker hf-hub:Salesforce/blip-itm-base-coco
       crossfind index /data/catalogue --index-memory 4G --shards 4   # 10M+ images
-      crossfind index ~/Pictures --int8   # 8-bit image tower: faster, vectors slightly different
+      crossfind index ~/Pictures --int8   # 8-bit image tower: faster, vectors slightly different (remembered)
       crossfind index /shared/photos --ray                 # through Ray Data on this machine
       crossfind index /shared/photos --ray=10.0.0.5:6379   # on a Ray cluster (shared file system)
     """
@@ -192,7 +193,7 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
                                "or write --ray=ADDRESS")
     if ray_address is not None:
         _quiet_ray()
-    loading = _preload_image_session(ctx, model) if ray_address is None and not int8 else None
+    loading = _preload_image_session(ctx, model) if ray_address is None and int8 is not True else None
     with _engine(ctx, model) as eng, _writer(eng, no_wait):
         if rerank_features and eng.reranker_for() is None and reranker_dir(parse_spec(eng.model_spec)) is None:
             raise click.UsageError(f"--rerank-features needs a reranker: {eng.model_spec} has none of its own; "
@@ -419,15 +420,23 @@ def _preload_image_session(ctx: click.Context, model: str | None) -> threading.T
         if gpu_visible():
             return None
         lib = library_dir(obj.library)
-        if model is None:
-            db = lib / "library.db"
-            if not db.is_file():
-                return None
+        db = lib / "library.db"
+        if db.is_file():
             with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
-                model = _default_model(con)
+                model = model if model is not None else _default_model(con)
+                if model is not None and _remembers_int8(con, model):
+                    return None  # the run encodes with the 8-bit tower: not this session
         return preload(lib, model, ("image",)) if model is not None else None
     except Exception:  # noqa: BLE001 - only a head start: indexing itself meets and reports any problem
         return None
+
+
+def _remembers_int8(con: Any, model: str) -> bool:
+    """Whether an earlier `index --int8` made ``model`` index 8-bit in this library (see ``indexing.int8_choice``)."""
+    from .encoders import parse_spec
+
+    row = con.execute("SELECT value FROM settings WHERE key = ?", (f"int8:{parse_spec(model).spec}",)).fetchone()
+    return row is not None and row[0] == "1"
 
 
 def _print_paths(hits: list[dict[str, Any]], null: bool) -> None:

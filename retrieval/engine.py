@@ -256,7 +256,7 @@ class Engine:
         self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], exclude: Sequence[str] = (),
         include_hidden: bool = False, batch_size: int | None = None, workers: int | None = None,
         checkpoint_seconds: float = CHECKPOINT_SECONDS, progress: bool = False, prune: bool = False,
-        ray: RayOptions | str | None = None, int8: bool = False,
+        ray: RayOptions | str | None = None, int8: bool | None = None,
     ) -> IndexReport:
         """Index image files under ``paths`` incrementally; returns counts.
 
@@ -270,19 +270,19 @@ class Engine:
 
         With ``ray`` (a cluster address, ``"auto"``, or :class:`~retrieval.ray_index.RayOptions`) the files to encode are
         decoded and encoded through Ray Data, and the vectors written here with the same checkpoints (:mod:`retrieval.ray_index`).
-        ``int8`` encodes with an 8-bit image tower instead of float32 (:mod:`retrieval.onnx_quant`; never a default).
+        ``int8`` encodes with an 8-bit image tower (True) or float32 (False), remembered for the model; None: as remembered (float32 at first).
         """
-        from .indexing import EncodeOptions, Indexer, ScanOptions
+        from .indexing import EncodeOptions, Indexer, ScanOptions, int8_choice
         from .ray_index import RayEncode
 
-        encode = RayEncode.of(ray) if ray is not None else None
-        t0 = time.perf_counter()
+        encode, t0 = RayEncode.of(ray) if ray is not None else None, time.perf_counter()
         roots = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         state = self.state()
         state.row  # loads the model before anything is written
         self._mark_default(state)
         report = Indexer(self.store, state, _bars(progress), encode).run(
-            roots, ScanOptions(tuple(exclude), include_hidden, prune), EncodeOptions(batch_size, workers, checkpoint_seconds, int8))
+            roots, ScanOptions(tuple(exclude), include_hidden, prune),
+            EncodeOptions(batch_size, workers, checkpoint_seconds, int8_choice(self.store, state, int8, ray is not None)))
         report.seconds = time.perf_counter() - t0
         return report
 

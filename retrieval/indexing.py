@@ -267,6 +267,29 @@ def decode_in_processes(device: str) -> bool:
     return how == "processes" or (how != "threads" and device.startswith("cuda"))
 
 
+_TORCH_NO_INT8 = ("int8 encoding needs {spec}'s ONNX image export on the CPU; this run encodes with torch "
+                  "(a GPU, CROSSFIND_ONNX=0, or no export): index with --no-int8 to encode in float32")
+
+
+def int8_choice(store: Store, slot: ModelSlot, asked: bool | None, ray: bool) -> bool:
+    """Whether an index run encodes with the 8-bit image tower: ``asked``,
+    remembered for the model's later runs in this library, else (None) what
+    an earlier run asked for, so that a library's image vectors come from one
+    tower until told otherwise. What cannot run 8-bit is refused before
+    anything is remembered."""
+    key = f"int8:{slot.spec.spec}"
+    if asked is None:
+        return store.get_setting(key) == "1"
+    if asked and ray:
+        raise LibraryError("--int8 encodes in this process, not through Ray; use one or the other")
+    if asked and not hasattr(slot.runtime("image"), "int8"):
+        raise LibraryError(_TORCH_NO_INT8.format(spec=slot.spec.spec))
+    if (store.get_setting(key) == "1") != asked:
+        store.set_setting(key, "1" if asked else "")
+        store.commit()
+    return asked
+
+
 def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: EncodeOptions, bar: Any) -> int:
     """Decode and encode ``rows``; a file that cannot be used is marked failed with its reason.
 
@@ -278,8 +301,7 @@ def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: Encod
     enc = slot.runtime("image")
     if opts.int8:
         if not hasattr(enc, "int8"):
-            raise LibraryError(f"int8 encoding needs {slot.spec.spec}'s ONNX image export on the CPU; "
-                               "this run encodes with torch (a GPU, CROSSFIND_ONNX=0, or no export)")
+            raise LibraryError(_TORCH_NO_INT8.format(spec=slot.spec.spec))
         enc = enc.int8()
     tokens = slot.tokens
     batch_size = opts.batch_size or (128 if enc.device.startswith("cuda") else 32)

@@ -179,7 +179,8 @@ class RayEncode:
 
     def __call__(self, store: Store, slot: ModelSlot, rows: list[Image], opts: EncodeOptions, bar: Any) -> int:
         if opts.int8:
-            raise LibraryError("int8 encoding is for indexing in this process, not through Ray")
+            raise LibraryError("this library's model indexes with --int8, which runs in this process, not through Ray: "
+                               "index with --no-int8 to go through Ray in float32")
         if not rows:
             return 0  # nothing to encode: no cluster is started or reached
         with connected(self.opts.address) as ray:

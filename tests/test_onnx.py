@@ -494,3 +494,29 @@ def test_image_export_is_fused(tmp_path, photo_dir):
     (path,) = (tmp_path / "lib").rglob("image.onnx")
     ops = collections.Counter((n.domain, n.op_type) for n in onnx.load(path, load_external_data=False).graph.node)
     assert ops[("com.microsoft", "Attention")] == blocks and ops[("com.microsoft", "BiasGelu")] == blocks
+
+
+def test_int8_is_remembered_until_told_otherwise(tmp_path, tiny_model, photo_dir, monkeypatch):
+    """`index --int8` is remembered for the model: later runs without the flag stay
+    8-bit (one tower per library), --no-int8 goes back to float32 and forgets it;
+    what cannot run 8-bit is refused before anything is remembered."""
+    from retrieval import onnx_runtime
+    from retrieval.errors import LibraryError
+
+    used: list[int] = []
+    real = onnx_runtime.OnnxEncoder.int8
+    monkeypatch.setattr(onnx_runtime.OnnxEncoder, "int8", lambda self: used.append(1) or real(self))
+    runs = [(True, 1), (None, 2), (False, 2), (None, 2), (True, 3)]  # (asked, 8-bit runs so far)
+    with Engine.open(tmp_path / "lib", model=tiny_model) as eng:
+        for n, (asked, expected) in enumerate(runs):
+            noise_image(100 + n).save(photo_dir / f"new{n}.png")  # something to encode each run
+            assert eng.index_folder(photo_dir, int8=asked).encoded == (13 if n == 0 else 1)
+            assert len(used) == expected, (n, asked)
+        assert eng.store.get_setting(f"int8:{eng.model_spec}") == "1"
+    with Engine.open(tmp_path / "ray", model=tiny_model) as eng, pytest.raises(LibraryError, match="not through Ray"):
+        eng.index_folder(photo_dir, int8=True, ray="auto")
+    monkeypatch.setenv("CROSSFIND_ONNX", "0")
+    with Engine.open(tmp_path / "torch", model=tiny_model) as eng:
+        with pytest.raises(LibraryError, match="--no-int8"):
+            eng.index_folder(photo_dir, int8=True)
+        assert eng.store.get_setting(f"int8:{eng.model_spec}") is None
