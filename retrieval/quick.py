@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .encoders import ModelSpec, parse_spec, weights_fingerprint
+from .paths import is_utf8
 from .types import Hit, SearchQuery, SearchResult
 
 #: As the store waits for a writer's lock (``store.BUSY_TIMEOUT_MS``).
@@ -62,20 +63,12 @@ def plain(query: SearchQuery) -> bool:
     """Whether ``query`` is a text and nothing more, which this path answers."""
     text = query.text
     return (
-        text is not None and bool(text.strip()) and "\x00" not in text and _utf8(text)
+        text is not None and bool(text.strip()) and "\x00" not in text and is_utf8(text)
         and query.image is None and not query.terms and query.k >= 1
         and query.path_glob is None and query.since is None and query.until is None and query.corpus is None
         and not query.dedup and query.threshold is None and query.reranker is None
         and query.target in ("images", "texts")
     )
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def quick_search(library: str | os.PathLike[str] | None, db: str | None, query: SearchQuery,
@@ -263,7 +256,7 @@ def _rows(con: sqlite3.Connection, target: str, ids: Sequence[int]) -> dict[int,
 
 def _stored_path(path: str | None) -> str | bytes | None:
     """A path as the store binds it: text, or raw bytes for a name that is not UTF-8."""
-    if path is None or _utf8(path):
+    if path is None or is_utf8(path):
         return path
     return path.encode("utf-8", "surrogateescape")
 
