@@ -434,8 +434,9 @@ def _preload_image_session(ctx: click.Context, model: str | None) -> threading.T
 def _remembers_int8(con: Any, model: str) -> bool:
     """Whether an earlier `index --int8` made ``model`` index 8-bit in this library (see ``indexing.int8_choice``)."""
     from .encoders import parse_spec
+    from .onnx_quant import int8_key
 
-    row = con.execute("SELECT value FROM settings WHERE key = ?", (f"int8:{parse_spec(model).spec}",)).fetchone()
+    row = con.execute("SELECT value FROM settings WHERE key = ?", (int8_key(parse_spec(model).spec),)).fetchone()
     return row is not None and row[0] == "1"
 
 

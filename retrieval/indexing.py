@@ -277,7 +277,9 @@ def int8_choice(store: Store, slot: ModelSlot, asked: bool | None, ray: bool) ->
     an earlier run asked for, so that a library's image vectors come from one
     tower until told otherwise. What cannot run 8-bit is refused before
     anything is remembered."""
-    key = f"int8:{slot.spec.spec}"
+    from .onnx_quant import int8_key
+
+    key = int8_key(slot.spec.spec)
     if asked is None:
         return store.get_setting(key) == "1"
     if asked and ray:

@@ -5,8 +5,9 @@ fused ``Attention`` nodes and the ``MatMul`` ones) into 8-bit integer
 products with per-batch activation scales; on CPUs with VNNI (AVX-512 or
 AVX-VNNI) the encoder runs about twice as fast, and the vectors move a
 little.
-Never a default: vectors of the float32 and int8 towers differ, and a library
-holds whatever each index run made.
+Never a default: vectors of the float32 and int8 towers differ. Once an
+index run asks for it, the library remembers the choice for the model
+(:func:`int8_key`; ``retrieval.indexing.int8_choice``) until ``--no-int8``.
 
 The quantised file is made once per export, beside it
 (``image.int8.onnx``), the first time an index run asks for it. Importing
@@ -25,6 +26,11 @@ from pathlib import Path
 LOG = logging.getLogger(__name__)
 
 INT8_IMAGE = "image.int8.onnx"
+
+
+def int8_key(spec: str) -> str:
+    """The library setting that holds ``"1"`` while the model ``spec`` indexes 8-bit."""
+    return f"int8:{spec}"
 
 
 def int8_image(folder: Path, name: str) -> str:
