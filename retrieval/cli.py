@@ -206,8 +206,10 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
             which = eng.reranker_for() or "the model's own reranker"
             _stderr(f"reranker features: {computed} computed for {which}")
         scaled = apply_index_memory(eng.state(), index_memory, shards, kinds=("images",))
-    if loading is not None:
-        loading.join()  # nothing was encoded: let it finish rather than exit under it
+    if loading is not None and not _console:
+        loading.join()  # in process, and nothing was encoded: let it finish rather than leave it running
+    if ray_address is None:
+        _end_quickly()  # (Ray's own exit handler stops the workers it started)
     for sr in scaled:
         if sr.compressed and not as_json:
             _stderr(f"{sr.kind}: compressed index {sr.plan} for {sr.vectors} vectors in {sr.shards} shard(s)"
@@ -402,6 +404,12 @@ def _default_model(con: Any) -> str | None:
     return None if row is None else str(row[0])
 
 
+def _import_faiss() -> None:
+    """FAISS's import, which an index run needs to add its first vectors: 0.1-0.3 s
+    (the GPU wheel loads CUDA's libraries) that the preload thread takes off the main one."""
+    import faiss  # noqa: F401
+
+
 def _preload_image_session(ctx: click.Context, model: str | None) -> threading.Thread | None:
     """Start loading the image tower's ONNX session that ``crossfind index``
     will encode with (``--model``, else the library's default, when its export
@@ -426,7 +434,7 @@ def _preload_image_session(ctx: click.Context, model: str | None) -> threading.T
                 model = model if model is not None else _default_model(con)
                 if model is not None and _remembers_int8(con, model):
                     return None  # the run encodes with the 8-bit tower: not this session
-        return preload(lib, model, ("image",)) if model is not None else None
+        return preload(lib, model, ("image",), then=_import_faiss) if model is not None else None
     except Exception:  # noqa: BLE001 - only a head start: indexing itself meets and reports any problem
         return None
 
@@ -1101,6 +1109,9 @@ def demo_cmd(n: int, demo_dir: str | None) -> None:
 
 #: Set by a command whose work is done and committed: see :func:`_end_quickly`.
 _finished = False
+#: Whether this process runs as the ``crossfind`` program (:func:`main` with no
+#: arguments), which then ends with ``os._exit`` once a command has finished.
+_console = False
 
 
 def _end_quickly() -> None:
@@ -1112,11 +1123,15 @@ def _end_quickly() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: expected failures become one line and exit 1.
 
-    Run as the ``crossfind`` program (``argv`` None), a search process ends
-    with ``os._exit`` once its output is flushed: its rows are committed and
-    its store closed, and tearing down ONNX Runtime's and FAISS's libraries
-    at interpreter exit would add about 0.1 s to every search.
+    Run as the ``crossfind`` program (``argv`` None), a search or index
+    process (not one through Ray) ends with ``os._exit`` once its output is
+    flushed: its rows are committed and its store closed, and tearing down
+    ONNX Runtime's and FAISS's libraries at interpreter exit would add about
+    0.1 s to every search; an index run with nothing to encode need not wait
+    for the image session it started loading either.
     """
+    global _console
+    _console = argv is None
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="crossfind", standalone_mode=False)
         if _finished and argv is None:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from retrieval import Engine
 from retrieval.encoders import load_encoder, weights_fingerprint
+from retrieval.types import SearchQuery
 
 TEXTS = [
     "a photo of a dog",
@@ -331,10 +332,10 @@ def test_preloaded_session_asked_for_before_it_is_ready(tmp_path, photo_dir, mon
         eng.index_folder(photo_dir)
     new, started, release = rt._new_session, threading.Event(), threading.Event()
 
-    def slow(path, threads=None, prepack=True):
+    def slow(path, threads=None, prepack=True, spin=True):
         started.set()
         release.wait(10)
-        return new(path, threads, prepack)
+        return new(path, threads, prepack, spin)
 
     monkeypatch.setattr(rt, "_new_session", slow)
     thread = rt.preload(lib, "shapes-tiny")
@@ -362,8 +363,8 @@ def test_search_process_preloads_the_sessions_it_runs(tmp_path, photo_dir, reran
     probe = (
         "import sys, json, io, contextlib, threading\nimport retrieval.cli as cli, retrieval.onnx_runtime as rt\n"
         "made = []\nnew = rt._new_session\n"
-        "def counted(path, threads=None, prepack=True):\n"
-        "    made.append([path.name, threading.current_thread().name])\n    return new(path, threads, prepack)\n"
+        "def counted(path, threads=None, prepack=True, spin=True):\n"
+        "    made.append([path.name, threading.current_thread().name])\n    return new(path, threads, prepack, spin)\n"
         "rt._new_session = counted\n"
         "{patch}\n"
         "buf = io.StringIO()\n"
@@ -391,6 +392,74 @@ def test_search_process_preloads_the_sessions_it_runs(tmp_path, photo_dir, reran
     assert again["out"] == with_preload["out"] and again["left"] == 0
     # The candidates' image memory is cached now: the reranker's image part is not loaded either.
     assert again["made"] == ([["rerank_cross.onnx", "crossfind-onnx-preload"]] if rerank else [])
+
+
+_INDEX_PROBE = (
+    "import sys, json, atexit, threading\nimport retrieval.cli as cli, retrieval.onnx_runtime as rt\n"
+    "made = []\nnew = rt._new_session\n"
+    "def counted(path, threads=None, prepack=True, spin=True):\n"
+    "    made.append([path.name, threading.current_thread().name, prepack, spin])\n"
+    "    if {hold!r} and path.name == 'image.onnx':\n        threading.Event().wait({hold!r})  # slow to be ready\n"
+    "    return new(path, threads, prepack, spin)\n"
+    "rt._new_session = counted\n"
+    "faiss_in = []\nwarm = cli._import_faiss\n"
+    "cli._import_faiss = lambda: (faiss_in.append(threading.current_thread().name), warm())\n"
+    "def report():\n    print('TEARDOWN')\n"
+    "atexit.register(report)\n"
+    "def note():\n    alive = [t.name for t in threading.enumerate() if t.name == 'crossfind-onnx-preload']\n"
+    "    print(json.dumps({{'made': made, 'faiss_in': faiss_in, 'alive': alive}}), flush=True)\n"
+    "sys.argv = ['crossfind'] + {args!r}\n"
+    "try:\n    cli.main()\nfinally:\n    note()\n"
+)
+
+
+def test_index_process_preloads_the_image_session_and_ends_without_teardown(tmp_path, photo_dir):
+    """``crossfind index`` as the program: the image session comes from the
+    preload thread (spinning off), FAISS is imported there too, every row is
+    committed, and the process ends with ``os._exit`` (no interpreter teardown)."""
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model="shapes-tiny") as eng:
+        eng.index_folder(photo_dir / "a")  # makes the export; the library's default model
+    args = ["--library", str(lib), "index", str(photo_dir), "--json"]
+    out = subprocess.run([sys.executable, "-c", _INDEX_PROBE.format(args=args, hold=0)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "TEARDOWN" not in out.stdout  # os._exit: atexit handlers never ran
+    assert json.loads(out.stdout.strip().splitlines()[0])["added"] == 6
+    # The probe's own note does not run either (os._exit inside main): what
+    # was made is seen from a second run below; the rows are in the library.
+    with Engine.open(lib) as eng:
+        assert sum(1 for r in eng.search(SearchQuery(text="a red circle", k=20)).hits) == 12
+    probe = _INDEX_PROBE.replace("cli.main()", "cli.main(sys.argv[1:])")  # in process: returns, then notes
+    (photo_dir / "c").mkdir()
+    noise_image(40).save(photo_dir / "c" / "new.jpg")
+    out = subprocess.run([sys.executable, "-c", probe.format(args=args, hold=0)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert json.loads(lines[0])["added"] == 1 and lines[-1] == "TEARDOWN"
+    got = json.loads(lines[-2])
+    assert got["made"] == [["image.onnx", "crossfind-onnx-preload", True, False]]
+    assert got["faiss_in"] == ["crossfind-onnx-preload"]
+
+
+def test_index_process_with_nothing_to_encode_does_not_wait_for_the_image_session(tmp_path, photo_dir):
+    """An index run that finds nothing new ends as the program without waiting
+    for the image session it started loading (here: one never ready); in
+    process it waits for it, so that no thread is left running."""
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model="shapes-tiny") as eng:
+        eng.index_folder(photo_dir)
+    args = ["--library", str(lib), "index", str(photo_dir), "--json"]
+    out = subprocess.run([sys.executable, "-c", _INDEX_PROBE.format(args=args, hold=None)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[0])["unchanged"] == 12
+    probe = _INDEX_PROBE.replace("cli.main()", "cli.main(sys.argv[1:])")
+    out = subprocess.run([sys.executable, "-c", probe.format(args=args, hold=8)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-2])
+    assert got["made"] == [["image.onnx", "crossfind-onnx-preload", True, False]] and got["alive"] == []
 
 
 def test_export_failure_falls_back_to_torch_and_says_so_once(tmp_path, tiny_model, photo_dir, caplog):
