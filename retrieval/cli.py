@@ -207,7 +207,7 @@ def index_cmd(ctx: click.Context, paths: tuple[str, ...], model: str | None, exc
             _stderr(f"reranker features: {computed} computed for {which}")
         scaled = apply_index_memory(eng.state(), index_memory, shards, kinds=("images",))
     if loading is not None and not _console:
-        loading.join()  # in process, and nothing was encoded: let it finish rather than leave it running
+        loading.join()  # in process: a session nothing used may still be loading; let it finish, not run on
     if ray_address is None:
         _end_quickly()  # (Ray's own exit handler stops the workers it started)
     for sr in scaled:

@@ -108,8 +108,7 @@ def _new_session(path: Path, threads: int | None = None, prepack: bool = True, s
     indexing, whose batches gain from packing). Without ``spin`` the intra-op
     threads sleep between operators instead of spinning: for the image tower,
     whose operators are long, so that the cycles go to the loader threads
-    decoding beside it (an index run of 200 small JPEGs on 2 cores used 2-3%
-    less CPU)."""
+    decoding beside it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
