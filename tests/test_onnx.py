@@ -399,7 +399,8 @@ _INDEX_PROBE = (
     "made = []\nnew = rt._new_session\n"
     "def counted(path, threads=None, prepack=True, spin=True):\n"
     "    made.append([path.name, threading.current_thread().name, prepack, spin])\n"
-    "    if {hold!r} and path.name == 'image.onnx':\n        threading.Event().wait({hold!r})  # slow to be ready\n"
+    "    if {hold!r} and path.name == 'image.onnx':  # slow to be ready; -1: never\n"
+    "        threading.Event().wait({hold!r} if {hold!r} > 0 else None)\n"
     "    return new(path, threads, prepack, spin)\n"
     "rt._new_session = counted\n"
     "faiss_in = []\nwarm = cli._import_faiss\n"
@@ -451,8 +452,8 @@ def test_index_process_with_nothing_to_encode_does_not_wait_for_the_image_sessio
     with Engine.open(lib, model="shapes-tiny") as eng:
         eng.index_folder(photo_dir)
     args = ["--library", str(lib), "index", str(photo_dir), "--json"]
-    out = subprocess.run([sys.executable, "-c", _INDEX_PROBE.format(args=args, hold=None)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", _INDEX_PROBE.format(args=args, hold=-1)],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[0])["unchanged"] == 12
     probe = _INDEX_PROBE.replace("cli.main()", "cli.main(sys.argv[1:])")
