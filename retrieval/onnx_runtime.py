@@ -98,6 +98,12 @@ def _session(path: Path, threads: int | None = None, spin: bool = True) -> Any:
     return _new_session(path, threads, spin=spin)
 
 
+def _spins(part: str) -> bool:
+    """Whether the session of export part ``part`` spins its threads between
+    operators: all but the image tower (see :func:`_new_session`)."""
+    return part != "image"
+
+
 def _new_session(path: Path, threads: int | None = None, prepack: bool = True, spin: bool = True) -> Any:
     """A CPU session of the graph at ``path``.
 
@@ -161,20 +167,18 @@ def preload_export(where: Path, parts: Sequence[str] = ("text",),
                    then: Callable[[], object] | None = None) -> threading.Thread:
     """:func:`preload` of the export folder ``where``."""
     manifest = json.loads((where / MANIFEST).read_text())
-    keys = [str(where / manifest[p]) for p in parts if manifest.get(p)]
-    text = str(where / manifest["text"]) if manifest.get("text") else None
-    image = str(where / manifest["image"]) if manifest.get("image") else None
+    keys = {p: str(where / manifest[p]) for p in parts if manifest.get(p)}
     # The thread keeps its own references: _take_preloaded may pop an event
     # from _pending before the session is ready, and waits on that event.
-    events = {key: threading.Event() for key in keys}
+    events = {key: threading.Event() for key in keys.values()}
     _pending.update(events)
 
     def load() -> None:
-        for key in keys:
+        for part, key in keys.items():
             try:
-                one_text = key == text
+                one_text = part == "text"
                 _preloaded[key] = _new_session(Path(key), 1 if one_text else None, prepack=not one_text,
-                                               spin=key != image)
+                                               spin=_spins(part))
             except Exception:  # noqa: BLE001 - the ordinary path tries again and reports it
                 pass
             finally:
@@ -266,7 +270,7 @@ class OnnxEncoder:
             name = self.manifest.get(part)
             if not name:
                 raise KeyError(f"the ONNX export in {self.folder} has no {part} part")
-            self._sessions[part] = _session(self.folder / name, self.threads, spin=part != "image")
+            self._sessions[part] = _session(self.folder / name, self.threads, spin=_spins(part))
         return self._sessions[part]
 
     def int8(self) -> OnnxEncoder:
