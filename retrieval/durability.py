@@ -352,11 +352,13 @@ class IndexFiles:
 
 
 class Pending:
-    """Vector rows encoded since the last checkpoint, with their vectors, in order."""
+    """Vector rows encoded since the last checkpoint, with their vectors, in
+    order, and what decoding found for the image rows since then."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[Any, ...]] = []
         self._vectors: list[np.ndarray] = []
+        self.facts: list[tuple[Any, ...]] = []  # image rows' decoding outcomes, for Store.set_image_facts
 
     def add(self, rows: Sequence[tuple[Any, ...]], vectors: np.ndarray) -> None:
         """Add rows (as :meth:`IndexFiles.record` takes them) and their vectors."""

@@ -187,7 +187,7 @@ def apply_plan(store: Store, slot: ModelSlot, plan: Plan, rows: Mapping[int, Ima
         if nf.source is not None:
             _copy_facts(row, store, nf.source.id)
         made.append((row, nf))
-    store.add_rows([row for row, _ in made])  # one INSERT ... RETURNING for all of them: their ids
+    store.add_images([row for row, _ in made])  # one INSERT ... RETURNING for all of them: their ids
     for row, nf in made:
         done.new_ids.add(row.id)
         if nf.copies_vector and nf.source is not None:
@@ -230,20 +230,27 @@ def hash_files(paths: list[str], workers: int | None, bar: Any) -> tuple[dict[st
     if not paths:
         return out, issues
 
-    def one(p: str) -> tuple[str, str | None, str | None]:
-        try:
-            return p, file_hash(p), None
-        except OSError as exc:
-            return p, None, describe_error(exc)
+    def some(part: list[str]) -> list[tuple[str, str | None, str | None]]:
+        done: list[tuple[str, str | None, str | None]] = []
+        for p in part:
+            try:
+                done.append((p, file_hash(p), None))
+            except OSError as exc:
+                done.append((p, None, describe_error(exc)))
+        return done
 
-    pool = ThreadPoolExecutor(max_workers=workers or default_workers())
+    workers = workers or default_workers()
+    # a few files a task: one task per small file costs the calling thread more than hashing it
+    step = max(1, min(32, len(paths) // (4 * workers)))
+    pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        for p, h, why in pool.map(one, paths):
-            if h is not None:
-                out[p] = h
-            elif why is not None:
-                issues.append(ScanIssue(p, why))
-            bar.update(1)
+        for done in pool.map(some, [paths[i:i + step] for i in range(0, len(paths), step)]):
+            for p, h, why in done:
+                if h is not None:
+                    out[p] = h
+                elif why is not None:
+                    issues.append(ScanIssue(p, why))
+            bar.update(len(done))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: do not hash the rest first
     return out, issues
@@ -259,12 +266,41 @@ class EncodeOptions:
     int8: bool = False  # the image tower with 8-bit weights (ONNX Runtime on the CPU): faster, vectors a little off
 
 
-def decode_in_processes(device: str) -> bool:
-    """Whether to decode in processes rather than threads: when encoding on a
-    GPU (threads of one process cannot feed it), or as ``$CROSSFIND_DECODE``
-    (``processes``/``threads``) says."""
+def decoding(enc: Any) -> str:
+    """Where an index run decodes for ``enc``: ``"threads"`` (loader threads, the
+    default on the CPU), ``"device"`` (JPEGs on the encoder's GPU, the default
+    there, see :mod:`retrieval.device_decoding`) or ``"processes"`` (a pool of
+    decoding processes: on a GPU whose torchvision cannot decode JPEGs).
+    ``$CROSSFIND_DECODE`` (``threads``, ``processes``, ``device``) chooses;
+    ``device`` needs a torch encoder with open_clip's usual transform and falls
+    back to the default otherwise, saying so."""
     how = os.environ.get("CROSSFIND_DECODE", "auto").lower()
-    return how == "processes" or (how != "threads" and device.startswith("cuda"))
+    gpu = str(enc.device).startswith("cuda")
+    if how == "threads" or (how not in ("device", "processes") and not gpu):
+        return "threads"
+    if how == "processes":
+        return "processes"
+    if _device_preprocess(enc) is not None:
+        from .device_decoding import device_decoder_works
+
+        if device_decoder_works(enc.device):
+            return "device"
+    if how == "device":
+        LOG.warning("CROSSFIND_DECODE=device: %s cannot decode JPEGs on %s here; decoding %s",
+                    enc.name, enc.device, "in processes" if gpu else "in threads")
+    return "processes" if gpu else "threads"
+
+
+def _device_preprocess(enc: Any) -> dict[str, Any] | None:
+    """``enc``'s transform as numbers when it is a torch encoder with open_clip's usual steps."""
+    if not hasattr(enc, "model"):
+        return None
+    from .onnx_export import ExportUnsupported, _preprocess_info
+
+    try:
+        return _preprocess_info(enc)
+    except ExportUnsupported:
+        return None
 
 
 _TORCH_NO_INT8 = ("int8 encoding needs {spec}'s ONNX image export on the CPU; this run encodes with torch "
@@ -313,12 +349,19 @@ def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: Encod
         img = load_image(row.path, min_size=size)
         return img, enc.prepare(img.image)
 
-    if decode_in_processes(enc.device):
+    how = decoding(enc)
+    if how == "device":
+        from .device_decoding import decoded_on_device
+
+        info = _device_preprocess(enc)
+        assert info is not None
+        batches: Iterable[list[Any]] = decoded_on_device(rows, enc, info, batch_size, opts.workers)
+    elif how == "processes":
         from .decoding import decoded_in_processes, preparer
 
         prepare = preparer(enc)
         shape = prepare(PILImage.new("RGB", (size, size))).shape
-        batches: Iterable[list[Any]] = decoded_in_processes(rows, prepare, size, shape, batch_size,
+        batches = decoded_in_processes(rows, prepare, size, shape, batch_size,
                                                             opts.workers or max(2, os.cpu_count() or 2))
     else:
         batches = load_batches(rows, load, batch_size, opts.workers)
@@ -330,10 +373,10 @@ def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: Encod
         for out in batch:
             row = out.item
             if out.error is not None or out.value is None:
-                row.status, row.error = "failed", out.error or "cannot decode"
+                mark_failed(pending, row, out.error or "cannot decode")
                 continue
             loaded, pixels = out.value
-            mark_decoded(row, loaded.width, loaded.height, loaded.taken_at)
+            mark_decoded(pending, row, loaded.width, loaded.height, loaded.taken_at)
             good.append((row, pixels))
         if good:
             x = enc.batch([p for _, p in good])
@@ -352,17 +395,35 @@ def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: Encod
     return encoded
 
 
-def mark_decoded(row: Image, width: int, height: int, taken_at: dt.datetime | None) -> None:
-    """Record that ``row``'s file decoded: its size and time (EXIF, else the file's mtime)."""
-    row.status, row.error = "ok", None
-    row.width, row.height = width, height
-    row.taken_at = taken_at or dt.datetime.fromtimestamp(row.mtime_ns / 1e9)
+def mark_decoded(pending: Pending, row: Image, width: int, height: int, taken_at: dt.datetime | None) -> None:
+    """Record that ``row``'s file decoded: its size and time (EXIF, else the file's mtime).
+
+    The loaded row takes the values as committed ones and ``pending`` keeps
+    them for :func:`checkpoint`, which writes a checkpoint's rows in one
+    statement (the ORM would flush them one by one: a tenth of a millisecond
+    an image, which a GPU notices)."""
+    _set(pending, row, "ok", None, width, height, taken_at or dt.datetime.fromtimestamp(row.mtime_ns / 1e9))
+
+
+def mark_failed(pending: Pending, row: Image, reason: str) -> None:
+    """Record that ``row``'s file cannot be used, and why (written as :func:`mark_decoded`)."""
+    _set(pending, row, "failed", reason, row.width, row.height, row.taken_at)
+
+
+def _set(pending: Pending, row: Image, status: str, error: str | None, width: int | None, height: int | None,
+         taken_at: dt.datetime | None) -> None:
+    from sqlalchemy.orm.attributes import set_committed_value
+
+    for name, value in (("status", status), ("error", error), ("width", width), ("height", height), ("taken_at", taken_at)):
+        set_committed_value(row, name, value)
+    pending.facts.append((row.id, status, error, width, height, taken_at))
 
 
 def checkpoint(store: Store, slot: ModelSlot, pending: Pending) -> None:
     """Make the work so far durable: index (and tokens) first, then rows."""
     slot.save_images()
     slot.record_images(pending.rows, pending.vectors())
+    store.set_image_facts(pending.facts)
     store.commit()
 
 

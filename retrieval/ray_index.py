@@ -232,7 +232,7 @@ class RayEncode:
     def _run(self, ray: Any, store: Store, slot: ModelSlot, rows: list[Image], opts: EncodeOptions, bar: Any) -> int:
         """Write the vectors that come back from :meth:`_dataset` with the usual checkpoints."""
         from .durability import Pending
-        from .indexing import checkpoint, mark_decoded
+        from .indexing import checkpoint, mark_decoded, mark_failed
 
         tokens = slot.tokens
         ds = self._dataset(ray, slot, rows, opts)
@@ -254,10 +254,10 @@ class RayEncode:
             for j, rid in enumerate(b["id"].tolist()):
                 row = by_id[rid]
                 if not b["ok"][j]:
-                    row.status, row.error = "failed", str(b["error"][j]) or "cannot decode"
+                    mark_failed(pending, row, str(b["error"][j]) or "cannot decode")
                     continue
                 taken = str(b["taken_at"][j])
-                mark_decoded(row, int(b["width"][j]), int(b["height"][j]), dt.datetime.fromisoformat(taken) if taken else None)
+                mark_decoded(pending, row, int(b["width"][j]), int(b["height"][j]), dt.datetime.fromisoformat(taken) if taken else None)
                 good.append(j)
             if good:
                 ids = [int(b["id"][j]) for j in good]

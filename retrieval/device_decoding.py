@@ -1,0 +1,253 @@
+"""Decoding JPEGs on the encoder's GPU (nvJPEG, through torchvision).
+
+A GPU encodes tens of thousands of images a second; decoding them with
+Pillow on the CPU cores is what bounds an index run there (see
+docs/benchmarks.md, "GPU: one H200"). Here loader threads read a few files
+at a time with their headers (size, EXIF orientation and time, with the
+same checks as :func:`~retrieval.imageio.load_image`) and hand the JPEGs
+among them to ``torchvision.io.decode_jpeg`` on the device in one call;
+open_clip's resize, centre crop and normalisation follow on the device, a
+few batched tensor operations per batch.
+
+Anything else (PNG, CMYK or 16-bit JPEG, a file the device decoder refuses)
+is decoded on the CPU exactly as with loader threads, so a file that cannot
+be used fails with the same reason. Vectors differ from the Pillow path's by
+as little as two JPEG decoders and two bicubic resamplers differ (cosine
+about 0.999 on the test model; ``tests/test_device_decoding.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .decoding import Decoded
+from .imageio import MAX_MEGAPIXELS, ImageLoadError, _exif_datetime, _orientation, load_image
+from .paths import open_regular
+from .pipeline import Outcome, _call, ordered_batches
+
+LOG = logging.getLogger(__name__)
+
+#: Pixels decoded in one call of the device decoder (bounds its memory on big photos).
+DECODE_PIXELS = 256 * 2**20
+#: Pixels resized in one batched call (float32 on the device: 12 bytes a pixel).
+RESIZE_PIXELS = 64 * 2**20
+
+
+class _Jpeg:
+    """A file read for the device decoder: its bytes and what its header says."""
+
+    __slots__ = ("data", "info", "orientation")
+
+    def __init__(self, data: bytes, info: Decoded, orientation: int) -> None:
+        self.data, self.info, self.orientation = data, info, orientation
+
+
+def read_jpeg(path: str, min_size: int, prepare: Callable[[Any], np.ndarray]) -> _Jpeg | tuple[Decoded, np.ndarray]:
+    """Read ``path`` for the device decoder when it is a plain JPEG (8-bit RGB or
+    greyscale), else decode it here as loader threads do: (facts, uint8 pixels).
+    Raises :class:`~retrieval.imageio.ImageLoadError` for a file that cannot be used."""
+    from PIL import Image
+
+    try:
+        with open_regular(path) as fh:
+            data = fh.read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                plain = (img.format == "JPEG" and img.mode in ("RGB", "L") and 0 < w * h <= MAX_MEGAPIXELS * 1e6
+                         and getattr(img, "n_frames", 1) == 1)
+                if plain:
+                    orientation = _orientation(img)
+                    taken = _exif_datetime(img)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception:
+        plain = False  # load_image below says why, as loader threads would
+    if not plain:
+        loaded = load_image(path, min_size=min_size)
+        return Decoded(loaded.width, loaded.height, loaded.taken_at), prepare(loaded.image)
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return _Jpeg(data, Decoded(w, h, taken), orientation)
+
+
+def _oriented(x: Any, orientation: int) -> Any:
+    """``x`` (C, H, W) turned upright as EXIF ``orientation`` says (Pillow's ``exif_transpose``)."""
+    import torch
+
+    if orientation == 2:
+        return x.flip(-1)
+    if orientation == 3:
+        return x.flip(-2, -1)
+    if orientation == 4:
+        return x.flip(-2)
+    if orientation == 5:
+        return x.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(x, -1, (-2, -1))
+    if orientation == 7:
+        return x.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return torch.rot90(x, 1, (-2, -1))
+    return x
+
+
+class DevicePreprocess:
+    """open_clip's resize (shorter side, antialiased), centre crop and
+    normalisation on uint8 ``(C, H, W)`` tensors already on the device, batched
+    by shape; ``preprocess`` is an export manifest's numbers
+    (:func:`retrieval.onnx_export._preprocess_info`)."""
+
+    def __init__(self, preprocess: dict[str, Any], device: str, dtype: Any) -> None:
+        import torch
+
+        self.p = preprocess
+        self.device, self.dtype = device, dtype
+        self.mean = torch.tensor(preprocess["mean"], device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(preprocess["std"], device=device).view(1, 3, 1, 1) * 255.0
+
+    def _resized_shape(self, h: int, w: int) -> tuple[int, int]:
+        size = self.p["resize"]
+        if len(size) == 2:
+            return int(size[0]), int(size[1])
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = size[0], int(size[0] * long / short)
+        return (new_long, new_short) if w <= h else (new_short, new_long)
+
+    def __call__(self, images: Sequence[Any]) -> list[Any]:
+        """The model's input for each of ``images`` (uint8 (C, H, W) on the device), in order."""
+        import torch
+        import torch.nn.functional as F
+
+        out: list[Any] = [None] * len(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(tuple(im.shape), []).append(i)
+        ch, cw = self.p["crop"]
+        for shape, idx in groups.items():
+            per = max(1, RESIZE_PIXELS // (shape[1] * shape[2]))
+            for at in range(0, len(idx), per):
+                part = idx[at:at + per]
+                x = torch.stack([images[i] for i in part]).float()
+                if x.shape[1] == 1:
+                    x = x.expand(-1, 3, -1, -1)
+                nh, nw = self._resized_shape(x.shape[2], x.shape[3])
+                if (nh, nw) != (x.shape[2], x.shape[3]):
+                    x = F.interpolate(x, size=(nh, nw), mode=self.p["interpolation"], antialias=True, align_corners=False)
+                    x = x.round_().clamp_(0.0, 255.0)  # as Pillow's uint8 result
+                if nh < ch or nw < cw:
+                    raise ValueError("image smaller than the crop after resizing")
+                top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+                x = ((x[:, :, top:top + ch, left:left + cw] - self.mean) / self.std).to(self.dtype)
+                for j, i in enumerate(part):
+                    out[i] = x[j]
+        return out
+
+
+def device_decoder_works(device: str) -> bool:
+    """Whether ``torchvision.io.decode_jpeg`` decodes on ``device`` here (tried once on a tiny JPEG)."""
+    try:
+        import torch
+        from PIL import Image
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 8), (200, 10, 10)).save(buf, "JPEG")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)],
+                              mode=ImageReadMode.RGB, device=device)
+        return tuple(out[0].shape) == (3, 8, 16) and int(out[0][0].float().mean()) > 150
+    except Exception as exc:  # no nvJPEG in this build, no such device, ...
+        LOG.info("JPEG decoding on %s is not available: %s", device, exc)
+        return False
+
+
+def decoded_on_device(rows: Sequence[Any], enc: Any, preprocess: dict[str, Any], batch_size: int,
+                      workers: int | None) -> Iterator[list[Outcome[Any, tuple[Decoded, Any]]]]:
+    """Yield lists of ``batch_size`` outcomes for ``rows`` (with ``path``), in
+    order: each value is (:class:`~retrieval.decoding.Decoded`, the model's
+    input for it on ``enc.device``); a file that cannot be used has its
+    reason as the error, as with loader threads. ``enc`` is a torch
+    :class:`~retrieval.encoders.Encoder` (``prepare``, ``batch``, ``device``,
+    ``dtype``, ``image_size``).
+
+    ``workers`` threads (default: one a core) each take a few files at a
+    time: read them, and decode the JPEGs among them with one call of the
+    device decoder, which leaves Python's lock while it decodes (nvJPEG
+    parses a JPEG's entropy-coded data on the CPU, the rest on the GPU). The
+    consuming thread resizes, crops and normalises each batch in one go.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    size = enc.image_size
+    prep = DevicePreprocess(preprocess, enc.device, enc.dtype)
+    workers = workers or max(2, os.cpu_count() or 2)
+
+    def decode(items: list[_Jpeg]) -> list[Any]:
+        """uint8 (C, H, W) device tensors for ``items``; None for one the device decoder refuses."""
+        out: list[Any] = []
+        start = 0
+        while start < len(items):  # in parts of at most DECODE_PIXELS
+            end, pixels = start, 0
+            while end < len(items) and (end == start or pixels + items[end].info.width * items[end].info.height <= DECODE_PIXELS):
+                pixels += items[end].info.width * items[end].info.height
+                end += 1
+            part = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in items[start:end]]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    out.extend(decode_jpeg(part, mode=ImageReadMode.RGB, device=enc.device))
+                except RuntimeError:  # one bad file fails the whole call: each on its own
+                    for data in part:
+                        try:
+                            out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=enc.device))
+                        except RuntimeError:
+                            out.append(None)
+            start = end
+        return out
+
+    def read(row: Any) -> _Jpeg | tuple[Decoded, np.ndarray]:
+        return read_jpeg(os.fspath(row.path), size, enc.prepare)
+
+    def load(part: list[Any]) -> list[Outcome[Any, Any]]:
+        outs = [_call(read, row, (Exception,)) for row in part]
+        jpegs = [o for o in outs if o.error is None and isinstance(o.value, _Jpeg)]
+        for o, im in zip(jpegs, decode([o.value for o in jpegs]) if jpegs else []):
+            jp = o.value
+            if im is not None:
+                o.value = (jp.info, _oriented(im, jp.orientation))
+                continue
+            try:  # refused by the device decoder: Pillow decides, and names the reason
+                o.value = (jp.info, enc.prepare(load_image(os.fspath(o.item.path), min_size=size).image))
+            except ImageLoadError as exc:
+                o.value, o.error = None, exc.reason
+        return outs
+
+    chunk = max(1, min(16, batch_size // (2 * workers)))
+    ahead = (batch_size * 2 + workers + chunk - 1) // chunk
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crossfind-decode")
+    try:
+        for batch in ordered_batches(rows, lambda part: pool.submit(load, part), lambda _, outs: outs,
+                                     chunk, ahead, batch_size):
+            ok = [o for o in batch if o.error is None and o.value is not None]
+            on_device = [o for o in ok if not isinstance(o.value[1], np.ndarray)]
+            for o, x in zip(on_device, prep([o.value[1] for o in on_device])):
+                o.value = (o.value[0], x)
+            on_cpu = [o for o in ok if isinstance(o.value[1], np.ndarray)]
+            if on_cpu:
+                xs = enc.batch([o.value[1] for o in on_cpu]).to(enc.device, enc.dtype)
+                for o, x in zip(on_cpu, xs):
+                    o.value = (o.value[0], x)
+            yield batch
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
