@@ -2,9 +2,11 @@
 """The GPU figures, in one short run on a machine with a CUDA GPU.
 
 1. ``crossfind index`` of 20,000 synthetic 640x480 JPEGs (the rclip peer's
-   generator) with a random-weight open_clip ViT-B-32: a whole process, fp16
-   on the GPU, decoding in CPU threads (``--workers``); plus the encoder alone
-   on ready tensors, to tell a decode-bound run from an encoder-bound one.
+   generator) with a random-weight open_clip ViT-B-32, fp16 on the GPU: a
+   whole process for each way of decoding (``--decode``: on the GPU with
+   nvJPEG, in a pool of processes with Pillow), the cosines between the two
+   libraries' vectors, the steps of one run timed in this process, and the
+   parts alone (nvJPEG on one batch, the encoder on ready tensors).
 2. Exact search over 1M CLIP-like vectors (bench_common's generator): FAISS
    on the CPU cores and, where ``faiss`` has GPU support, FAISS's GPU flat
    index; else a float16 matrix product with ``torch.topk`` on the GPU, named
@@ -67,28 +69,114 @@ def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 3) -> float:
     return round(1000 * statistics.median(times), 2)
 
 
+def _index_process(folder: Path, lib: Path, spec: str, args: argparse.Namespace, decode: str) -> dict[str, Any]:
+    """One whole ``crossfind index`` process decoding as ``decode`` says (``$CROSSFIND_DECODE``)."""
+    shutil.rmtree(lib, ignore_errors=True)
+    cmd = [sys.executable, "-c", "from retrieval.cli import main; main()", "--library", str(lib),
+           "index", str(folder), "--model", spec, "--batch-size", str(args.batch_size), "--json"]
+    if args.workers:
+        cmd[-1:-1] = ["--workers", str(args.workers)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300,
+                          env={**os.environ, "CROSSFIND_DECODE": decode})
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"crossfind index ({decode}) failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    report = json.loads(proc.stdout)
+    return {"decode": decode, "wall_s": round(wall, 2), "images_per_s": round(args.n / wall),
+            "index_folder_s": round(report.get("seconds", 0.0), 2),
+            "report": {k: report.get(k) for k in ("added", "failed", "encoded") if k in report}}
+
+
+def _phases(folder: Path, lib: Path, spec: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The same run in this process (model loaded first), timing each step of it."""
+    import functools
+
+    from retrieval import indexing
+    from retrieval.engine import Engine
+
+    times: dict[str, float] = {}
+
+    def timed(owner: Any, name: str) -> None:
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                times[name] = times.get(name, 0.0) + time.perf_counter() - t
+
+        setattr(owner, name, wrapper)
+
+    for name in ("hash_files", "apply_plan", "checkpoint", "encode_pending"):
+        timed(indexing, name)
+    timed(indexing.Indexer, "_todo")
+    shutil.rmtree(lib, ignore_errors=True)
+    os.environ["CROSSFIND_DECODE"] = "auto"
+    with Engine.open(lib, model=spec) as eng:
+        eng.state().runtime("image")
+        decode = indexing.decoding(eng.state().runtime("image"))
+        t = time.perf_counter()
+        rep = eng.index_folder(folder, batch_size=args.batch_size, workers=args.workers or None)
+        wall = time.perf_counter() - t
+    enc_s = times["encode_pending"]
+    return {"decode": decode, "index_folder_s": round(wall, 2), "images_per_s": round(rep.encoded / wall),
+            "encode_step_images_per_s": round(rep.encoded / enc_s), **{f"{k}_s": round(v, 2) for k, v in times.items()}}
+
+
+def _same_vectors(a: Path, b: Path) -> dict[str, Any]:
+    """Cosines between two libraries' vectors of the same files (GPU-decoded against Pillow-decoded)."""
+    from retrieval.engine import Engine
+
+    def by_path(lib: Path) -> dict[str, np.ndarray]:
+        with Engine.open(lib) as eng:
+            ids = np.sort(eng.state().images.ids())
+            rows = eng.store.images_by_id(ids.tolist())
+            return dict(zip((rows[i].path for i in ids.tolist()), eng.state().images.reconstruct(ids)))
+
+    va, vb = by_path(a), by_path(b)
+    cos = np.array([float(va[p] @ vb[p]) for p in va if p in vb])
+    return {"files": int(cos.size), "cosine_min": round(float(cos.min()), 5), "cosine_mean": round(float(cos.mean()), 6)}
+
+
 def part_index(args: argparse.Namespace) -> dict[str, Any]:
-    """Whole-process ``crossfind index`` of ``args.n`` JPEGs, then the encoder alone."""
+    """Whole-process ``crossfind index`` of ``args.n`` JPEGs per decoding, the steps of one run, the parts alone."""
     t = time.perf_counter()
     folder = gen_jpegs(args.n, "small")
     gen_s = time.perf_counter() - t
     spec = random_model("ViT-B-32")
-    lib = WORK / "gpu-lib"
-    shutil.rmtree(lib, ignore_errors=True)
-    cmd = [sys.executable, "-c", "from retrieval.cli import main; main()", "--library", str(lib),
-           "index", str(folder), "--model", spec, "--workers", str(args.workers), "--batch-size", str(args.batch_size), "--json"]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=400)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise RuntimeError(f"crossfind index failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    report = json.loads(proc.stdout)
-    out: dict[str, Any] = {"images": args.n, "generate_s": round(gen_s, 1), "workers": args.workers,
-                           "batch_size": args.batch_size, "wall_s": round(wall, 2),
-                           "images_per_s": round(args.n / wall), "report": {k: report.get(k) for k in ("indexed", "added", "failed", "seconds") if k in report}}
-    # the encoder alone: fp16 ViT-B-32 on ready 224x224 batches
+    out: dict[str, Any] = {"images": args.n, "generate_s": round(gen_s, 1), "workers": args.workers or "default",
+                           "batch_size": args.batch_size, "runs": []}
+    libs = {}
+    for decode in args.decode.split(","):
+        libs[decode] = WORK / f"gpu-lib-{decode}"
+        try:
+            out["runs"].append(_index_process(folder, libs[decode], spec, args, decode))
+        except Exception as exc:  # noqa: BLE001 - reported, the other runs go on
+            out["runs"].append({"decode": decode, "error": str(exc)[-1500:]})
+        print(json.dumps(out["runs"][-1]), flush=True)
+    if "device" in libs and "processes" in libs:
+        try:
+            out["device_vs_pillow"] = _same_vectors(libs["device"], libs["processes"])
+        except Exception as exc:  # noqa: BLE001
+            out["device_vs_pillow"] = {"error": str(exc)[-1500:]}
+    try:
+        out["steps"] = _phases(folder, WORK / "gpu-lib-steps", spec, args)
+    except Exception as exc:  # noqa: BLE001
+        out["steps"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
+    print(json.dumps({"steps": out["steps"]}), flush=True)
+    # the parts alone: nvJPEG on one batch of files, and fp16 ViT-B-32 on ready 224x224 batches
     from retrieval.encoders import load_encoder
 
+    if DEVICE == "cuda":
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
+                for p in sorted(folder.glob("*.jpg"))[: args.batch_size]]
+        ms = median_ms(lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device=DEVICE), runs=10)
+        out["nvjpeg_one_thread_images_per_s"] = round(len(data) / ms * 1000)
     enc = load_encoder(spec, device=DEVICE)
     x = torch.randn(args.batch_size, 3, 224, 224, device=DEVICE, dtype=enc.dtype)
     with torch.inference_mode():
@@ -176,7 +264,8 @@ def part_rerank(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=20_000, help="JPEGs to index")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 4, help="decoding threads for crossfind index")
+    p.add_argument("--workers", type=int, default=0, help="crossfind index --workers (0: its default, one a core on a GPU)")
+    p.add_argument("--decode", default="device,processes", help="CROSSFIND_DECODE of the whole-process runs, in order")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--vectors", type=int, default=1_000_000)
     p.add_argument("--parts", default="index,search,rerank")
