@@ -105,7 +105,11 @@ class ModelSlot:
         try:
             from .onnx_export import export_model
 
-            return export_model(self.encoder, self.library_dir, key, reranker=self._torch_reranker())
+            # ONNX Runtime runs the export on the CPU: made from a CPU copy when the encoder is on a GPU
+            enc = self._encoder if self._encoder is not None else (None if self._images_on_gpu else self.encoder)
+            if enc is None or enc.device != "cpu":
+                enc = load_encoder(self.spec, device="cpu")
+            return export_model(enc, self.library_dir, key, reranker=self._torch_reranker(enc))
         except Exception as exc:  # any exporter failure: torch keeps working
             try:
                 failed.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +119,10 @@ class ModelSlot:
             LOG.warning("could not export %s to ONNX (%s); searches use torch (slower to start). "
                         "Delete %s to try again.", self.spec.spec, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__, failed)
             return None
+
+    @property
+    def _images_on_gpu(self) -> bool:
+        return (self.device is None and gpu_visible()) or str(self.device or "").startswith("cuda")
 
     def runtime(self, part: str) -> Any:
         """What encodes ``part`` (``text`` or ``image``) here: the ONNX export
@@ -136,7 +144,8 @@ class ModelSlot:
         found = self.store.find_model(self.spec.spec)
         if found is not None:
             return found
-        fast = self.onnx
+        # A GPU index run does not stop to export (for searches on the CPU): the first such search does.
+        fast = self.onnx if not self._images_on_gpu else self.onnx_loaded
         return self.store.model(self.spec.spec, fast.dim if fast is not None else self.encoder.dim)
 
     @property
@@ -231,7 +240,7 @@ class ModelSlot:
         finally:
             self.lock.release()
 
-    def _torch_reranker(self) -> Any:
+    def _torch_reranker(self, encoder: Any = None) -> Any:
         from .rerank_files import reranker_dir
 
         where = reranker_dir(self.spec)
@@ -241,7 +250,8 @@ class ModelSlot:
 
         # The encoder only when the reranker needs it: a query asked
         # before is re-scored from its kept tokens without it.
-        encoder = self._encoder if self._encoder is not None else (lambda: self.encoder)
+        if encoder is None:
+            encoder = self._encoder if self._encoder is not None else (lambda: self.encoder)
         return Reranker.load(where, encoder, model=self.spec.spec)
 
     @property

@@ -296,6 +296,38 @@ def test_images_go_to_torch_where_a_gpu_is_visible(tmp_path, tiny_model, photo_d
         assert eng.state().runtime("image") is eng.state().onnx
 
 
+def test_gpu_index_leaves_the_export_to_a_search_which_makes_it_on_the_cpu(tmp_path, tiny_model, photo_dir, monkeypatch):
+    """Where a GPU is visible, ``index`` does not stop to export (its vectors come
+    from torch); the first search exports, from a CPU copy of the model when the
+    loaded encoder is on a GPU (an export traced on the GPU fails: ONNX Runtime
+    runs it on the CPU), and its text query then runs on ONNX Runtime."""
+    from retrieval import onnx_runtime, slot as slot_mod
+    from retrieval.onnx_runtime import OnnxEncoder
+
+    monkeypatch.setattr(onnx_runtime, "_dev_names", lambda: ["nvidiactl", "nvidia0"])
+    monkeypatch.setenv("CROSSFIND_ONNX", "1")
+    lib = tmp_path / "lib"
+    with Engine.open(lib, model=tiny_model) as eng:
+        assert eng.index_folder(photo_dir).encoded == 12
+        slot = eng.state()
+        assert slot.onnx_loaded is None
+        assert not list(slot.dir.glob("onnx*")) and not (lib / "models" / "onnx").exists()
+    loads = []
+    real = slot_mod.load_encoder
+
+    def spy(spec, device=None):
+        loads.append(device)
+        return real(spec, device=device)
+
+    monkeypatch.setattr(slot_mod, "load_encoder", spy)
+    with Engine.open(lib, model=tiny_model) as eng:
+        slot = eng.state()
+        slot.encoder.device = "cuda:0"  # as if the loaded encoder were on the GPU
+        assert len(eng.search_text("a photo of noise", k=3)) == 3
+        assert isinstance(slot.onnx, OnnxEncoder) and slot.runtime("text") is slot.onnx
+        assert loads == [None, "cpu"]
+
+
 def _run(code: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
