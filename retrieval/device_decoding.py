@@ -2,12 +2,12 @@
 
 A GPU encodes tens of thousands of images a second; decoding them with
 Pillow on the CPU cores is what bounds an index run there (see
-docs/benchmarks.md, "GPU: one H200"). Here loader threads read a few files
-at a time with their headers (size, EXIF orientation and time, with the
-same checks as :func:`~retrieval.imageio.load_image`) and hand the JPEGs
-among them to ``torchvision.io.decode_jpeg`` on the device in one call;
-open_clip's resize, centre crop and normalisation follow on the device, a
-few batched tensor operations per batch.
+docs/benchmarks.md, "GPU: one H200"). Here loader threads read the files
+with their headers (size, EXIF orientation and time, with the same checks
+as :func:`~retrieval.imageio.load_image`), and each batch's JPEGs go to
+``torchvision.io.decode_jpeg`` on the device in one call; open_clip's
+resize, centre crop and normalisation follow on the device, a few batched
+tensor operations per batch.
 
 Anything else (PNG, CMYK or 16-bit JPEG, a file the device decoder refuses)
 is decoded on the CPU exactly as with loader threads, so a file that cannot
@@ -22,7 +22,7 @@ import io
 import logging
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -30,7 +30,7 @@ import numpy as np
 from .decoding import Decoded
 from .imageio import MAX_MEGAPIXELS, ImageLoadError, _exif_datetime, _orientation, load_image
 from .paths import open_regular
-from .pipeline import Outcome, _call, ordered_batches
+from .pipeline import Outcome, load_batches
 
 LOG = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class _Jpeg:
 
     __slots__ = ("data", "info", "orientation")
 
-    def __init__(self, data: bytes, info: Decoded, orientation: int) -> None:
+    def __init__(self, data: bytearray, info: Decoded, orientation: int) -> None:
         self.data, self.info, self.orientation = data, info, orientation
 
 
@@ -57,7 +57,7 @@ def read_jpeg(path: str, min_size: int, prepare: Callable[[Any], np.ndarray]) ->
 
     try:
         with open_regular(path) as fh:
-            data = fh.read()
+            data = bytearray(fh.read())  # writable: torch.frombuffer takes it without a warning
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
@@ -180,11 +180,12 @@ def decoded_on_device(rows: Sequence[Any], enc: Any, preprocess: dict[str, Any],
     :class:`~retrieval.encoders.Encoder` (``prepare``, ``batch``, ``device``,
     ``dtype``, ``image_size``).
 
-    ``workers`` threads (default: one a core) each take a few files at a
-    time: read them, and decode the JPEGs among them with one call of the
-    device decoder, which leaves Python's lock while it decodes (nvJPEG
-    parses a JPEG's entropy-coded data on the CPU, the rest on the GPU). The
-    consuming thread resizes, crops and normalises each batch in one go.
+    Three stages overlap: ``workers`` threads (default: one a core) read
+    files and their headers a few at a time; one thread decodes each batch's
+    JPEGs with a single call of the device decoder (it leaves Python's lock
+    meanwhile; a call costs about the same for 8 images as for 256, so
+    batches, not files, go to it) and resizes, crops and normalises them on
+    the device; the consumer encodes the batch before.
     """
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -202,7 +203,7 @@ def decoded_on_device(rows: Sequence[Any], enc: Any, preprocess: dict[str, Any],
             while end < len(items) and (end == start or pixels + items[end].info.width * items[end].info.height <= DECODE_PIXELS):
                 pixels += items[end].info.width * items[end].info.height
                 end += 1
-            part = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in items[start:end]]
+            part = [torch.frombuffer(j.data, dtype=torch.uint8) for j in items[start:end]]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
@@ -219,35 +220,38 @@ def decoded_on_device(rows: Sequence[Any], enc: Any, preprocess: dict[str, Any],
     def read(row: Any) -> _Jpeg | tuple[Decoded, np.ndarray]:
         return read_jpeg(os.fspath(row.path), size, enc.prepare)
 
-    def load(part: list[Any]) -> list[Outcome[Any, Any]]:
-        outs = [_call(read, row, (Exception,)) for row in part]
-        jpegs = [o for o in outs if o.error is None and isinstance(o.value, _Jpeg)]
+    def finish(batch: list[Outcome[Any, Any]]) -> list[Outcome[Any, Any]]:
+        """Decode and prepare one batch of read files (the decoding thread)."""
+        jpegs = [o for o in batch if o.error is None and isinstance(o.value, _Jpeg)]
+        upright, where = [], []
         for o, im in zip(jpegs, decode([o.value for o in jpegs]) if jpegs else []):
             jp = o.value
             if im is not None:
-                o.value = (jp.info, _oriented(im, jp.orientation))
+                upright.append(_oriented(im, jp.orientation))
+                where.append(o)
                 continue
             try:  # refused by the device decoder: Pillow decides, and names the reason
                 o.value = (jp.info, enc.prepare(load_image(os.fspath(o.item.path), min_size=size).image))
             except ImageLoadError as exc:
                 o.value, o.error = None, exc.reason
-        return outs
-
-    chunk = max(1, min(16, batch_size // (2 * workers)))
-    ahead = (batch_size * 2 + workers + chunk - 1) // chunk
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crossfind-decode")
-    try:
-        for batch in ordered_batches(rows, lambda part: pool.submit(load, part), lambda _, outs: outs,
-                                     chunk, ahead, batch_size):
-            ok = [o for o in batch if o.error is None and o.value is not None]
-            on_device = [o for o in ok if not isinstance(o.value[1], np.ndarray)]
-            for o, x in zip(on_device, prep([o.value[1] for o in on_device])):
+        for o, x in zip(where, prep(upright)):
+            o.value = (o.value.info, x)
+        on_cpu = [o for o in batch if o.error is None and isinstance(o.value, tuple) and isinstance(o.value[1], np.ndarray)]
+        if on_cpu:
+            xs = enc.batch([o.value[1] for o in on_cpu]).to(enc.device, enc.dtype)
+            for o, x in zip(on_cpu, xs):
                 o.value = (o.value[0], x)
-            on_cpu = [o for o in ok if isinstance(o.value[1], np.ndarray)]
-            if on_cpu:
-                xs = enc.batch([o.value[1] for o in on_cpu]).to(enc.device, enc.dtype)
-                for o, x in zip(on_cpu, xs):
-                    o.value = (o.value[0], x)
-            yield batch
+        return batch
+
+    decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossfind-device-decode")
+    try:
+        ahead: Future[list[Outcome[Any, Any]]] | None = None
+        for batch in load_batches(rows, read, batch_size, workers):
+            nxt = decoder.submit(finish, batch)
+            if ahead is not None:
+                yield ahead.result()
+            ahead = nxt
+        if ahead is not None:
+            yield ahead.result()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        decoder.shutdown(wait=True, cancel_futures=True)

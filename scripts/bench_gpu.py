@@ -167,8 +167,15 @@ def part_index(args: argparse.Namespace) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         out["steps"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
     print(json.dumps({"steps": out["steps"]}), flush=True)
-    # the parts alone: nvJPEG on one batch of files, and fp16 ViT-B-32 on ready 224x224 batches
+    # the parts alone: reading files and headers (one thread), nvJPEG on one batch, fp16 ViT-B-32 on ready batches
+    from retrieval.device_decoding import read_jpeg
     from retrieval.encoders import load_encoder
+
+    files = sorted(folder.glob("*.jpg"))[:2000]
+    t = time.perf_counter()
+    for f in files:
+        read_jpeg(str(f), 224, lambda im: im)
+    out["read_jpeg_us_per_file"] = round((time.perf_counter() - t) / len(files) * 1e6)
 
     if DEVICE == "cuda":
         from torchvision.io import ImageReadMode, decode_jpeg
