@@ -162,11 +162,15 @@ def part_index(args: argparse.Namespace) -> dict[str, Any]:
             out["device_vs_pillow"] = _same_vectors(libs["device"], libs["processes"])
         except Exception as exc:  # noqa: BLE001
             out["device_vs_pillow"] = {"error": str(exc)[-1500:]}
-    try:
-        out["steps"] = _phases(folder, WORK / "gpu-lib-steps", spec, args)
-    except Exception as exc:  # noqa: BLE001
-        out["steps"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
-    print(json.dumps({"steps": out["steps"]}), flush=True)
+    out["steps"] = []
+    for workers in [int(w) for w in args.steps_workers.split(",")]:
+        try:
+            step = _phases(folder, WORK / "gpu-lib-steps", spec, argparse.Namespace(**{**vars(args), "workers": workers}))
+            step["workers"] = workers or "default"
+        except Exception as exc:  # noqa: BLE001
+            step = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
+        out["steps"].append(step)
+        print(json.dumps({"steps": step}), flush=True)
     # the parts alone: reading files and headers (one thread), nvJPEG on one batch, fp16 ViT-B-32 on ready batches
     from retrieval.device_decoding import read_jpeg
     from retrieval.encoders import load_encoder
@@ -273,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=20_000, help="JPEGs to index")
     p.add_argument("--workers", type=int, default=0, help="crossfind index --workers (0: its default, one a core on a GPU)")
     p.add_argument("--decode", default="device,processes", help="CROSSFIND_DECODE of the whole-process runs, in order")
+    p.add_argument("--steps-workers", default="0", help="loader threads of the timed in-process runs, one run each (0: the default)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--vectors", type=int, default=1_000_000)
     p.add_argument("--parts", default="index,search,rerank")
