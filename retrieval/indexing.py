@@ -181,17 +181,18 @@ def apply_plan(store: Store, slot: ModelSlot, plan: Plan, rows: Mapping[int, Ima
         rows[rid].path, rows[rid].size, rows[rid].mtime_ns = f.path, f.size, f.mtime_ns
         done.moved_ids.add(rid)
     copies: list[tuple[int, int, str]] = []  # (new id, source id, hash)
-    made = []
+    made = []  # the new rows' columns (no ORM objects: a tenth of the cost at 20,000 files)
     for nf in plan.new:
-        row = Image(path=nf.file.path, size=nf.file.size, mtime_ns=nf.file.mtime_ns, content_hash=nf.content_hash, status="pending")
+        values: dict[str, Any] = {"path": nf.file.path, "size": nf.file.size, "mtime_ns": nf.file.mtime_ns,
+                                  "content_hash": nf.content_hash, "status": "pending"}
         if nf.source is not None:
-            _copy_facts(row, store, nf.source.id)
-        made.append((row, nf))
-    store.add_images([row for row, _ in made])  # one INSERT ... RETURNING for all of them: their ids
-    for row, nf in made:
-        done.new_ids.add(row.id)
+            values.update(_source_facts(store, nf.source.id))
+        made.append(values)
+    new_ids = store.add_images(made)  # one INSERT ... RETURNING for all of them
+    for rid, nf in zip(new_ids, plan.new):
+        done.new_ids.add(rid)
         if nf.copies_vector and nf.source is not None:
-            copies.append((row.id, nf.source.id, nf.content_hash))
+            copies.append((rid, nf.source.id, nf.content_hash))
     if plan.gone:
         slot.images.remove(list(plan.gone))
         store.delete_images(list(plan.gone))
@@ -203,11 +204,12 @@ def apply_plan(store: Store, slot: ModelSlot, plan: Plan, rows: Mapping[int, Ima
     return done
 
 
-def _copy_facts(row: Image, store: Store, source_id: int) -> None:
+def _source_facts(store: Store, source_id: int) -> dict[str, Any]:
+    """What a copy of a known file takes from its source row: its status, reason, size and time."""
     src = store.images_by_id([source_id]).get(source_id)
-    if src is not None:
-        row.status, row.error = src.status, src.error
-        row.width, row.height, row.taken_at = src.width, src.height, src.taken_at
+    if src is None:
+        return {}
+    return {"status": src.status, "error": src.error, "width": src.width, "height": src.height, "taken_at": src.taken_at}
 
 
 def _copy_vectors(slot: ModelSlot, copies: list[tuple[int, int, str]]) -> None:

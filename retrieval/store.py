@@ -177,18 +177,19 @@ class Store(VectorRows, HistoryRows):
     def commit(self) -> None:
         self.session.commit()
 
-    def add_images(self, rows: Sequence[Image]) -> None:
-        """Insert new image rows with one executemany INSERT ... RETURNING and set
-        their ids. The objects stay out of the session (a query loads the rows
-        anew): the ORM's flush of them costs more than the insert and that load together."""
+    def add_images(self, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """Insert new image rows (column -> value; ``path``, ``size``,
+        ``mtime_ns``, ``content_hash`` at least) with one executemany INSERT ...
+        RETURNING; returns their ids in order. No ORM objects are made: a
+        query loads the rows when they are wanted (the ORM's objects and flush
+        cost several times the insert and that load together)."""
         if not rows:
-            return
+            return []
         t = Image.__table__
-        cols = ("path", "size", "mtime_ns", "content_hash", "status", "error", "width", "height", "taken_at")
+        unset = {"status": "pending", "error": None, "width": None, "height": None, "taken_at": None}
         stmt = insert(t).returning(t.c.id, sort_by_parameter_order=True)
-        result = self.session.execute(stmt, [{c: getattr(r, c) for c in cols} for r in rows])
-        for row, (rid,) in zip(rows, result):
-            row.id = rid
+        result = self.session.execute(stmt, [{**unset, **r} for r in rows])
+        return [rid for (rid,) in result]
 
     def set_image_facts(self, facts: Sequence[tuple[int, str, str | None, int | None, int | None, dt.datetime | None]]) -> None:
         """Write what decoding found for many rows, ``(id, status, error, width,
