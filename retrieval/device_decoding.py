@@ -222,25 +222,27 @@ def decoded_on_device(rows: Sequence[Any], enc: Any, preprocess: dict[str, Any],
 
     def finish(batch: list[Outcome[Any, Any]]) -> list[Outcome[Any, Any]]:
         """Decode and prepare one batch of read files (the decoding thread)."""
-        jpegs = [o for o in batch if o.error is None and isinstance(o.value, _Jpeg)]
+        read_ok: list[tuple[Outcome[Any, Any], _Jpeg]] = [(o, o.value) for o in batch
+                                                          if o.error is None and isinstance(o.value, _Jpeg)]
         upright, where = [], []
-        for o, im in zip(jpegs, decode([o.value for o in jpegs]) if jpegs else []):
-            jp = o.value
+        for (o, jp), im in zip(read_ok, decode([jp for _, jp in read_ok]) if read_ok else []):
             if im is not None:
                 upright.append(_oriented(im, jp.orientation))
-                where.append(o)
+                where.append((o, jp.info))
                 continue
             try:  # refused by the device decoder: Pillow decides, and names the reason
                 o.value = (jp.info, enc.prepare(load_image(os.fspath(o.item.path), min_size=size).image))
             except ImageLoadError as exc:
                 o.value, o.error = None, exc.reason
-        for o, x in zip(where, prep(upright)):
-            o.value = (o.value.info, x)
-        on_cpu = [o for o in batch if o.error is None and isinstance(o.value, tuple) and isinstance(o.value[1], np.ndarray)]
+        for (o, info), x in zip(where, prep(upright)):
+            o.value = (info, x)
+        on_cpu: list[tuple[Outcome[Any, Any], tuple[Decoded, np.ndarray]]] = [
+            (o, o.value) for o in batch
+            if o.error is None and isinstance(o.value, tuple) and isinstance(o.value[1], np.ndarray)]
         if on_cpu:
-            xs = enc.batch([o.value[1] for o in on_cpu]).to(enc.device, enc.dtype)
-            for o, x in zip(on_cpu, xs):
-                o.value = (o.value[0], x)
+            xs = enc.batch([v[1] for _, v in on_cpu]).to(enc.device, enc.dtype)
+            for (o, v), x in zip(on_cpu, xs):
+                o.value = (v[0], x)
         return batch
 
     decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossfind-device-decode")

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import (
-    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, type_coerce,
+    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Table, Text, UniqueConstraint, type_coerce,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -174,6 +174,13 @@ class Setting(Base):
     key: Mapped[str] = mapped_column(String, primary_key=True)
     value: Mapped[str] = mapped_column(Text)
 
+
+
+def table_of(model: type[Base]) -> Table:
+    """A mapped class's Table, for Core statements that skip the ORM's per-object work (executemany)."""
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
 
 
 def _blobs(vectors: np.ndarray | None, n: int) -> list[bytes | None]:

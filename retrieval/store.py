@@ -25,7 +25,7 @@ from .dialect import AdvisoryLock, glob_match, is_database_url, mask_url
 from .errors import LibraryError
 from .history_rows import HistoryRows
 from .revision import head_revision
-from .schema import CHUNK, Base, FsPath, Image, ImageVector, Model, Query, Result, Setting, TextItem, TextVector, chunks, utcnow
+from .schema import CHUNK, Base, FsPath, Image, ImageVector, Model, Query, Result, Setting, TextItem, TextVector, chunks, table_of, utcnow
 from .vector_rows import VectorRows
 
 __all__ = [
@@ -185,7 +185,7 @@ class Store(VectorRows, HistoryRows):
         cost several times the insert and that load together)."""
         if not rows:
             return []
-        t = Image.__table__
+        t = table_of(Image)
         unset = {"status": "pending", "error": None, "width": None, "height": None, "taken_at": None}
         stmt = insert(t).returning(t.c.id, sort_by_parameter_order=True)
         result = self.session.execute(stmt, [{**unset, **r} for r in rows])
@@ -197,7 +197,7 @@ class Store(VectorRows, HistoryRows):
         flush costs about ten times as much; see :func:`retrieval.indexing.mark_decoded`)."""
         if not facts:
             return
-        t = Image.__table__
+        t = table_of(Image)
         stmt = update(t).where(t.c.id == bindparam("b_id")).values(
             status=bindparam("b_status"), error=bindparam("b_error"), width=bindparam("b_width"),
             height=bindparam("b_height"), taken_at=bindparam("b_taken"))

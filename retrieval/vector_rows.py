@@ -12,7 +12,7 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from .schema import ImageVector, Model, TextVector, _blobs, _vector_table, chunks
+from .schema import ImageVector, Model, TextVector, _blobs, _vector_table, chunks, table_of
 
 
 class VectorRows:
@@ -55,7 +55,7 @@ class VectorRows:
         crcs = token_crcs or {}
         self.delete_image_vectors(model_id, ids)
         if rows:  # one executemany INSERT: ORM objects cost about ten times as much a row
-            self.session.execute(insert(ImageVector.__table__), [
+            self.session.execute(insert(table_of(ImageVector)), [
                 {"model_id": model_id, "image_id": i, "content_hash": h, "has_tokens": bool(t and i in crcs), "vector": b,
                  "token_crc": crcs.get(i) if t else None}
                 for (i, h, t), b in zip(rows, blobs)
@@ -165,7 +165,7 @@ class VectorRows:
         self.delete_text_vectors(model_id, ids)
         blobs = _blobs(vectors, len(rows))
         if rows:
-            self.session.execute(insert(TextVector.__table__), [
+            self.session.execute(insert(table_of(TextVector)), [
                 {"model_id": model_id, "text_id": i, "content_hash": h, "vector": b} for (i, h), b in zip(rows, blobs)
             ])
 
