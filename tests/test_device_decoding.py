@@ -64,10 +64,16 @@ def mixed_dir(tmp_path):
     return root
 
 
-def test_device_decoding_records_what_threads_record(tmp_path, tiny_model, mixed_dir, monkeypatch):
+@pytest.mark.parametrize("small_parts", [False, True])
+def test_device_decoding_records_what_threads_record(tmp_path, tiny_model, mixed_dir, monkeypatch, small_parts):
     """Same rows, sizes, dates and failure reasons as loader threads, vectors
     within what two JPEG decoders and resamplers differ by, and the JPEGs really
-    went through the device path (the CMYK one and the PNG through Pillow)."""
+    went through the device path (the CMYK one and the PNG through Pillow).
+    ``small_parts``: decoder calls and resizes split into parts of a few
+    images (as big photos split them), the same outcome."""
+    if small_parts:
+        monkeypatch.setattr(device_decoding, "DECODE_PIXELS", 700_000)  # about two 640x480 files a call
+        monkeypatch.setattr(device_decoding, "RESIZE_PIXELS", 400_000)  # one 640x480 image a resize
     through: list[int] = []
     real = device_decoding.DevicePreprocess.__call__
 
