@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image as PILImage
+from sqlalchemy.orm.attributes import set_committed_value
 
 from .durability import Pending
 from .errors import LibraryError
@@ -363,8 +364,7 @@ def encode_pending(store: Store, slot: ModelSlot, rows: list[Image], opts: Encod
 
         prepare = preparer(enc)
         shape = prepare(PILImage.new("RGB", (size, size))).shape
-        batches = decoded_in_processes(rows, prepare, size, shape, batch_size,
-                                                            opts.workers or max(2, os.cpu_count() or 2))
+        batches = decoded_in_processes(rows, prepare, size, shape, batch_size, opts.workers or max(2, os.cpu_count() or 2))
     else:
         batches = load_batches(rows, load, batch_size, opts.workers)
     pending = Pending()
@@ -414,8 +414,6 @@ def mark_failed(pending: Pending, row: Image, reason: str) -> None:
 
 def _set(pending: Pending, row: Image, status: str, error: str | None, width: int | None, height: int | None,
          taken_at: dt.datetime | None) -> None:
-    from sqlalchemy.orm.attributes import set_committed_value
-
     for name, value in (("status", status), ("error", error), ("width", width), ("height", height), ("taken_at", taken_at)):
         set_committed_value(row, name, value)
     pending.facts.append((row.id, status, error, width, height, taken_at))
