@@ -30,6 +30,7 @@ import numpy as np
 
 from .decoding import Decoded
 from .imageio import MAX_MEGAPIXELS, ImageLoadError, _exif_datetime, _orientation, load_image
+from .onnx_runtime import resize_and_crop
 from .paths import open_regular
 from .pipeline import Outcome, load_batches
 
@@ -115,14 +116,6 @@ class DevicePreprocess:
         self.mean = torch.tensor(preprocess["mean"], device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(preprocess["std"], device=device).view(1, 3, 1, 1) * 255.0
 
-    def _resized_shape(self, h: int, w: int) -> tuple[int, int]:
-        size = self.p["resize"]
-        if len(size) == 2:
-            return int(size[0]), int(size[1])
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = size[0], int(size[0] * long / short)
-        return (new_long, new_short) if w <= h else (new_short, new_long)
-
     def __call__(self, images: Sequence[Any]) -> list[Any]:
         """The model's input for each of ``images`` (uint8 (C, H, W) on the device), in order."""
         import torch
@@ -140,13 +133,10 @@ class DevicePreprocess:
                 x = torch.stack([images[i] for i in part]).float()
                 if x.shape[1] == 1:
                     x = x.expand(-1, 3, -1, -1)
-                nh, nw = self._resized_shape(x.shape[2], x.shape[3])
+                nw, nh, left, top = resize_and_crop(x.shape[3], x.shape[2], self.p)
                 if (nh, nw) != (x.shape[2], x.shape[3]):
                     x = F.interpolate(x, size=(nh, nw), mode=self.p["interpolation"], antialias=True, align_corners=False)
                     x = x.round_().clamp_(0.0, 255.0)  # as Pillow's uint8 result
-                if nh < ch or nw < cw:
-                    raise ValueError("image smaller than the crop after resizing")
-                top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
                 x = ((x[:, :, top:top + ch, left:left + cw] - self.mean) / self.std).to(self.dtype)
                 for j, i in enumerate(part):
                     out[i] = x[j]

@@ -203,12 +203,11 @@ def _take_preloaded(path: Path) -> Any:
     return _preloaded.pop(key, None)
 
 
-def prepare_pixels(image: Image.Image, p: dict[str, Any]) -> np.ndarray:
-    """open_clip's resize, centre crop and RGB conversion of ``image``, as a uint8
-    ``(H, W, 3)`` array; ``p`` is an export manifest's ``preprocess`` (numbers only)."""
-    from PIL import Image as PILImage
-
-    w, h = image.size
+def resize_and_crop(w: int, h: int, p: dict[str, Any]) -> tuple[int, int, int, int]:
+    """open_clip's geometry for a ``w`` x ``h`` image: the size it is resized to
+    and the top-left corner of the centre crop in it, ``(new_w, new_h, left, top)``;
+    ``p`` is an export manifest's ``preprocess``. Raises ValueError when the
+    resized image is smaller than the crop (open_clip pads; never happens after resize)."""
     size = p["resize"]
     if len(size) == 1:  # the shorter side to size[0], as torchvision computes it
         short, long = (w, h) if w <= h else (h, w)
@@ -216,15 +215,24 @@ def prepare_pixels(image: Image.Image, p: dict[str, Any]) -> np.ndarray:
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     else:
         new_h, new_w = size
+    ch, cw = p["crop"]
+    if cw > new_w or ch > new_h:
+        raise ValueError("image smaller than the crop after resizing")
+    return new_w, new_h, int(round((new_w - cw) / 2.0)), int(round((new_h - ch) / 2.0))
+
+
+def prepare_pixels(image: Image.Image, p: dict[str, Any]) -> np.ndarray:
+    """open_clip's resize, centre crop and RGB conversion of ``image``, as a uint8
+    ``(H, W, 3)`` array; ``p`` is an export manifest's ``preprocess`` (numbers only)."""
+    from PIL import Image as PILImage
+
+    w, h = image.size
+    new_w, new_h, left, top = resize_and_crop(w, h, p)
     if (new_w, new_h) != (w, h):
         resample = PILImage.Resampling.BICUBIC if p["interpolation"] == "bicubic" else PILImage.Resampling.BILINEAR
         image = image.resize((new_w, new_h), resample)
     ch, cw = p["crop"]
     if (cw, ch) != image.size:
-        if cw > image.size[0] or ch > image.size[1]:
-            raise ValueError("image smaller than the crop after resizing")  # open_clip pads; never happens after resize
-        top = int(round((image.size[1] - ch) / 2.0))
-        left = int(round((image.size[0] - cw) / 2.0))
         image = image.crop((left, top, left + cw, top + ch))
     if image.mode != "RGB":
         image = image.convert("RGB")
