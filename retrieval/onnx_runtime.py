@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .encoders import ModelSpec
+
+LOG = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -91,11 +94,35 @@ def _threads() -> int:
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 16))
 
 
-def _session(path: Path, threads: int | None = None, spin: bool = True) -> Any:
+def _session(path: Path, threads: int | None = None, spin: bool = True, manifest: dict[str, Any] | None = None) -> Any:
     pre = _take_preloaded(path)
     if pre is not None:
         return pre
-    return _new_session(path, threads, spin=spin)
+    return _new_session(path, threads, spin=spin, manifest=manifest)
+
+
+def _openvino_session(path: Path, threads: int | None, manifest: dict[str, Any]) -> Any:
+    """The image tower at ``path`` on OpenVINO (see :mod:`retrieval.openvino_runtime`),
+    or None where OpenVINO is off, missing, or fails on this graph (said once
+    per export and machine; ONNX Runtime then runs it). Not for the 8-bit
+    tower, which is ONNX Runtime's own quantisation."""
+    from .openvino_runtime import openvino_enabled
+
+    if path.name != manifest.get("image") or ".int8." in path.name or not openvino_enabled():
+        return None
+    from .openvino_runtime import image_session
+
+    try:
+        return image_session(path, threads or _threads(), functools.partial(calibration_pixels, manifest))
+    except Exception as exc:  # noqa: BLE001 - any failure of OpenVINO leaves the tower to ONNX Runtime
+        key = str(path)
+        if key not in _openvino_failed:
+            _openvino_failed.add(key)
+            LOG.warning("OpenVINO cannot run %s (%s); ONNX Runtime encodes the images", path, exc)
+        return None
+
+
+_openvino_failed: set[str] = set()
 
 
 def _spins(part: str) -> bool:
@@ -104,8 +131,11 @@ def _spins(part: str) -> bool:
     return part != "image"
 
 
-def _new_session(path: Path, threads: int | None = None, prepack: bool = True, spin: bool = True) -> Any:
-    """A CPU session of the graph at ``path``.
+def _new_session(path: Path, threads: int | None = None, prepack: bool = True, spin: bool = True,
+                 manifest: dict[str, Any] | None = None) -> Any:
+    """A CPU session of the graph at ``path``: on OpenVINO when it is the image
+    tower of the export whose ``manifest`` is given and OpenVINO takes it (see
+    :func:`_openvino_session`), else on ONNX Runtime.
 
     Without ``prepack`` the weights stay where ONNX Runtime mapped them
     instead of being copied into packed matrices: a session of the ViT-B-32
@@ -115,6 +145,10 @@ def _new_session(path: Path, threads: int | None = None, prepack: bool = True, s
     threads sleep between operators instead of spinning: for the image tower,
     whose operators are long, so that the cycles go to the loader threads
     decoding beside it."""
+    if manifest is not None:
+        ov = _openvino_session(path, threads, manifest)
+        if ov is not None:
+            return ov
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -178,7 +212,7 @@ def preload_export(where: Path, parts: Sequence[str] = ("text",),
             try:
                 one_text = part == "text"
                 _preloaded[key] = _new_session(Path(key), 1 if one_text else None, prepack=not one_text,
-                                               spin=_spins(part))
+                                               spin=_spins(part), manifest=manifest if part == "image" else None)
             except Exception:  # noqa: BLE001 - the ordinary path tries again and reports it
                 pass
             finally:
@@ -239,6 +273,42 @@ def prepare_pixels(image: Image.Image, p: dict[str, Any]) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def mean_std(p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel mean and std of an export manifest's ``preprocess``, as float32."""
+    return np.asarray(p["mean"], np.float32), np.asarray(p["std"], np.float32)
+
+
+def normalise(prepared: Sequence[np.ndarray], mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """:meth:`OnnxEncoder.batch`: uint8 ``(H, W, 3)`` arrays to one normalised float32 ``(n, 3, H, W)`` batch."""
+    x = np.stack(prepared)
+    out = np.empty((len(x), 3, *x.shape[1:3]), np.float32)
+    for c in range(3):
+        channel = out[:, c]
+        np.divide(x[..., c], np.float32(255.0), out=channel, dtype=np.float32)
+        channel -= mean[c]
+        channel /= std[c]
+    return out
+
+
+def calibration_pixels(manifest: dict[str, Any]) -> np.ndarray:
+    """A fixed batch of 8 images in the export's input form, for checking a
+    lower precision against float32: four rendered shapes scenes and four
+    photo-like fields (smooth colour with grain)."""
+    from PIL import Image as PILImage
+
+    from .shapes import samples
+
+    p = manifest["preprocess"]
+    side = max(p["crop"]) + 32
+    images = [s.image for s in samples(4, seed=0, size=side)]
+    g = np.random.default_rng(0)
+    for _ in range(4):
+        coarse = PILImage.fromarray(g.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((side, side), PILImage.Resampling.BICUBIC)
+        grain = g.normal(0.0, 12.0, (side, side, 3))
+        images.append(PILImage.fromarray(np.clip(np.asarray(coarse, np.float64) + grain, 0, 255).astype(np.uint8)))
+    return normalise([prepare_pixels(im, p) for im in images], *mean_std(p))
+
+
 class OnnxEncoder:
     """A model's exported towers; see the module docstring."""
 
@@ -278,7 +348,8 @@ class OnnxEncoder:
             name = self.manifest.get(part)
             if not name:
                 raise KeyError(f"the ONNX export in {self.folder} has no {part} part")
-            self._sessions[part] = _session(self.folder / name, self.threads, spin=_spins(part))
+            manifest = self.manifest if part == "image" else None
+            self._sessions[part] = _session(self.folder / name, self.threads, spin=_spins(part), manifest=manifest)
         return self._sessions[part]
 
     def int8(self) -> OnnxEncoder:
@@ -359,19 +430,11 @@ class OnnxEncoder:
         values), written straight into the channel-first batch: 6-7 ms for a
         batch of 32 on this project's CPU, against 18-27 ms through a 256-entry
         lookup table, in the thread that then runs the encoder."""
-        x = np.stack(prepared)
-        out = np.empty((len(x), 3, *x.shape[1:3]), np.float32)
-        for c in range(3):
-            channel = out[:, c]
-            np.divide(x[..., c], np.float32(255.0), out=channel, dtype=np.float32)
-            channel -= self._mean_std[0][c]
-            channel /= self._mean_std[1][c]
-        return out
+        return normalise(prepared, *self._mean_std)
 
     @functools.cached_property
     def _mean_std(self) -> tuple[np.ndarray, np.ndarray]:
-        p = self.manifest["preprocess"]
-        return np.asarray(p["mean"], np.float32), np.asarray(p["std"], np.float32)
+        return mean_std(self.manifest["preprocess"])
 
     def image_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.batch([self.prepare(im) for im in images])
