@@ -18,8 +18,9 @@ ViT-B-32-256 exported to ONNX, FP32 onnxruntime on the CPU); crossfind uses
 the same architecture with random weights as a ``local-dir:`` model. A fresh
 crossfind library gets the model's ONNX export copied in before it is timed,
 as a library that has been used once holds it (the one-time export is timed
-separately). rclip has no index-only command: its indexing run is ``rclip -f
--t 10 QUERY`` in the folder (index, then one search), as the peer times it.
+separately), OpenVINO's precision verdict for this CPU included. rclip has no
+index-only command: its indexing run is ``rclip -f -t 10 QUERY`` in the
+folder (index, then one search), as the peer times it.
 
 Example::
 
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--few", type=int, default=50, help="images in the small search library")
     p.add_argument("--big", type=int, default=100_000, help="rows in the large search library")
     p.add_argument("--int8", action="store_true", help="also index with `crossfind index --int8` (8-bit image tower, opt-in)")
+    p.add_argument("--runtimes", action="store_true",
+                   help="also index with OpenVINO in float32 (CROSSFIND_BF16=0) and with ONNX Runtime (CROSSFIND_OPENVINO=0)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: index,search,rerank, or big (the 100k search library)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -151,6 +154,11 @@ def main(argv: list[str] | None = None) -> None:
         wall, rss, _ = timed(crossfind(warm, "index", str(few), "--model", spec, "--json"))
         res["first_index_with_export"] = {"wall_s": wall, "rss_mib": rss, "images": args.few}
         say(f"first index of {args.few} images, with the ONNX export: {wall:.1f}s")
+    from retrieval.onnx_runtime import OnnxEncoder
+
+    # What that first run also leaves in the export, also when it was made by
+    # an older crossfind: OpenVINO's precision verdict for this CPU and its float16 IR.
+    OnnxEncoder(find_export(warm, ms, export_key(ms, weights_fingerprint(ms))), ms).session("image")
 
     if "search" not in skip:
 
@@ -232,16 +240,21 @@ def main(argv: list[str] | None = None) -> None:
                 wall, rss, _ = timed([rclip, "-f", "-t", "10", QUERY], cwd=folder, env=rclip_env(data))
                 return wall, rss
 
-            def run_cf_index(i: int, folder: Path = folder, n: int = n, extra: tuple[str, ...] = ()) -> tuple[float, float]:
+            def run_cf_index(i: int, folder: Path = folder, n: int = n, extra: tuple[str, ...] = (),
+                             env: dict | None = None) -> tuple[float, float]:
                 lib = work / "index-lib"
                 seed_library(lib, warm)
-                wall, rss, text = timed(crossfind(lib, "index", str(folder), "--model", spec, "--json", *extra))
+                wall, rss, text = timed(crossfind(lib, "index", str(folder), "--model", spec, "--json", *extra),
+                                        env=None if env is None else {**os.environ, **env})
                 assert json.loads(text)["added"] == n, text
                 return wall, rss
 
             runners = {"rclip": run_rclip_index, "crossfind": run_cf_index}
             if args.int8:
                 runners["crossfind --int8"] = functools.partial(run_cf_index, extra=("--int8",))
+            if args.runtimes:
+                runners["crossfind OpenVINO float32"] = functools.partial(run_cf_index, env={"CROSSFIND_BF16": "0"})
+                runners["crossfind ONNX Runtime float32"] = functools.partial(run_cf_index, env={"CROSSFIND_OPENVINO": "0"})
             say(f"indexing {n} {kind} JPEGs: {args.repeats} x ({', '.join(runners)})")
             res[f"index_{kind}"] = r = alternate(args.repeats, runners)
             r["images"] = n
@@ -268,10 +281,12 @@ def main(argv: list[str] | None = None) -> None:
             a, b = r["rclip"], r["crossfind"]
             rows.append((f"index {r['images']} {kind}: img/s (whole process)", a["img_per_s"], b["img_per_s"], b["img_per_s"] / a["img_per_s"], target))
             rows.append((f"index {r['images']} {kind}: peak MiB", a["rss_mib"], b["rss_mib"], b["rss_mib"] / a["rss_mib"], "<= 1.2x"))
-            c = r.get("crossfind --int8")
-            if c:
-                rows.append((f"index {r['images']} {kind} --int8: img/s", a["img_per_s"], c["img_per_s"], c["img_per_s"] / a["img_per_s"], "opt-in"))
-                rows.append((f"index {r['images']} {kind} --int8: peak MiB", a["rss_mib"], c["rss_mib"], c["rss_mib"] / a["rss_mib"], "opt-in"))
+            for tool, label in (("crossfind --int8", "--int8"), ("crossfind OpenVINO float32", "OV f32"),
+                                ("crossfind ONNX Runtime float32", "ORT f32")):
+                c = r.get(tool)
+                if c:
+                    rows.append((f"index {r['images']} {kind} {label}: img/s", a["img_per_s"], c["img_per_s"], c["img_per_s"] / a["img_per_s"], "-"))
+                    rows.append((f"index {r['images']} {kind} {label}: peak MiB", a["rss_mib"], c["rss_mib"], c["rss_mib"] / a["rss_mib"], "-"))
     for what, a, b, ratio, target in rows:
         fa = f"{a:14.3f}" if a is not None else f"{'-':>14}"
         fr = f"{ratio:7.2f}x" if ratio is not None else f"{'-':>8}"
