@@ -154,8 +154,8 @@ def _quiet_ray() -> None:
               "new one on this machine. Put it after PATHS or write --ray=ADDRESS.")
 @click.option("--int8/--no-int8", default=None, help="Encode with the image tower's weights in 8 bits (ONNX Runtime on the CPU): "
               "about 2.5x float32's images per second, vectors slightly different; remembered for the model in this library "
-              "until --no-int8. Default: OpenVINO, in bfloat16 where the CPU has bfloat16 units and a check shows the "
-              "vectors unchanged (cosine >= 0.9999), else float32.")
+              "until --no-int8. Default: bfloat16 (OpenVINO) where the CPU has bfloat16 units and a check shows the "
+              "vectors unchanged (cosine >= 0.9999), else float32; CROSSFIND_BF16=0 keeps float32.")
 @no_wait_option
 @json_option
 @click.pass_context

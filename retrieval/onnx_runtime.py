@@ -7,7 +7,9 @@ of :class:`retrieval.rerank.Reranker` that search uses, both over the files
 :mod:`retrieval.onnx_export` writes. Each ONNX session is created on first
 use, so a text query never loads the image tower. Tokenising is
 :class:`retrieval.tokenizer.ClipTokenizer`, preprocessing is Pillow and numpy
-with the numbers open_clip's transform was built with.
+with the numbers open_clip's transform was built with. The image tower runs on
+OpenVINO in bfloat16 where the CPU has it and a check allows it
+(:mod:`retrieval.openvino_runtime`), behind the same ``run`` call.
 
 Set ``CROSSFIND_ONNX=0`` to use torch for everything.
 """
@@ -102,10 +104,11 @@ def _session(path: Path, threads: int | None = None, spin: bool = True, manifest
 
 
 def _openvino_session(path: Path, threads: int | None, manifest: dict[str, Any]) -> Any:
-    """The image tower at ``path`` on OpenVINO (see :mod:`retrieval.openvino_runtime`),
-    or None where OpenVINO is off, missing, or fails on this graph (said once
-    per export and machine; ONNX Runtime then runs it). Not for the 8-bit
-    tower, which is ONNX Runtime's own quantisation."""
+    """The image tower at ``path`` on OpenVINO in bfloat16 (see
+    :mod:`retrieval.openvino_runtime`), or None where ONNX Runtime runs it in
+    float32: OpenVINO off or missing, no bfloat16 here, the check failed, or
+    OpenVINO failing on this graph (said once per export and process). Not for
+    the 8-bit tower, which is ONNX Runtime's own quantisation."""
     from .openvino_runtime import openvino_enabled
 
     if path.name != manifest.get("image") or ".int8." in path.name or not openvino_enabled():
@@ -113,7 +116,8 @@ def _openvino_session(path: Path, threads: int | None, manifest: dict[str, Any])
     from .openvino_runtime import image_session
 
     try:
-        return image_session(path, threads or _threads(), functools.partial(calibration_pixels, manifest))
+        return image_session(path, threads or _threads(), functools.partial(calibration_pixels, manifest),
+                             functools.partial(_new_session, path, threads, spin=False))
     except Exception as exc:  # noqa: BLE001 - any failure of OpenVINO leaves the tower to ONNX Runtime
         key = str(path)
         if key not in _openvino_failed:
@@ -134,7 +138,7 @@ def _spins(part: str) -> bool:
 def _new_session(path: Path, threads: int | None = None, prepack: bool = True, spin: bool = True,
                  manifest: dict[str, Any] | None = None) -> Any:
     """A CPU session of the graph at ``path``: on OpenVINO when it is the image
-    tower of the export whose ``manifest`` is given and OpenVINO takes it (see
+    tower of the export whose ``manifest`` is given and runs in bfloat16 here (see
     :func:`_openvino_session`), else on ONNX Runtime.
 
     Without ``prepack`` the weights stay where ONNX Runtime mapped them

@@ -1,29 +1,29 @@
-"""The image tower of an ONNX export on OpenVINO's CPU plugin, in bfloat16 where it keeps the vectors.
+"""The image tower of an ONNX export on OpenVINO's CPU plugin, in bfloat16, where that keeps the vectors.
 
 Indexing on a CPU is bound by the image tower's matrix products, and float32
-ones already run near the CPU's peak in ONNX Runtime. OpenVINO compiles the
-same ``image.onnx`` (ONNX Runtime's fused ``Attention`` and ``BiasGelu``
-nodes included) and, on CPUs with bfloat16 units (AMX, AVX512-BF16), runs its
+ones already run near the CPU's peak in ONNX Runtime. On CPUs with bfloat16
+units (AMX, AVX512-BF16) OpenVINO compiles the same ``image.onnx`` (ONNX
+Runtime's fused ``Attention`` and ``BiasGelu`` nodes included) and runs its
 products in bfloat16 with float32 accumulation: on a 2-core Xeon with AMX the
-ViT-B-32 tower takes 8 ms an image against 36 in ONNX Runtime (31 in
-OpenVINO's float32).
+ViT-B-32 tower takes 8 ms an image against 36 in ONNX Runtime.
 
 bfloat16 moves vectors a little, so it is used only when a check says it
-keeps them: the first time an export's image tower is compiled on a machine,
-:func:`image_session` runs a fixed batch of images through both precisions
-and keeps bfloat16 only when every vector has cosine >= :data:`MIN_COSINE`
-to its float32 one (and the patch tokens, for a model with a reranker, a
-mean cosine as high). The verdict is kept in the export folder
-(``openvino.json``, by OpenVINO version and CPU), with the tower saved as
-OpenVINO IR with float16 weights that bfloat16 sessions compile from (half
-the bytes to read: an index run peaks about 330 MB lower), so later runs
-compile one model and go. Where OpenVINO runs float32 itself (no bfloat16
-units) nothing is checked; where its default is float16 (ARM) the same check
-decides for float16.
+keeps them: the first time an export's image tower is used on a machine,
+:func:`image_session` runs a fixed batch of images through OpenVINO and
+through ONNX Runtime's float32 and keeps bfloat16 only when every vector has
+cosine >= :data:`MIN_COSINE` to its float32 one (and the patch tokens, for a
+model with a reranker, a mean cosine as high). The verdict is kept in the
+export folder (``openvino.json``, by OpenVINO version and CPU), with the tower
+saved as OpenVINO IR with float16 weights that the sessions compile from
+(half the bytes to read: an index run peaks about 330 MB lower), so later
+runs compile one model and go. Where OpenVINO's own default is float16 (ARM),
+the same check decides for float16.
 
-``CROSSFIND_OPENVINO=0`` keeps the image tower on ONNX Runtime;
-``CROSSFIND_BF16=0`` keeps OpenVINO in float32. The text tower and the
-reranker stay on ONNX Runtime, whose small sessions start faster.
+Everywhere else the tower stays on ONNX Runtime in float32: where OpenVINO
+would run float32 too (no bfloat16 units), where the check failed, and with
+``CROSSFIND_BF16=0``. OpenVINO's float32 is no faster for a whole index run
+and peaks higher. The text tower and the reranker stay on ONNX Runtime,
+whose small sessions start faster.
 """
 
 from __future__ import annotations
@@ -49,14 +49,21 @@ _write_lock = threading.Lock()
 
 
 def openvino_enabled() -> bool:
-    """Whether the image tower may run on OpenVINO: installed, and not switched off."""
-    if os.environ.get("CROSSFIND_OPENVINO", "1").lower() in _OFF:
+    """Whether the image tower may run on OpenVINO: installed, and not switched off (``CROSSFIND_BF16=0``)."""
+    if os.environ.get("CROSSFIND_BF16", "1").lower() in _OFF:
         return False
     return importlib.util.find_spec("openvino") is not None
 
 
-def _bf16_allowed() -> bool:
-    return os.environ.get("CROSSFIND_BF16", "1").lower() not in _OFF
+def lower_precision() -> str | None:
+    """The precision below float32 that OpenVINO would run the tower in on
+    this CPU (``bf16``; ``f16`` on ARM), or None where it runs float32 or is off."""
+    if not openvino_enabled():
+        return None
+    import openvino as ov
+
+    precision = _precision(ov.Core())
+    return None if precision == "f32" else precision
 
 
 class OpenVinoSession:
@@ -81,10 +88,8 @@ class OpenVinoSession:
             return [np.array(result[self._outputs[i]]) for i in wanted]
 
 
-def _compile(core: Any, model: Any, threads: int, precision: str | None) -> Any:
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-    if precision is not None:
-        config["INFERENCE_PRECISION_HINT"] = precision
+def _compile(core: Any, model: str, threads: int, precision: str) -> Any:
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
     return core.compile_model(model, "CPU", config)
 
 
@@ -133,7 +138,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(den, 1e-30)
 
 
-def compare(low: OpenVinoSession, exact: OpenVinoSession, pixels: np.ndarray) -> dict[str, float]:
+def compare(low: OpenVinoSession, exact: Any, pixels: np.ndarray) -> dict[str, float]:
     """Cosines of ``low``'s outputs to ``exact``'s on ``pixels``: the vectors'
     minimum and, when there are patch tokens, their mean."""
     got, want = low.run(None, {"pixels": pixels}), exact.run(None, {"pixels": pixels})
@@ -171,32 +176,30 @@ def _half_ir(core: Any, onnx: Path) -> Path | None:
             tmp.rmdir()
 
 
-def image_session(path: Path, threads: int, calibration: Callable[[], np.ndarray]) -> OpenVinoSession:
-    """The image tower at ``path`` compiled for this CPU, in bfloat16 when
-    OpenVINO would use it here and the kept (or now made) check passed on
-    ``calibration()``'s pixels, else in float32. Raises what OpenVINO raises
-    when it cannot read or compile the graph."""
+def image_session(path: Path, threads: int, calibration: Callable[[], np.ndarray],
+                  reference: Callable[[], Any]) -> OpenVinoSession | None:
+    """The image tower at ``path`` compiled by OpenVINO in this CPU's lower
+    precision, when the kept (or now made) check passed: ``calibration()``'s
+    pixels through it and through ``reference()`` (ONNX Runtime's float32
+    session of the same graph). None where float32 is to run instead, on ONNX
+    Runtime. Raises what OpenVINO raises when it cannot read or compile the graph."""
     import openvino as ov
 
     path = Path(path)
     core = ov.Core()
-    if not _bf16_allowed():
-        return OpenVinoSession(_compile(core, str(path), threads, "f32"), "f32")
-    signature = _signature(core)
-    key = f"{path.name}:{signature}"
-    verdict = _read_verdicts(path.parent).get(key)
-    half = path.with_name(path.stem + ".f16.xml")
-    if verdict is not None and (verdict.get("precision") == "f32" or half.is_file()):
-        precision = str(verdict.get("precision", "f32"))
-        return OpenVinoSession(_compile(core, str(half if precision != "f32" else path), threads, precision), precision)
     precision = _precision(core)
-    exact = OpenVinoSession(_compile(core, str(path), threads, "f32"), "f32")
     if precision == "f32":
-        _keep_verdict(path.parent, path.name, signature, {"precision": "f32", "why": "OpenVINO's own choice on this CPU"})
-        return exact
+        return None
+    signature = _signature(core)
+    verdict = _read_verdicts(path.parent).get(f"{path.name}:{signature}")
+    half = path.with_name(path.stem + ".f16.xml")
+    if verdict is not None and verdict.get("precision") == "f32":
+        return None
+    if verdict is not None and half.is_file():
+        return OpenVinoSession(_compile(core, str(half), threads, precision), precision)
     saved = _half_ir(core, path)
     low = OpenVinoSession(_compile(core, str(saved or path), threads, precision), precision)
-    cos = compare(low, exact, calibration())
+    cos = compare(low, reference(), calibration())
     ok = cos["vector_min"] >= MIN_COSINE and cos.get("tokens_mean", 1.0) >= MIN_COSINE
     _keep_verdict(path.parent, path.name, signature, {"precision": precision if ok else "f32", "checked": precision, **cos})
     if ok:
@@ -206,4 +209,4 @@ def image_session(path: Path, threads: int, calibration: Callable[[], np.ndarray
         saved.with_suffix(".bin").unlink(missing_ok=True)
     LOG.info("OpenVINO's %s moved the vectors of %s too far (cosine %.6f); float32 is used",
              precision, path, cos["vector_min"])
-    return exact
+    return None

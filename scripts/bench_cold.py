@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--few", type=int, default=50, help="images in the small search library")
     p.add_argument("--big", type=int, default=100_000, help="rows in the large search library")
     p.add_argument("--int8", action="store_true", help="also index with `crossfind index --int8` (8-bit image tower, opt-in)")
-    p.add_argument("--runtimes", action="store_true",
-                   help="also index with OpenVINO in float32 (CROSSFIND_BF16=0) and with ONNX Runtime (CROSSFIND_OPENVINO=0)")
+    p.add_argument("--float32", action="store_true",
+                   help="also index with the image tower in float32 on ONNX Runtime (CROSSFIND_BF16=0)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: index,search,rerank, or big (the 100k search library)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -252,9 +252,8 @@ def main(argv: list[str] | None = None) -> None:
             runners = {"rclip": run_rclip_index, "crossfind": run_cf_index}
             if args.int8:
                 runners["crossfind --int8"] = functools.partial(run_cf_index, extra=("--int8",))
-            if args.runtimes:
-                runners["crossfind OpenVINO float32"] = functools.partial(run_cf_index, env={"CROSSFIND_BF16": "0"})
-                runners["crossfind ONNX Runtime float32"] = functools.partial(run_cf_index, env={"CROSSFIND_OPENVINO": "0"})
+            if args.float32:
+                runners["crossfind float32"] = functools.partial(run_cf_index, env={"CROSSFIND_BF16": "0"})
             say(f"indexing {n} {kind} JPEGs: {args.repeats} x ({', '.join(runners)})")
             res[f"index_{kind}"] = r = alternate(args.repeats, runners)
             r["images"] = n
@@ -281,8 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             a, b = r["rclip"], r["crossfind"]
             rows.append((f"index {r['images']} {kind}: img/s (whole process)", a["img_per_s"], b["img_per_s"], b["img_per_s"] / a["img_per_s"], target))
             rows.append((f"index {r['images']} {kind}: peak MiB", a["rss_mib"], b["rss_mib"], b["rss_mib"] / a["rss_mib"], "<= 1.2x"))
-            for tool, label in (("crossfind --int8", "--int8"), ("crossfind OpenVINO float32", "OV f32"),
-                                ("crossfind ONNX Runtime float32", "ORT f32")):
+            for tool, label in (("crossfind --int8", "--int8"), ("crossfind float32", "float32")):
                 c = r.get(tool)
                 if c:
                     rows.append((f"index {r['images']} {kind} {label}: img/s", a["img_per_s"], c["img_per_s"], c["img_per_s"] / a["img_per_s"], "-"))

@@ -21,7 +21,7 @@ from PIL import Image
 
 from retrieval import Engine
 from retrieval.encoders import load_encoder, weights_fingerprint
-from retrieval.openvino_runtime import openvino_enabled
+from retrieval.openvino_runtime import lower_precision
 from retrieval.types import SearchQuery
 
 TEXTS = [
@@ -113,8 +113,8 @@ def export(spec: str, lib: Path):
     return enc, reranker, onnx, (OnnxReranker(onnx) if reranker is not None else None)
 
 
-#: What runs an export's image tower here: OpenVINO where it is installed (see retrieval/openvino_runtime.py).
-IMAGE_SESSION = "OpenVinoSession" if openvino_enabled() else "InferenceSession"
+#: What runs an export's image tower here: OpenVINO where it runs bfloat16 (see retrieval/openvino_runtime.py).
+IMAGE_SESSION = "OpenVinoSession" if lower_precision() is not None else "InferenceSession"
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
