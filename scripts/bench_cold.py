@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import REPO, WORK, fill_library, machine, median, random_model, say, write_json
+from bench_common import REPO, WORK, fill_library, machine, median, random_model, say, seed_library, used_export, write_json
 
 PEER_DIR = Path(os.environ.get("RCLIP_PEER_DIR", "/work/shared/peers/rclip"))
 PEER_WORK = Path(os.environ.get("PEER_WORK", "/tmp/rclip-peer"))
@@ -94,14 +94,6 @@ def images(kind: str, n: int) -> Path:
     return folder
 
 
-def seed_library(lib: Path, export_from: Path) -> None:
-    """A fresh library holding the model's ONNX export (as after its first use)."""
-    shutil.rmtree(lib, ignore_errors=True)
-    for src in export_from.glob("models/*/onnx"):
-        dst = lib / src.relative_to(export_from)
-        shutil.copytree(src, dst, copy_function=os.link)
-
-
 def crossfind(lib: Path, *args: str) -> list[str]:
     return [CROSSFIND, "--library", str(lib), *args]
 
@@ -145,20 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     # The model's export, made once (timed: what the first `crossfind index` of a library pays extra).
     warm = work / "export-lib"
     few = images("small", args.few)
-    from retrieval.encoders import parse_spec, weights_fingerprint
-    from retrieval.onnx_runtime import export_key, find_export
-
-    ms = parse_spec(spec)
-    if find_export(warm, ms, export_key(ms, weights_fingerprint(ms))) is None:  # none yet, or of an older export version
-        shutil.rmtree(warm, ignore_errors=True)
-        wall, rss, _ = timed(crossfind(warm, "index", str(few), "--model", spec, "--json"))
-        res["first_index_with_export"] = {"wall_s": wall, "rss_mib": rss, "images": args.few}
+    export, wall = used_export(spec, warm, few)
+    if wall is not None:
+        res["first_index_with_export"] = {"wall_s": wall, "images": args.few}
         say(f"first index of {args.few} images, with the ONNX export: {wall:.1f}s")
-    from retrieval.onnx_runtime import OnnxEncoder
-
-    # What that first run also leaves in the export, also when it was made by
-    # an older crossfind: OpenVINO's precision verdict for this CPU and its float16 IR.
-    OnnxEncoder(find_export(warm, ms, export_key(ms, weights_fingerprint(ms))), ms).session("image")
 
     if "search" not in skip:
 
@@ -228,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     if "index" not in skip and args.int8:
         from retrieval.onnx_quant import int8_image
 
-        int8_image(find_export(warm, ms, export_key(ms, weights_fingerprint(ms))), "image.onnx")  # made once, as a first --int8 run does
+        int8_image(export, "image.onnx")  # made once, as a first --int8 run does
     if "index" not in skip:
         for kind, n in (("small", args.small), ("large", args.large)):
             if n <= 0:

@@ -450,3 +450,34 @@ def fill_library(lib: Path, spec: str, n: int, kind: str = "images", seed: int =
         timings["index_kind"] = index.kind  # type: ignore[assignment]
     marker.write_text(want + "\n")
     return timings
+
+
+def used_export(spec: str, lib: Path, folder: Path) -> tuple[Path, float | None]:
+    """The ONNX export of ``spec`` in library ``lib`` as a library holds it after
+    its first ``crossfind index``: made now by one (of ``folder``, a new
+    process) when missing or of an older export version, with OpenVINO's
+    precision verdict for this CPU. Returns the export folder and the wall
+    seconds of that first run (None when the export was there)."""
+    from retrieval.encoders import parse_spec, weights_fingerprint
+    from retrieval.onnx_runtime import OnnxEncoder, export_key, find_export
+
+    ms = parse_spec(spec)
+    key = export_key(ms, weights_fingerprint(ms))
+    wall = None
+    if find_export(lib, ms, key) is None:
+        shutil.rmtree(lib, ignore_errors=True)
+        t = time.perf_counter()
+        subprocess.run([str(Path(sys.executable).with_name("crossfind")), "--library", str(lib), "index", str(folder),
+                        "--model", spec, "--json"], check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t
+    where = find_export(lib, ms, key)
+    assert where is not None
+    OnnxEncoder(where, ms).session("image")  # the verdict and IR, also for an export made by an older crossfind
+    return where, wall
+
+
+def seed_library(lib: Path, export_from: Path) -> None:
+    """A fresh library holding the ONNX exports of library ``export_from`` (as after their first use), hard-linked."""
+    shutil.rmtree(lib, ignore_errors=True)
+    for src in export_from.glob("models/*/onnx"):
+        shutil.copytree(src, lib / src.relative_to(export_from), copy_function=os.link)

@@ -6,8 +6,10 @@
    under ``$PEER_WORK/images``, times rclip indexing them, and times rclip
    searches (a new process each) on databases filled with N random vectors.
 2. crossfind, with the same architecture (random-weight ViT-B-32-256 saved as a
-   ``local-dir:`` model), indexes the peer's own JPEG folders (in process, the
-   encoder loaded beforehand; and as a ``crossfind index --json`` process), and
+   ``local-dir:`` model), indexes the peer's own JPEG folders into fresh
+   libraries holding the model's export, as after its first use (in process,
+   the image session loaded beforehand; and as a ``crossfind index --json``
+   process), and
    searches libraries of the same sizes (synthetic rows and clustered vectors,
    see ``bench_common.fill_library``) with ``crossfind search ... --json``, a
    new process per search as rclip is timed, plus the in-process
@@ -32,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import REPO, WORK, Monitor, fill_library, machine, median, random_model, read_files, say, wait_quiet, write_json
+from bench_common import (REPO, WORK, Monitor, fill_library, gen_jpegs, machine, median, random_model, read_files, say, seed_library,
+                          used_export, wait_quiet, write_json)
 
 PEER = Path(os.environ.get("RCLIP_PEER", "/work/shared/peers/rclip/rclip_peer.sh"))
 PEER_WORK = Path(os.environ.get("PEER_WORK", "/tmp/rclip-peer"))
@@ -62,32 +65,32 @@ def run_peer(args: argparse.Namespace) -> tuple[dict[str, float], str]:
     return results, table
 
 
-def index_in_process(spec: str, folder: Path) -> dict:
-    """``Engine.index_folder`` into a fresh library, encoder loaded before timing."""
+def index_in_process(spec: str, folder: Path, warm: Path) -> dict:
+    """``Engine.index_folder`` into a fresh library holding the model's export
+    (as after its first use), the image session loaded before timing."""
     from retrieval import Engine
-    from retrieval.store import DB_NAME
-    from retrieval.encoders import load_encoder
-    from retrieval.store import open_store
 
-    import torch
-
-    t = time.perf_counter()
-    enc = load_encoder(spec, device="cpu")
-    load = time.perf_counter() - t
-    enc.encode_images(torch.zeros(2, 3, enc.image_size, enc.image_size))
     lib = Path(tempfile.mkdtemp(prefix="peer-lib-", dir=WORK))
     try:
-        with Engine(open_store(lib / DB_NAME), lib, encoder=enc) as eng:
+        seed_library(lib, warm)
+        with Engine.open(lib, model=spec) as eng:
+            t = time.perf_counter()
+            runtime = eng.state().runtime("image")
+            if hasattr(runtime, "session"):
+                runtime.session("image")
+            load = time.perf_counter() - t
             rep = eng.index_folder(folder)
-        return {"n": rep.encoded, "seconds": rep.seconds, "img_per_s": rep.encoded / rep.seconds, "model_load_s": load}
+        return {"n": rep.encoded, "seconds": rep.seconds, "img_per_s": rep.encoded / rep.seconds, "model_load_s": load,
+                "runtime": type(runtime).__name__}
     finally:
         shutil.rmtree(lib, ignore_errors=True)
 
 
-def index_cli(spec: str, folder: Path) -> dict:
-    """``crossfind index FOLDER --json`` in a new process into a fresh library: wall time."""
+def index_cli(spec: str, folder: Path, warm: Path) -> dict:
+    """``crossfind index FOLDER --json`` in a new process into a fresh library holding the model's export: wall time."""
     lib = Path(tempfile.mkdtemp(prefix="peer-cli-", dir=WORK))
     try:
+        seed_library(lib, warm)
         t = time.perf_counter()
         out = subprocess.run([CROSSFIND, "--library", str(lib), "index", str(folder), "--model", spec, "--json"],
                              check=True, capture_output=True, text=True)
@@ -145,8 +148,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_peer:
         rclip: dict[str, float] = {}
         table = ""
-        from bench_common import gen_jpegs
-
         for kind, n in (("small", args.small), ("large", args.large)):
             if n:
                 gen_jpegs(n, kind, root=PEER_WORK / "images")
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     out["rclip"], out["rclip_table"] = rclip, table
 
     cf: dict = {"index": {}, "search": {}}
+    warm = WORK / "peer-export-lib"  # the model's export, as a library holds it after its first use
+    used_export(spec, warm, gen_jpegs(8, "small"))
     for kind, n in (("small", args.small), ("large", args.large)):
         if n <= 0:
             continue
@@ -167,8 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         read_files(folder)
         say(f"crossfind indexing the peer's {n} {kind} JPEGs")
         with Monitor() as mon:
-            r = index_in_process(spec, folder)
-            r["cli"] = index_cli(spec, folder)
+            r = index_in_process(spec, folder, warm)
+            r["cli"] = index_cli(spec, folder, warm)
         r["others"] = mon.report()
         cf["index"][kind] = r
         say(f"  {r['img_per_s']:.2f} img/s in process; CLI wall {r['cli']['wall_s']:.1f}s")
