@@ -148,6 +148,10 @@ def compare(low: OpenVinoSession, exact: Any, pixels: np.ndarray) -> dict[str, f
     return out
 
 
+def _half_path(onnx: Path) -> Path:
+    return onnx.with_name(onnx.stem + ".f16.xml")
+
+
 def _half_ir(core: Any, onnx: Path) -> Path | None:
     """The tower at ``onnx`` saved once as OpenVINO IR with float16 weights
     (``image.f16.xml`` and ``.bin`` beside it), which a bfloat16 session
@@ -156,7 +160,7 @@ def _half_ir(core: Any, onnx: Path) -> Path | None:
     cannot be written (a read-only library)."""
     import openvino as ov
 
-    target = onnx.with_name(onnx.stem + ".f16.xml")
+    target = _half_path(onnx)
     if target.is_file() and target.with_suffix(".bin").is_file():
         return target
     tmp = onnx.parent / f".{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -192,11 +196,13 @@ def image_session(path: Path, threads: int, calibration: Callable[[], np.ndarray
         return None
     signature = _signature(core)
     verdict = _read_verdicts(path.parent).get(f"{path.name}:{signature}")
-    half = path.with_name(path.stem + ".f16.xml")
+    half = _half_path(path)
     if verdict is not None and verdict.get("precision") == "f32":
         return None
     if verdict is not None and half.is_file():
         return OpenVinoSession(_compile(core, str(half), threads, precision), precision)
+    if not os.access(path.parent, os.W_OK):
+        return None  # a read-only library: a check kept nowhere would be made again by every process
     saved = _half_ir(core, path)
     low = OpenVinoSession(_compile(core, str(saved or path), threads, precision), precision)
     cos = compare(low, reference(), calibration())

@@ -118,3 +118,12 @@ def test_threads_take_turns_on_one_session(fresh):
         t.join(60)
     for i in range(4):
         np.testing.assert_array_equal(got[i], want[i])
+
+
+def test_a_read_only_export_without_a_verdict_stays_on_onnx_runtime(fresh, monkeypatch):
+    """No check where its verdict could not be kept (every process would make it again)."""
+    enc, where = fresh
+    real = ovr.os.access
+    monkeypatch.setattr(ovr.os, "access", lambda p, mode: False if mode == ovr.os.W_OK else real(p, mode))
+    assert type(OnnxEncoder(where, enc.spec).session("image")).__name__ == "InferenceSession"
+    assert not (where / ovr.VERDICTS).exists() and not list(where.glob("*.f16.*"))
