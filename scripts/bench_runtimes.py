@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from retrieval import Engine
     from retrieval.encoders import parse_spec, weights_fingerprint
-    from retrieval.onnx_runtime import OnnxEncoder, _new_session, export_key, find_export
+    from retrieval.onnx_quant import int8_image
+    from retrieval.onnx_runtime import OnnxEncoder, _new_session, _threads, export_key, find_export
     from retrieval.openvino_runtime import OpenVinoSession, _compile, _half_ir, _precision
 
     spec = random_model(args.arch)
@@ -62,8 +63,6 @@ def main(argv: list[str] | None = None) -> None:
     pixels = enc.image_batch([Image.open(f) for f in sorted(Path(folder).glob("*.jpg"))[: args.batch]])
     core = ov.Core()
     native = _precision(core)
-    from retrieval.onnx_quant import int8_image
-
     onnx = where / "image.onnx"
     half = _half_ir(core, onnx) or onnx
     sessions = {
@@ -96,12 +95,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<22} {med:14.2f} {min(ts):8.2f} {base / med:9.2f}x {cos.min():10.6f} {cos.mean():10.6f}")
     if args.json:
         write_json(args.json, {"machine": machine(), "model": spec, "args": vars(args), "results": rows})
-
-
-def _threads() -> int:
-    from retrieval.onnx_runtime import _threads as threads
-
-    return threads()
 
 
 if __name__ == "__main__":
